@@ -1,0 +1,3 @@
+from ling_surgery.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, inference-cost numbers and the teacher-vs-upgraded report."""

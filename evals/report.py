@@ -1,0 +1,109 @@
+"""The conversion report: a rich table in the terminal, JSON + Markdown on disk, and a PNG of the distillation losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from ling_surgery.surgery.plan import Costs, human_bytes
+
+CONTEXTS = (8192, 32768)
+
+
+def cost_rows(teacher: Costs, student: Costs) -> list[tuple[str, str, str, str]]:
+    rows = [("parameters", f"{teacher.params / 1e6:.1f} M", f"{student.params / 1e6:.1f} M", f"{student.params / teacher.params:.2f}×")]
+    rows.append(
+        ("KV cache / token (bf16)", human_bytes(teacher.kv_bytes_per_token), human_bytes(student.kv_bytes_per_token),
+         f"{student.kv_bytes_per_token / teacher.kv_bytes_per_token:.3f}×")
+    )
+    rows.append(("recurrent state / sequence", "0 B", human_bytes(student.state_bytes_per_sequence), "—"))
+    for ctx in CONTEXTS:
+        t, s = teacher.cache_bytes(ctx), student.cache_bytes(ctx)
+        rows.append((f"cache at {ctx // 1024}k context", human_bytes(t), human_bytes(s), f"{s / t:.3f}×"))
+    return rows
+
+
+def build_report(teacher_costs: Costs, student_costs: Costs, quality: dict, stages: dict, timings: dict, meta: dict) -> dict:
+    costs = {
+        name: {
+            "params": c.params,
+            "kv_bytes_per_token": c.kv_bytes_per_token,
+            "state_bytes_per_sequence": c.state_bytes_per_sequence,
+            **{f"cache_bytes_at_{ctx}": c.cache_bytes(ctx) for ctx in CONTEXTS},
+        }
+        for name, c in (("teacher", teacher_costs), ("student", student_costs))
+    }
+    return {"meta": meta, "quality": quality, "costs": costs, "stages": stages, "timings_seconds": timings}
+
+
+def report_table(report: dict, teacher_costs: Costs, student_costs: Costs) -> Table:
+    table = Table(title="teacher vs. upgraded", show_lines=False)
+    for col in ("metric", "teacher", "upgraded", "ratio"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    q = report["quality"]
+    if "teacher" in q and "student" in q:
+        t, s = q["teacher"]["perplexity"], q["student"]["perplexity"]
+        table.add_row(f"held-out perplexity ({q['student']['tokens']} tok)", f"{t:.2f}", f"{s:.2f}", f"{s / t:.2f}×")
+    if "student_after_init" in q:
+        table.add_row("  … straight after init", "", f"{q['student_after_init']['perplexity']:.4g}", "")
+    for row in cost_rows(teacher_costs, student_costs):
+        table.add_row(*row)
+    for name, stage in report["stages"].items():
+        if stage.get("steps"):
+            table.add_row(
+                f"{name}: {stage['tokens']} tok, {stage['seconds']} s",
+                "", f"loss {stage['loss_first']:.4g} → {stage['loss_last']:.4g}", "",
+            )
+    table.add_row("wall time", "", f"{report['timings_seconds'].get('total', 0):.0f} s", "")
+    return table
+
+
+def report_markdown(report: dict, teacher_costs: Costs, student_costs: Costs) -> str:
+    meta = report["meta"]
+    lines = [f"# ling-surgery conversion report: {meta.get('source')}", "", f"target `{meta.get('target')}`, plan {meta.get('plan')}", ""]
+    lines += ["| metric | teacher | upgraded | ratio |", "|---|---:|---:|---:|"]
+    q = report["quality"]
+    if "teacher" in q and "student" in q:
+        t, s = q["teacher"]["perplexity"], q["student"]["perplexity"]
+        lines.append(f"| held-out perplexity ({q['student']['tokens']} tokens) | {t:.2f} | {s:.2f} | {s / t:.2f}× |")
+    if "student_after_init" in q:
+        lines.append(f"| perplexity straight after init | | {q['student_after_init']['perplexity']:.4g} | |")
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in cost_rows(teacher_costs, student_costs)]
+    lines += ["", "| stage | tokens | steps | seconds | tokens/s | loss first → last |", "|---|---:|---:|---:|---:|---|"]
+    for name, st in report["stages"].items():
+        if st.get("steps"):
+            lines.append(f"| {name} | {st['tokens']} | {st['steps']} | {st['seconds']} | {st['tokens_per_second']} | "
+                         f"{st['loss_first']:.4g} → {st['loss_last']:.4g} |")
+    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def loss_plot(stages: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {k: v["losses"] for k, v in stages.items() if v.get("losses")}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, losses) in zip(axes[0], curves.items()):
+        ax.plot(range(1, len(losses) + 1), losses)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("relative MSE" if name == "attention_transfer" else "KL (nats/token)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: Path, report: dict, teacher_costs: Costs, student_costs: Costs) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(report_markdown(report, teacher_costs, student_costs))
+    loss_plot(report["stages"], folder / "distill_losses.png")

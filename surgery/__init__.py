@@ -1,0 +1,1 @@
+"""Model surgery: loading sources, layer plans, init maps, distillation and export."""

@@ -1,0 +1,171 @@
+"""Distillation-based init: recover the new mixers from the frozen teacher.
+
+Stage 1, attention transfer (LoLCATs §3.1; RADLADS step 1): every new mixer learns to reproduce its teacher
+layer's attention output from the teacher's own input hidden states. One teacher pass per batch feeds all layers
+at once; the loss is the per-layer MSE normalised by the teacher output's energy, averaged over layers.
+
+Stage 2, end-to-end distillation (RADLADS step 2): KL(p_teacher ‖ p_student) on next-token distributions with
+the teacher frozen, through the student's own (fast, exact) forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ling_surgery.surgery.architectures import ArchSpec
+from ling_surgery.surgery.data import TokenStream
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.kda import mixer_forward, position_embeddings, student_logits
+from ling_surgery.surgery.progress import training_progress
+from ling_surgery.surgery.taps import attention_taps
+
+TRAINABLE_GROUPS = {
+    "mixers": lambda n: ".self_attn." in n,
+    "mlp": lambda n: ".mlp." in n,
+    "norms": lambda n: "layernorm" in n or n == "model.norm.weight",
+    "embeddings": lambda n: n in ("model.embed_tokens.weight", "lm_head.weight"),
+    "all": lambda n: True,
+}
+
+
+@dataclass
+class StageContext:
+    teacher: torch.nn.Module
+    arch: ArchSpec
+    stream: TokenStream
+    seq_len: int
+    device: torch.device
+    chunk_size: int = 32
+    window_start: int = 0  # first training window of this stage; stages use disjoint text
+    console: object = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    trainable_params: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        head = self.losses[: max(1, len(self.losses) // 10)]
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "trainable_params": self.trainable_params,
+            "loss_first": round(sum(head) / len(head), 5) if self.losses else None,
+            "loss_last": round(sum(tail) / len(tail), 5) if self.losses else None,
+            "losses": [round(x, 5) for x in self.losses],
+        }
+
+
+def select_trainable(model: torch.nn.Module, groups: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze everything but the named groups; every group must match at least one parameter."""
+    chosen = []
+    for group in groups:
+        matched = [p for n, p in model.named_parameters() if TRAINABLE_GROUPS[group](n)]
+        if not matched:
+            raise SurgeryError(f"trainable group {group!r} matches no parameter of the student")
+    for name, param in model.named_parameters():
+        keep = any(TRAINABLE_GROUPS[g](name) for g in groups)
+        param.requires_grad_(keep)
+        if keep:
+            chosen.append(param)
+    return chosen
+
+
+def _optimizer(params, lr: float, warmup: int, total: int):
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def schedule(step):  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _autocast(device: torch.device):
+    # bf16 only on CUDA: on this class of CPU bf16 matmuls are ~400x slower than fp32.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _run(student, cfg, ctx: StageContext, name: str, loss_fn) -> StageResult:
+    result = StageResult(name)
+    tokens_per_step = cfg.batch_size * ctx.seq_len
+    steps = cfg.tokens // tokens_per_step
+    if steps == 0:
+        return result
+    params = select_trainable(student, cfg.trainable)
+    result.trainable_params = sum(p.numel() for p in params)
+    optimizer, scheduler = _optimizer(params, cfg.lr, cfg.warmup_steps, steps)
+    batches = ctx.stream.batches(ctx.seq_len, cfg.batch_size, start=ctx.window_start)
+    student.train()
+    start = time.perf_counter()
+    with training_progress(name, steps * tokens_per_step, ctx.console) as progress:
+        for _ in range(steps):
+            input_ids = next(batches).to(ctx.device)
+            with _autocast(ctx.device):
+                loss = loss_fn(input_ids)
+            if not torch.isfinite(loss):
+                raise SurgeryError(f"{name}: loss became {loss.item()}; lower the learning rate ({name}.lr)")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss.item())
+            result.steps += 1
+            result.tokens += tokens_per_step
+            progress.advance(tokens_per_step, loss=result.losses[-1])
+    result.seconds = time.perf_counter() - start
+    student.eval()
+    student.requires_grad_(False)
+    ctx.window_start += steps * cfg.batch_size
+    return result
+
+
+def attention_transfer(student, cfg, ctx: StageContext) -> tuple[torch.nn.Module, StageResult]:
+    layers = student.model.layers
+
+    def loss_fn(input_ids):
+        with torch.no_grad(), attention_taps(ctx.teacher, ctx.arch) as taps:
+            ctx.teacher(input_ids=input_ids)
+        rope = position_embeddings(student, taps[0][0])
+        losses = []
+        for i, layer in enumerate(layers):
+            x, y = taps[i]
+            y = y.float()
+            pred = mixer_forward(layer, x, rope, ctx.chunk_size).float()
+            losses.append(F.mse_loss(pred, y) / y.pow(2).mean().clamp_min(1e-8))
+        return torch.stack(losses).mean()
+
+    return student, _run(student, cfg, ctx, "attention_transfer", loss_fn)
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)) · τ² (Hinton et al. 2015)."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def logit_distill(student, cfg, ctx: StageContext) -> tuple[torch.nn.Module, StageResult]:
+    def loss_fn(input_ids):
+        with torch.no_grad():
+            teacher_logits = ctx.teacher(input_ids=input_ids).logits
+        return kl_divergence(teacher_logits, student_logits(student, input_ids, ctx.chunk_size), cfg.temperature)
+
+    return student, _run(student, cfg, ctx, "logit_distill", loss_fn)

@@ -1,0 +1,302 @@
+"""Weight-init maps from a Llama-family teacher to `bailing_hybrid` (KDA + gated MLA).
+
+Each map is a pure function from teacher tensors (+ calibration statistics) to student tensors. A `Ledger` wraps
+the teacher state dict: every tensor must be taken exactly once or the conversion raises, and the produced dict
+must match the student's parameter names and shapes exactly (`build_student` loads it with strict=True).
+
+Notation: D hidden, H query heads, G KV heads (H/G queries per KV head), d head dim, dr RoPE dims kept in MLA,
+dn = d - dr NoPE dims, r latent rank, C = E[x xᵀ] the second moment of the attention input x on calibration text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ling_surgery.surgery.architectures import ArchSpec, head_dim
+from ling_surgery.surgery.errors import SurgeryError
+
+GATE_COMPENSATION = 2.0  # sigmoid(0) = 0.5 for zero-initialised output gates; the next linear map doubles back
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one teacher attention layer (all float64)."""
+
+    x_moment: torch.Tensor  # E[x xᵀ] of the attention input, (D, D)
+    x_mean: torch.Tensor  # E[x], (D,)
+    head_rms: torch.Tensor  # rms of each head's attention output before o_proj, (H,)
+    q_rms: torch.Tensor | None = None  # rms of pre-qk-norm queries per head, (H,)
+    k_rms: torch.Tensor | None = None  # rms of pre-qk-norm keys per KV head, (G,)
+
+
+class Ledger:
+    """Teacher tensors that must each be consumed exactly once."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = dict(state)
+        self._taken: set[str] = set()
+
+    def take(self, name: str) -> torch.Tensor:
+        if name in self._taken:
+            raise SurgeryError(f"init map bug: teacher tensor {name!r} consumed twice")
+        if name not in self._state:
+            raise SurgeryError(f"teacher checkpoint has no tensor {name!r}; is the architecture table right?")
+        self._taken.add(name)
+        return self._state[name]
+
+    def take_optional(self, name: str) -> torch.Tensor | None:
+        return self.take(name) if name in self._state else None
+
+    def check_all_consumed(self) -> None:
+        left = sorted(set(self._state) - self._taken)
+        if left:
+            more = f" (+{len(left) - 5} more)" if len(left) > 5 else ""
+            raise SurgeryError(f"init maps left teacher tensors unaccounted for: {', '.join(left[:5])}{more}")
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _sqrt_and_inv_sqrt(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^{1/2} and C^{-1/2} of a PSD matrix, with a small ridge so rarely used directions stay bounded."""
+    ridge = 1e-4 * moment.diagonal().mean().clamp_min(1e-12)
+    eigval, eigvec = torch.linalg.eigh(moment + ridge * torch.eye(len(moment), dtype=moment.dtype))
+    eigval = eigval.clamp_min(ridge)
+    return (eigvec * eigval.sqrt()) @ eigvec.T, (eigvec * eigval.rsqrt()) @ eigvec.T
+
+
+def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None) -> torch.Tensor:
+    """Fold a projection bias into the weight: the least-squares W' with W'x ≈ Wx + b over calibration inputs.
+
+    bailing_hybrid has no q/k/v biases. W' = W + b μᵀ C⁻¹ minimises E‖W'x − (Wx + b)‖² (normal equations with
+    C = E[xxᵀ], μ = E[x]). For keys the constant part is also softmax-invariant; the fold keeps what is not.
+    """
+    if bias is None:
+        return weight
+    if stats is None:
+        raise SurgeryError("the source has projection biases; they need calibration (set calibration.tokens > 0)")
+    _, inv_sqrt = _sqrt_and_inv_sqrt(stats.x_moment)
+    return weight + torch.outer(bias, inv_sqrt @ inv_sqrt @ stats.x_mean)
+
+
+def _fold_qk_norm(weight: torch.Tensor, norm_weight: torch.Tensor | None, rms: torch.Tensor | None, d: int):
+    """Qwen3's per-head RMSNorm(Wx)·w ≈ w ⊙ Wx / E[rms]: exact up to the per-token rms spread (and exact in
+    direction, which is all KDA keeps after its L2 normalisation)."""
+    if norm_weight is None:
+        return weight
+    heads = weight.shape[0] // d
+    scale = torch.ones(heads, dtype=weight.dtype) if rms is None else 1.0 / rms.clamp_min(1e-6)
+    return (weight.view(heads, d, -1) * (scale[:, None] * norm_weight)[..., None]).reshape_as(weight)
+
+
+def teacher_attention(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, d: int):
+    """q/k/v/o of one teacher layer in float64 with biases and qk-norms folded in: Wq (H·d, D), Wk/Wv (G·d, D)."""
+    def proj(name):
+        return _f64(ledger.take(f"{prefix}.{name}.weight")), ledger.take_optional(f"{prefix}.{name}.bias")
+
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = (proj(getattr(arch, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if bo is not None and bo.abs().max() > 0:
+        raise SurgeryError("sources with an o_proj bias are not supported (bailing_hybrid has none on KDA layers)")
+    wq, wk, wv = (absorb_bias(w, None if b is None else _f64(b), stats) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    if arch.qk_norm is not None:
+        qn, kn = (_f64(ledger.take(f"{prefix}.{n}.weight")) for n in arch.qk_norm)
+        wq = _fold_qk_norm(wq, qn, None if stats is None else stats.q_rms, d)
+        wk = _fold_qk_norm(wk, kn, None if stats is None else stats.k_rms, d)
+    return wq, wk, wv, wo
+
+
+def repeat_kv_rows(weight: torch.Tensor, groups: int, heads: int, d: int) -> torch.Tensor:
+    """GQA → MHA: repeat each KV head's rows for the H/G query heads that read it (head h uses KV head h // (H/G))."""
+    return weight.view(groups, d, -1).repeat_interleave(heads // groups, dim=0).reshape(heads * d, -1)
+
+
+def rope_half_lives(source_config, d: int, lo: float, hi: float) -> torch.Tensor:
+    """Per key channel, the period (tokens) of the RoPE pair it belongs to in the teacher, clamped to [lo, hi].
+
+    Llama's rotate_half pairs channel i with i + d/2 at frequency ω_i = θ^(-2i/d): channels that encode short-range
+    position rotate fast, so they get a short memory, slow channels a long one.
+    """
+    rope = getattr(source_config, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0)))
+    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    period = (2 * math.pi / freq).clamp(lo, hi)
+    return torch.cat([period, period])
+
+
+def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config, kda_cfg):
+    """KDA mixer from a softmax-attention layer (names relative to the student's `self_attn`).
+
+    | student                 | from                                                                     |
+    |-------------------------|--------------------------------------------------------------------------|
+    | q_proj                  | Wq (biases/qk-norm folded)                                               |
+    | k_proj, v_proj          | Wk, Wv with each KV head repeated for its query heads                    |
+    | conv1d                  | identity tap ε_h on the current token, so silu(ε z) ≈ ε z / 2 stays linear |
+    | forget_gate.f_proj      | 0 (gate input-independent at init)                                       |
+    | forget_gate.A_log       | 0                                                                        |
+    | forget_gate.dt_bias     | decay with half-life = teacher RoPE period of the channel (slow forget)  |
+    | b_proj                  | 0 (β = 1/2)                                                              |
+    | g_proj, o_norm          | 0 (gate 1/2) and weight 2: the gated norm is an open, unit-rms output    |
+    | o_proj                  | Wo with head h's columns scaled by the teacher's head-output rms         |
+    """
+    d = head_dim(source_config)
+    heads, groups, hidden = source_config.num_attention_heads, source_config.num_key_value_heads, source_config.hidden_size
+    wq, wk, wv, wo = teacher_attention(ledger, prefix, arch, stats, d)
+    wk, wv = repeat_kv_rows(wk, groups, heads, d), repeat_kv_rows(wv, groups, heads, d)
+
+    moment = torch.eye(hidden, dtype=torch.float64) if stats is None else stats.x_moment
+    taps = []
+    for w in (wq, wk, wv):
+        # ε per head from the calibrated rms of its channels: |ε z| ≈ 0.1 keeps silu within ~2.5% of linear.
+        channel_rms = ((w @ moment) * w).sum(-1).clamp_min(1e-12).sqrt().view(heads, d)
+        taps.append((0.1 / channel_rms.max(-1).values).repeat_interleave(d))
+    kernel = target_config.short_conv_kernel_size
+    conv = torch.zeros(3 * heads * d, 1, kernel, dtype=torch.float64)
+    conv[:, 0, -1] = torch.cat(taps)
+
+    half_life = rope_half_lives(source_config, d, kda_cfg.half_life_min, kda_cfg.half_life_max).repeat(heads)
+    log_decay = -math.log(2) / half_life  # g = log α per token
+    frac = (log_decay / target_config.kda_lower_bound).clamp(1e-7, 1 - 1e-7)  # g = lower_bound · sigmoid(dt_bias)
+    head_rms = torch.ones(heads, dtype=torch.float64) if stats is None else stats.head_rms
+    o_proj = (wo.view(hidden, heads, d) * head_rms[None, :, None]).reshape(hidden, heads * d)
+    return {
+        "q_proj.weight": wq,
+        "k_proj.weight": wk,
+        "v_proj.weight": wv,
+        "conv1d.weight": conv,
+        "forget_gate.f_proj.weight": torch.zeros(heads * d, hidden, dtype=torch.float64),
+        "forget_gate.A_log": torch.zeros(heads, dtype=torch.float64),
+        "forget_gate.dt_bias": torch.log(frac) - torch.log1p(-frac),
+        "b_proj.weight": torch.zeros(heads, hidden, dtype=torch.float64),
+        "g_proj.weight": torch.zeros(heads * d, hidden, dtype=torch.float64),
+        "o_norm.weight": torch.full((d,), GATE_COMPENSATION, dtype=torch.float64),
+        "o_proj.weight": o_proj,
+    }
+
+
+def rope_split(d: int, dr: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channel indices of the teacher head: NoPE channels, and the first/second halves of the kept RoPE pairs.
+
+    The dr/2 highest-frequency pairs (i, i + d/2), i < dr/2, keep RoPE (under θ' = θ^(dr/d) their frequencies are
+    unchanged); every other channel becomes NoPE.
+    """
+    first = torch.arange(dr // 2)
+    second = first + d // 2
+    kept = set(first.tolist()) | set(second.tolist())
+    nope = torch.tensor([c for c in range(d) if c not in kept], dtype=torch.long)
+    return nope, first, second
+
+
+def shared_rope_key(wk_first, wk_second, sqrt_c, inv_sqrt_c):
+    """One RoPE key shared by all heads (MLA's k_rot) from G per-KV-head keys, pair by pair.
+
+    A RoPE pair acts as a complex number rotated by e^{iωn}; a rotation commutes with complex scaling, so if
+    k_g ≈ α_g·s for a shared s, each query pair multiplied by conj(α_g) gives the teacher's scores at every offset.
+    The best such (α, s) is the top singular triplet of the complex G×D key matrix in whitened coordinates
+    (activation-aware: minimises E|k_g − α_g s·x|²). Exact when G = 1.
+    Inputs (G, P, D) for P pairs; returns s as (P, D) real/imag and α as (G, P) complex.
+    """
+    keys = torch.complex(wk_first, wk_second).permute(1, 0, 2) @ sqrt_c.to(torch.complex128)  # (P, G, D)
+    u, s, vh = torch.linalg.svd(keys, full_matrices=False)
+    alpha = (u[..., 0] * s[..., :1]).T  # (G, P)
+    shared = vh[:, 0, :] @ inv_sqrt_c.to(torch.complex128)  # (P, D)
+    return shared.real, shared.imag, alpha
+
+
+def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config, svd: str):
+    """Gated MLA from a softmax-attention layer (names relative to the student's `self_attn`).
+
+    | student                  | from                                                                         |
+    |--------------------------|------------------------------------------------------------------------------|
+    | q_proj (per head)        | [NoPE channels of Wq_h ; kept RoPE pairs, interleaved, × conj(α_g)]           |
+    | kv_a_proj_with_mqa       | [A = V_rᵀ C^{-1/2} (whitened latent) ; shared k_rot s, interleaved]           |
+    | kv_a_layernorm           | sqrt(E‖A x‖²/r) (1 with activation-aware SVD: the latent has unit variance)   |
+    | kv_b_proj (per head)     | rows of U_r S_r for [K_nope of KV head g ; V of KV head g]                    |
+    | g_proj, o_proj           | 0 (gate 1/2) and 2·Wo                                                         |
+
+    [K_nope; V] C^{1/2} = U S Vᵀ is the joint SVD of keys and values (MHA2MLA / X-EcoMLA) in whitened
+    coordinates (activation-aware: minimises E‖(M − BA)x‖², not ‖M − BA‖_F). Interleaving: bailing's RoPE rotates
+    pairs (2j, 2j+1), Llama's pairs (j, j + d/2), so new[2j] = old[j], new[2j+1] = old[j + d/2].
+    """
+    d = head_dim(source_config)
+    heads, groups, hidden = source_config.num_attention_heads, source_config.num_key_value_heads, source_config.hidden_size
+    dr, r = target_config.qk_rope_head_dim, target_config.kv_lora_rank
+    wq, wk, wv, wo = teacher_attention(ledger, prefix, arch, stats, d)
+    use_stats = stats is not None and svd == "activation"
+    moment = stats.x_moment if use_stats else torch.eye(hidden, dtype=torch.float64)
+    sqrt_c, inv_sqrt_c = _sqrt_and_inv_sqrt(moment) if use_stats else (moment, moment)
+    nope, first, second = rope_split(d, dr)
+    wq_h, wk_g, wv_g = wq.view(heads, d, hidden), wk.view(groups, d, hidden), wv.view(groups, d, hidden)
+
+    # Shared RoPE key and the per-group complex factors folded into the queries.
+    s_re, s_im, alpha = shared_rope_key(wk_g[:, first], wk_g[:, second], sqrt_c, inv_sqrt_c)
+    k_rot = torch.stack([s_re, s_im], dim=1).reshape(dr, hidden)  # interleaved rows 2j, 2j+1
+    a = alpha.repeat_interleave(heads // groups, dim=0)[..., None]  # (H, P, 1)
+    q1, q2 = wq_h[:, first], wq_h[:, second]
+    q_rot = torch.stack([q1 * a.real + q2 * a.imag, q2 * a.real - q1 * a.imag], dim=2).reshape(heads, dr, hidden)
+    q_proj = torch.cat([wq_h[:, nope], q_rot], dim=1).reshape(heads * d, hidden)
+
+    # Joint low-rank K_nope/V latent.
+    dn = len(nope)
+    joint = torch.cat([wk_g[:, nope], wv_g], dim=1).reshape(groups * (dn + d), hidden)  # per group [k_nope; v]
+    u, s, vh = torch.linalg.svd(joint @ sqrt_c, full_matrices=True)
+    s = torch.cat([s, s.new_zeros(max(0, r - len(s)))])
+    down = vh[:r] @ inv_sqrt_c  # (r, D)
+    up = u[:, :r] * s[:r] if u.shape[1] >= r else torch.cat([u * s[: u.shape[1]], u.new_zeros(len(u), r - u.shape[1])], 1)
+    latent_rms = ((down @ moment) * down).sum().div(r).clamp_min(1e-12).sqrt()
+    kv_b = (up / latent_rms).view(groups, dn + d, r).repeat_interleave(heads // groups, dim=0).reshape(-1, r)
+    return {
+        "q_proj.weight": q_proj,
+        "kv_a_proj_with_mqa.weight": torch.cat([down, k_rot], dim=0),
+        "kv_a_layernorm.weight": torch.full((r,), float(latent_rms), dtype=torch.float64),
+        "kv_b_proj.weight": kv_b,
+        "g_proj.weight": torch.zeros(heads, hidden, dtype=torch.float64),
+        "o_proj.weight": GATE_COMPENSATION * wo,
+    }
+
+
+def init_student_state(teacher_state, arch: ArchSpec, source_config, target_config, stats, convert_cfg):
+    """The whole student state dict. Shared tensors are exact copies; every teacher tensor is accounted for."""
+    ledger = Ledger(teacher_state)
+    out: dict[str, torch.Tensor] = {}
+    embed = ledger.take(f"{arch.embed}.weight")
+    out["model.embed_tokens.weight"] = embed.clone()
+    lm_head = ledger.take_optional(f"{arch.lm_head}.weight")
+    if lm_head is None and not getattr(source_config, "tie_word_embeddings", False):
+        raise SurgeryError("source has no lm_head weight and does not tie embeddings")
+    out["lm_head.weight"] = (embed if lm_head is None else lm_head).clone()  # bailing_hybrid cannot tie: untie
+    out["model.norm.weight"] = ledger.take(f"{arch.final_norm}.weight").clone()
+    for i, kind in enumerate(target_config.layer_types):
+        src, dst = f"{arch.layers}.{i}", f"model.layers.{i}"
+        for name, target in ((arch.input_norm, "input_layernorm"), (arch.post_attention_norm, "post_attention_layernorm")):
+            out[f"{dst}.{target}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
+        for name in arch.mlp:
+            out[f"{dst}.mlp.{name.split('.')[-1]}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
+        layer_stats = None if stats is None else stats[i]
+        prefix = f"{src}.{arch.attention}"
+        if kind == "full_attention":
+            mixer = init_mla(ledger, prefix, arch, layer_stats, source_config, target_config, convert_cfg.mla.svd)
+        else:
+            mixer = init_kda(ledger, prefix, arch, layer_stats, source_config, target_config, convert_cfg.kda)
+        out.update({f"{dst}.self_attn.{k}": v for k, v in mixer.items()})
+    ledger.check_all_consumed()
+    return out
+
+
+def build_student(state: dict[str, torch.Tensor], target_config, dtype=torch.float32):
+    """Instantiate `BailingHybridForCausalLM` and load every tensor (strict: nothing missing, nothing extra)."""
+    from transformers import BailingHybridForCausalLM
+
+    model = BailingHybridForCausalLM(target_config)
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(expected[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise SurgeryError(f"init map shape mismatch for {k}: built {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
+    result = model.load_state_dict({k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise SurgeryError(f"init maps: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return model.to(dtype).eval()

@@ -1,0 +1,149 @@
+"""Exact, fast chunked Kimi Delta Attention (KDA) for training on CPU, and functional student forwards.
+
+transformers' reference `chunk_kimi_delta_attention` is exact but builds ``[C, C, dk]`` broadcast tensors and
+inverts the intra-chunk system row by row in Python. This module computes the *same* function with the WY /
+UT-transform formulation of the delta rule (Yang et al., "Parallelizing Linear Transformers with the Delta Rule
+over Sequence Length", 2024, §3; Kimi Linear tech report 2025, eq. 6-9 for the channel-wise decay):
+
+    S_t = (I - β_t k_t k_tᵀ) Diag(α_t) S_{t-1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t,      α_t = exp(g_t)
+
+Inside a chunk with cumulative log-decay G_t = Σ_{s≤t} g_s (per key channel, from the chunk start) and
+start state S₀, the delta-rule "pseudo values" u solve a unit lower-triangular system
+
+    (I + A) u = β ⊙ (V - (K ⊙ e^G) S₀),   A_{ts} = β_t (k_t ⊙ e^{G_t}) · (k_s ⊙ e^{-G_s})  for s < t,
+
+so all S₀-independent work (A, the triangular solves, the intra-chunk scores) runs batched over every chunk at
+once, and the sequential part is four small matmuls per chunk. With the "safe" forget gate g ≥ -5
+(``kda_safe_gate``), a chunk of 16 keeps e^{±G} inside fp32 range (|G| ≤ 80).
+
+The weights stay in the stock `bailing_hybrid` modules; these functions read them, so what is trained here is
+exactly what is exported. Parity against the reference lives in ``tests/surgery/test_kda.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+SAFE_CHUNK_LOG_RANGE = 80.0  # |G| we allow inside a chunk: e^80 ≈ 5.5e34 < fp32 max 3.4e38
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    # Same formula as fla / transformers' reference (x / sqrt(Σx² + eps)), so results match bit-for-bit in spirit.
+    return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def chunk_kda(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KDA with q/k L2-normalised in the kernel, as `chunk_kimi_delta_attention(..., use_qk_l2norm_in_kernel=True)`.
+
+    Shapes: query/key/value/g ``[B, T, H, dk]``, beta ``[B, T, H]``; returns ``[B, T, H, dk]`` and the final
+    state ``[B, H, dk, dv]`` (fp32) when asked. Computation is fp32 whatever the input dtype.
+    """
+    in_dtype = query.dtype
+    batch, seq_len, heads, dk = key.shape
+    dv = value.shape[-1]
+    min_g = float(g.detach().min()) if g.numel() else 0.0
+    if min_g < 0 and chunk_size * -min_g > SAFE_CHUNK_LOG_RANGE:
+        # Unbounded gates (kda_safe_gate=False) need smaller chunks to stay inside fp32 range.
+        chunk_size = max(1, int(SAFE_CHUNK_LOG_RANGE // -min_g))
+    q, k, v, g, beta = (x.transpose(1, 2).to(torch.float32) for x in (query, key, value, g, beta))  # (B, H, T, ·)
+    q = l2norm(q) * dk**-0.5
+    k = l2norm(k)
+
+    pad = (-seq_len) % chunk_size
+    if pad:
+        # Padded steps have g = 0 and β = 0: no decay and no write, so the state passes through unchanged.
+        q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+        beta = F.pad(beta, (0, pad))
+    n_chunks = (seq_len + pad) // chunk_size
+    q, k, v, g = (x.reshape(batch, heads, n_chunks, chunk_size, x.shape[-1]) for x in (q, k, v, g))
+    beta = beta.reshape(batch, heads, n_chunks, chunk_size, 1)
+
+    log_decay = g.cumsum(dim=-2)  # G_t, (B, H, N, C, dk)
+    k_fwd = k * log_decay.exp()  # k_t ⊙ e^{G_t}
+    k_bwd = k * (-log_decay).exp()  # k_s ⊙ e^{-G_s}
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    strict = causal.tril(-1)
+
+    # Intra-chunk delta-rule system (I + A) u = β (v - (k ⊙ e^G) S₀), solved for both right-hand sides at once.
+    a = ((beta * k_fwd) @ k_bwd.transpose(-1, -2)).masked_fill(~strict, 0.0)
+    system = a + torch.eye(chunk_size, dtype=a.dtype, device=a.device)
+    rhs = torch.cat([beta * v, beta * k_fwd], dim=-1)
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u_base, w = solved.split([dv, dk], dim=-1)  # u = u_base - w S₀
+
+    q_fwd = q * log_decay.exp()
+    scores = (q_fwd @ k_bwd.transpose(-1, -2)).masked_fill(~causal, 0.0)  # inclusive of the diagonal
+    last = log_decay[..., -1:, :]  # G at the chunk end, (B, H, N, 1, dk)
+    k_to_end = k * (last - log_decay).exp()
+    state_decay = last.exp().transpose(-1, -2)  # (B, H, N, dk, 1)
+
+    state = (
+        torch.zeros(batch, heads, dk, dv, dtype=torch.float32, device=q.device)
+        if initial_state is None
+        else initial_state.to(torch.float32)
+    )
+    outputs = []
+    for n in range(n_chunks):
+        u = u_base[:, :, n] - w[:, :, n] @ state
+        outputs.append(q_fwd[:, :, n] @ state + scores[:, :, n] @ u)
+        state = state_decay[:, :, n] * state + k_to_end[:, :, n].transpose(-1, -2) @ u
+    out = torch.stack(outputs, dim=2).reshape(batch, heads, n_chunks * chunk_size, dv)[:, :, :seq_len]
+    return out.transpose(1, 2).to(in_dtype), (state if output_final_state else None)
+
+
+def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """`BailingHybridDeltaAttention.forward` without cache or padding mask, using `chunk_kda`.
+
+    Reads the stock module's parameters, so training through this path trains the exported weights.
+    """
+    batch, seq_len = hidden_states.shape[:2]
+    head_shape = (batch, seq_len, -1, attn.head_dim)
+    mixed = torch.cat(
+        [attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)], dim=-1
+    ).transpose(1, 2)
+    weight = attn.conv1d.weight  # (3·H·dk, 1, K), depthwise causal
+    mixed = F.conv1d(mixed.to(weight.dtype), weight, padding=weight.shape[-1] - 1, groups=mixed.shape[1])
+    mixed = ACT2FN[attn.activation](mixed[..., :seq_len])
+    query, key, value = mixed.transpose(1, 2).to(hidden_states.dtype).split([attn.qkv_dim] * 3, dim=-1)
+    query, key, value = (x.reshape(head_shape) for x in (query, key, value))
+    decay = attn.forget_gate(hidden_states)
+    beta = torch.sigmoid(attn.b_proj(hidden_states))
+    out, _ = chunk_kda(query, key, value, decay, beta, chunk_size=chunk_size)
+    gate = attn.g_proj(hidden_states).reshape(head_shape)
+    out = attn.o_norm(out, gate).reshape(batch, seq_len, -1)
+    return attn.o_proj(out)
+
+
+def mixer_forward(layer, hidden_states: torch.Tensor, position_embeddings, chunk_size: int = 16) -> torch.Tensor:
+    """The token mixer of one `bailing_hybrid` decoder layer on already-normalised inputs (causal, no cache)."""
+    if layer.block_type == "linear_attention":
+        return kda_mixer_forward(layer.self_attn, hidden_states, chunk_size)
+    # MLA: the stock module; attention_mask=None lets SDPA apply the causal mask itself.
+    return layer.self_attn(hidden_states, position_embeddings=position_embeddings, attention_mask=None)[0]
+
+
+def position_embeddings(model, hidden_states: torch.Tensor):
+    positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+    return model.model.rotary_emb(hidden_states, positions)
+
+
+def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """Full `BailingHybridForCausalLM` forward (no padding, no cache) through the fast KDA path."""
+    inner = model.model
+    hidden = inner.embed_tokens(input_ids)
+    rope = position_embeddings(model, hidden)
+    for layer in inner.layers:
+        hidden = hidden + mixer_forward(layer, layer.input_layernorm(hidden), rope, chunk_size)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(inner.norm(hidden))

@@ -1,0 +1,158 @@
+"""Layer plans (which layers become KDA and which MLA), the target `bailing_hybrid` config, and its costs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+from ling_surgery.surgery.architectures import check_source_config, head_dim
+from ling_surgery.surgery.config import ConvertConfig
+from ling_surgery.surgery.errors import SurgeryError
+
+KDA, MLA = "linear_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    num_layers: int
+    full_attention: tuple[int, ...]
+    group_size: int | None  # set when the layout is periodic, as vLLM and llama.cpp require
+
+    @property
+    def layer_types(self) -> list[str]:
+        return [MLA if i in self.full_attention else KDA for i in range(self.num_layers)]
+
+    @property
+    def kda_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.full_attention]
+
+
+def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers: list[int] | None = None) -> LayerPlan:
+    if full_attention_layers is not None:
+        layers = tuple(sorted(set(full_attention_layers)))
+        bad = [i for i in layers if i >= num_layers]
+        if bad:
+            raise SurgeryError(
+                f"plan.full_attention_layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+            )
+        for g in range(1, num_layers + 1):
+            if num_layers % g == 0 and layers == tuple(range(g - 1, num_layers, g)):
+                return LayerPlan(num_layers, layers, g)
+        warnings.warn(
+            f"layers {list(layers)} are not periodic: transformers loads the result, but vLLM and llama.cpp serve "
+            "only periodic layouts (plan.layer_group_size)",
+            stacklevel=2,
+        )
+        return LayerPlan(num_layers, layers, None)
+    if group_size is None:
+        raise SurgeryError("plan: set plan.layer_group_size or plan.full_attention_layers")
+    if group_size > num_layers or num_layers % group_size:
+        fits = [g for g in range(2, num_layers + 1) if num_layers % g == 0]
+        raise SurgeryError(
+            f"plan.layer_group_size {group_size} does not divide num_hidden_layers {num_layers}; "
+            f"use one of {fits} or list layers in plan.full_attention_layers"
+        )
+    return LayerPlan(num_layers, tuple(range(group_size - 1, num_layers, group_size)), group_size)
+
+
+def target_config(source_config, plan: LayerPlan, cfg: ConvertConfig):
+    """The `bailing_hybrid` config of the upgraded model; all dims come from the source.
+
+    KDA head dim = MLA v_head_dim = the source head dim (the serving engines need KDA dk == v_head_dim), all MLPs
+    dense, heads = source query heads (GQA keys/values are repeated per head).
+    """
+    from transformers import BailingHybridConfig
+
+    check_source_config(source_config)
+    d = head_dim(source_config)
+    dr = cfg.mla.qk_rope_head_dim
+    if dr > d:
+        raise SurgeryError(f"mla.qk_rope_head_dim {dr} exceeds the source head_dim {d}; pick at most {d}")
+    if cfg.mla.kv_lora_rank > source_config.hidden_size:
+        raise SurgeryError(
+            f"mla.kv_lora_rank {cfg.mla.kv_lora_rank} exceeds hidden_size {source_config.hidden_size}; pick a smaller rank"
+        )
+    rope = dict(getattr(source_config, "rope_parameters", None) or {"rope_type": "default"})
+    theta = rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0))
+    # Keep the dr/2 highest-frequency pairs: θ'^(-2j/dr) = θ^(-2j/d)  ⇔  θ' = θ^(dr/d).
+    rope["rope_theta"] = float(theta) ** (dr / d)
+    rope.setdefault("rope_type", "default")
+    eos = source_config.eos_token_id
+    pad = getattr(source_config, "pad_token_id", None)
+    layers = plan.num_layers
+    return BailingHybridConfig(
+        vocab_size=source_config.vocab_size,
+        hidden_size=source_config.hidden_size,
+        intermediate_size=source_config.intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=source_config.num_attention_heads,
+        num_key_value_heads=source_config.num_attention_heads,
+        head_dim=d,
+        kv_lora_rank=cfg.mla.kv_lora_rank,
+        qk_rope_head_dim=dr,
+        qk_nope_head_dim=d - dr,
+        v_head_dim=d,
+        hidden_act=source_config.hidden_act,
+        max_position_embeddings=getattr(source_config, "max_position_embeddings", 4096),
+        rms_norm_eps=source_config.rms_norm_eps,
+        rope_parameters=rope,
+        rope_theta=rope["rope_theta"],
+        layer_types=plan.layer_types,
+        layer_group_size=plan.group_size or layers,
+        mlp_layer_types=["dense"] * layers,
+        first_k_dense_replace=layers,
+        num_mtp_layers=0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        pad_token_id=pad if pad is not None else (eos if isinstance(eos, int) else None),
+        bos_token_id=getattr(source_config, "bos_token_id", None),
+        eos_token_id=eos,
+        num_local_experts=1,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=1,
+    )
+
+
+@dataclass(frozen=True)
+class Costs:
+    params: int
+    kv_bytes_per_token: int  # grows with context
+    state_bytes_per_sequence: int  # constant: KDA recurrent + conv state
+
+    def cache_bytes(self, context: int) -> int:
+        return self.kv_bytes_per_token * context + self.state_bytes_per_sequence
+
+
+def count_params(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def teacher_costs(config, kv_dtype_bytes: int = 2) -> Costs:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token = config.num_hidden_layers * 2 * kv_heads * head_dim(config) * kv_dtype_bytes
+    return Costs(count_params(config), per_token, 0)
+
+
+def student_costs(config, kv_dtype_bytes: int = 2) -> Costs:
+    """MLA caches (r + dr) latents per token; KDA keeps an fp32 [H, dk, dk] state and a (K-1)-tap conv state."""
+    n_mla = config.layer_types.count(MLA)
+    n_kda = config.num_hidden_layers - n_mla
+    per_token = n_mla * (config.kv_lora_rank + config.qk_rope_head_dim) * kv_dtype_bytes
+    h, dk = config.linear_num_heads, config.linear_head_dim
+    state = n_kda * (h * dk * dk * 4 + 3 * h * dk * (config.short_conv_kernel_size - 1) * kv_dtype_bytes)
+    return Costs(count_params(config), per_token, state)
+
+
+def human_bytes(n: float) -> str:
+    if n <= 0:
+        return "0 B"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    k = min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**k:.1f} {units[k]}" if k else f"{int(n)} B"

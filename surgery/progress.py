@@ -1,0 +1,41 @@
+"""Rich progress bars for long work: tokens done, tokens/s, loss and ETA."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} tok/s" if speed else "– tok/s", style="cyan")
+
+
+class _Bar:
+    def __init__(self, progress: Progress, task):
+        self._progress, self._task = progress, task
+
+    def advance(self, tokens: int, **fields) -> None:
+        text = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        self._progress.update(self._task, advance=tokens, metrics=text)
+
+
+@contextmanager
+def training_progress(name: str, total_tokens: int, console: Console | None = None):
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _TokensPerSecond(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(name, total=total_tokens, metrics="")
+        yield _Bar(progress, task)

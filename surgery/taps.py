@@ -1,0 +1,86 @@
+"""Read the teacher's per-layer attention inputs and outputs with forward hooks (no changes to its code)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ling_surgery.surgery.architectures import ArchSpec, get_module, head_dim
+from ling_surgery.surgery.init_maps import LayerStats
+
+
+@contextmanager
+def attention_taps(model, arch: ArchSpec):
+    """Yields a dict filled on every forward: layer index → (attention input x, attention output y), both (B, T, D)."""
+    record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(get_module(model, arch.layers)):
+        attn = get_module(layer, arch.attention)
+
+        def hook(module, args, kwargs, output, i=i):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            record[i] = (x.detach(), output[0].detach())
+
+        handles.append(attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
+    """Second moments of each attention input, per-head output rms, and pre-qk-norm rms on calibration batches."""
+    config = model.config
+    layers = get_module(model, arch.layers)
+    d, heads = head_dim(config), config.num_attention_heads
+    n = len(layers)
+    hidden = config.hidden_size
+    moment = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(n)]
+    mean = [torch.zeros(hidden, dtype=torch.float64) for _ in range(n)]
+    head_sq = [torch.zeros(heads, dtype=torch.float64) for _ in range(n)]
+    q_rms = [torch.zeros(heads, dtype=torch.float64) for _ in range(n)]
+    k_rms = [torch.zeros(config.num_key_value_heads, dtype=torch.float64) for _ in range(n)]
+    count = 0
+    handles = []
+    for i, layer in enumerate(layers):
+        attn = get_module(layer, arch.attention)
+
+        def attn_hook(module, args, kwargs, output, i=i):
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).reshape(-1, hidden).double().cpu()
+            moment[i] += x.T @ x
+            mean[i] += x.sum(0)
+
+        def o_hook(module, args, i=i):
+            z = args[0].reshape(-1, heads, d).double().cpu()
+            head_sq[i] += z.pow(2).mean(-1).sum(0)
+
+        handles.append(attn.register_forward_hook(attn_hook, with_kwargs=True))
+        handles.append(get_module(attn, arch.o_proj).register_forward_pre_hook(o_hook))
+        if arch.qk_norm is not None:
+            for name, acc in zip(arch.qk_norm, (q_rms, k_rms)):
+                def norm_hook(module, args, acc=acc, i=i):
+                    acc[i] += args[0].double().pow(2).mean(-1).sqrt().reshape(-1, args[0].shape[-2]).sum(0).cpu()
+
+                handles.append(get_module(attn, name).register_forward_pre_hook(norm_hook))
+    try:
+        for input_ids in batches:
+            model(input_ids=input_ids.to(model.device))
+            count += input_ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        return None
+    return [
+        LayerStats(
+            x_moment=moment[i] / count,
+            x_mean=mean[i] / count,
+            head_rms=(head_sq[i] / count).sqrt(),
+            q_rms=q_rms[i] / count if arch.qk_norm else None,
+            k_rms=k_rms[i] / count if arch.qk_norm else None,
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,51 @@
+import pytest
+from helpers import tiny_model
+
+from ling_surgery.surgery.config import ConvertConfig
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.plan import make_plan, student_costs, target_config, teacher_costs
+
+
+def test_periodic_plan_keeps_the_last_layer_of_each_group():
+    plan = make_plan(30, 6)
+    assert plan.full_attention == (5, 11, 17, 23, 29)
+    assert plan.group_size == 6 and plan.layer_types.count("full_attention") == 5
+
+
+def test_group_size_that_does_not_divide_lists_the_ones_that_do():
+    with pytest.raises(SurgeryError, match=r"does not divide num_hidden_layers 30; use one of \[2, 3, 5, 6"):
+        make_plan(30, 7)
+
+
+def test_explicit_layers_out_of_range():
+    with pytest.raises(SurgeryError, match="out of range"):
+        make_plan(4, None, [1, 4])
+
+
+def test_explicit_periodic_list_is_recognised_and_irregular_warns():
+    assert make_plan(6, None, [2, 5]).group_size == 3
+    with pytest.warns(UserWarning, match="not periodic"):
+        plan = make_plan(6, None, [0, 5])
+    assert plan.group_size is None and plan.full_attention == (0, 5)
+
+
+def test_target_config_and_costs():
+    teacher = tiny_model("llama")
+    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}})
+    target = target_config(teacher.config, make_plan(4, 2), cfg)
+    assert target.num_key_value_heads == target.num_attention_heads == 4
+    assert target.linear_head_dim == target.v_head_dim == 16 and target.qk_nope_head_dim == 8
+    assert target.mlp_layer_types == ["dense"] * 4 and not target.tie_word_embeddings
+    # θ' = θ^(dr/d) keeps the kept pairs' frequencies
+    assert target.rope_parameters["rope_theta"] == pytest.approx(10000.0 ** 0.5)
+    t, s = teacher_costs(teacher.config, 2), student_costs(target, 2)
+    assert t.kv_bytes_per_token == 4 * 2 * 2 * 16 * 2
+    assert s.kv_bytes_per_token == 2 * (24 + 8) * 2
+    assert s.state_bytes_per_sequence == 2 * (4 * 16 * 16 * 4 + 3 * 4 * 16 * 3 * 2)
+
+
+def test_rope_dims_larger_than_head_dim_rejected():
+    teacher = tiny_model("llama")
+    cfg = ConvertConfig.model_validate({"mla": {"qk_rope_head_dim": 32}})
+    with pytest.raises(SurgeryError, match="exceeds the source head_dim 16"):
+        target_config(teacher.config, make_plan(4, 2), cfg)

@@ -1,0 +1,39 @@
+"""The wheel installs one namespace, ling_surgery (never top-level surgery/cli/evals), with the recipes inside."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_wheel_contents_and_import(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, timeout=600,
+    )
+    wheel = next(tmp_path.glob("ling_surgery-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"ling_surgery", wheel.name.split("-py3")[0].replace("ling_surgery-", "ling_surgery-") + ".dist-info"} or all(
+        t == "ling_surgery" or t.endswith(".dist-info") for t in top
+    ), top
+    assert "ling_surgery/surgery/kda.py" in names and "ling_surgery/cli/app.py" in names and "ling_surgery/evals/report.py" in names
+    assert any(n.startswith("ling_surgery/recipes/") and n.endswith(".yaml") for n in names)
+    assert not any(n.startswith(("ling_surgery/tests/", "ling_surgery/.ci")) for n in names)
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    code = "import ling_surgery.cli, ling_surgery.surgery.kda, ling_surgery.evals.report, sys; print(ling_surgery.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(unpacked), "PATH": ""},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert str(unpacked) in out.stdout
+
+
+def test_editable_install_is_the_package():
+    import ling_surgery
+    import ling_surgery.surgery
+
+    assert Path(ling_surgery.surgery.__file__).parent.name == "surgery"
+    assert "ling_surgery.surgery" == ling_surgery.surgery.__name__
