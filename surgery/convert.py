@@ -106,7 +106,11 @@ def convert(cfg: ConvertConfig, console: Console | None = None) -> dict:
 
     t = time.perf_counter()
     console.print(f"loading {conversion.source.name} ({conversion.source.kind}) …")
-    teacher, tokenizer = sources.load_model(conversion.source, torch.float32, str(device))
+    # The frozen teacher runs in bf16 on CUDA (dtype=auto); on CPU always fp32 (bf16 is ~400x slower there).
+    teacher_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    if teacher_dtype == torch.bfloat16 and device.type == "cpu":
+        console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
+    teacher, tokenizer = sources.load_model(conversion.source, teacher_dtype, str(device))
     docs = load_documents(cfg.data.train, cfg.data.text_field)
     train_docs, heldout_docs = split_heldout(docs, cfg.data.heldout_fraction)
     budget = cfg.calibration.tokens + cfg.attention_transfer.tokens + cfg.logit_distill.tokens + 4 * cfg.data.seq_len

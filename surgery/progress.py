@@ -16,12 +16,20 @@ class _TokensPerSecond(ProgressColumn):
 
 
 class _Bar:
-    def __init__(self, progress: Progress, task):
-        self._progress, self._task = progress, task
+    def __init__(self, progress: Progress, task, name: str):
+        self._progress, self._task, self._name = progress, task, name
+        self._next_log = 0.1
 
     def advance(self, tokens: int, **fields) -> None:
         text = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
         self._progress.update(self._task, advance=tokens, metrics=text)
+        task = self._progress.tasks[0]
+        if not self._progress.console.is_terminal and task.completed >= self._next_log * task.total:
+            # Logs and CI have no live display: print a plain line every 10%.
+            self._next_log += 0.1
+            speed = f"{task.speed:,.0f} tok/s" if task.speed else ""
+            eta = f"ETA {task.time_remaining:.0f} s" if task.time_remaining else ""
+            self._progress.console.print(f"{self._name}: {task.completed:.0f}/{task.total:.0f} tokens  {speed}  {text}  {eta}")
 
 
 @contextmanager
@@ -38,4 +46,4 @@ def training_progress(name: str, total_tokens: int, console: Console | None = No
     )
     with progress:
         task = progress.add_task(name, total=total_tokens, metrics="")
-        yield _Bar(progress, task)
+        yield _Bar(progress, task, name)
