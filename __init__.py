@@ -1,21 +1,27 @@
 """ling-surgery: upgrade a pretrained LLM into a hybrid KDA + MLA model instead of rebuilding it.
 
-The Python API mirrors the CLI: ``ling_surgery.convert(...)`` is ``ling-surgery convert``.
+The Python API mirrors the CLI: ``ling_surgery.run(recipe)`` is ``ling-surgery run``, ``ling_surgery.convert(recipe)``
+is ``ling-surgery convert``, ``ling_surgery.load_recipe(...)`` reads a recipe with ``--set``-style overrides.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "convert", "plan_conversion", "ConvertConfig"]
+__all__ = ["__version__", "Recipe", "check_recipe", "convert", "load_recipe", "plan_conversion", "run"]
+
+_LAZY = {
+    # Lazy so that `ling-surgery --help` and `validate` do not pay for importing torch.
+    "Recipe": "ling_surgery.surgery.config",
+    "load_recipe": "ling_surgery.surgery.config",
+    "check_recipe": "ling_surgery.surgery.validate",
+    "convert": "ling_surgery.surgery.convert",
+    "plan_conversion": "ling_surgery.surgery.convert",
+    "run": "ling_surgery.surgery.run",
+}
 
 
 def __getattr__(name):
-    # Lazy so that `ling-surgery --help` and config validation do not pay for importing torch.
-    if name in ("convert", "plan_conversion"):
-        from ling_surgery.surgery import convert as module
+    if name in _LAZY:
+        import importlib
 
-        return getattr(module, name)
-    if name == "ConvertConfig":
-        from ling_surgery.surgery.config import ConvertConfig
-
-        return ConvertConfig
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

@@ -38,7 +38,13 @@ def build_report(teacher_costs: Costs, student_costs: Costs, quality: dict, stag
     return {"meta": meta, "quality": quality, "costs": costs, "stages": stages, "timings_seconds": timings}
 
 
-def report_table(report: dict, teacher_costs: Costs, student_costs: Costs) -> Table:
+def report_costs(report: dict) -> tuple[Costs, Costs]:
+    fields = ("params", "kv_bytes_per_token", "state_bytes_per_sequence")
+    return tuple(Costs(*(report["costs"][who][f] for f in fields)) for who in ("teacher", "student"))
+
+
+def report_table(report: dict) -> Table:
+    teacher_costs, student_costs = report_costs(report)
     table = Table(title="teacher vs. upgraded", show_lines=False)
     for col in ("metric", "teacher", "upgraded", "ratio"):
         table.add_column(col, justify="left" if col == "metric" else "right")
@@ -56,11 +62,12 @@ def report_table(report: dict, teacher_costs: Costs, student_costs: Costs) -> Ta
                 f"{name}: {stage['tokens']} tok, {stage['seconds']} s",
                 "", f"loss {stage['loss_first']:.4g} → {stage['loss_last']:.4g}", "",
             )
-    table.add_row("wall time", "", f"{report['timings_seconds'].get('total', 0):.0f} s", "")
+    table.add_row("wall time (load, stages, eval)", "", f"{report['timings_seconds'].get('total', 0):.0f} s", "")
     return table
 
 
-def report_markdown(report: dict, teacher_costs: Costs, student_costs: Costs) -> str:
+def report_markdown(report: dict) -> str:
+    teacher_costs, student_costs = report_costs(report)
     meta = report["meta"]
     lines = [f"# ling-surgery conversion report: {meta.get('source')}", "", f"target `{meta.get('target')}`, plan {meta.get('plan')}", ""]
     lines += ["| metric | teacher | upgraded | ratio |", "|---|---:|---:|---:|"]
@@ -103,7 +110,7 @@ def loss_plot(stages: dict, path: Path) -> Path | None:
     return path
 
 
-def write_report(folder: Path, report: dict, teacher_costs: Costs, student_costs: Costs) -> None:
+def write_report(folder: Path, report: dict) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text(report_markdown(report, teacher_costs, student_costs))
+    (folder / "report.md").write_text(report_markdown(report))
     loss_plot(report["stages"], folder / "distill_losses.png")

@@ -55,22 +55,28 @@ def get_arch(model_type: str) -> ArchSpec:
         ) from None
 
 
-def check_source_config(config) -> ArchSpec:
-    """The architecture spec for a source config, after checking the features the conversion relies on."""
-    arch = get_arch(getattr(config, "model_type", None) or "?")
-    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in FREQUENCY_ONLY_ROPE:
+def check_source(shape) -> ArchSpec:
+    """The architecture spec for a source (a `sources.SourceShape`), after checking what the conversion relies on."""
+    arch = get_arch(shape.model_type)
+    if shape.rope_type not in FREQUENCY_ONLY_ROPE:
         raise SurgeryError(
-            f"rope_type {rope_type!r} of the source cannot be carried into MLA exactly; "
+            f"rope_type {shape.rope_type!r} of the source cannot be carried into MLA exactly; "
             f"supported: {', '.join(FREQUENCY_ONLY_ROPE)}"
         )
-    act = getattr(config, "hidden_act", "silu")
-    if act != arch.hidden_act:
-        raise SurgeryError(f"hidden_act {act!r} is not supported (bailing_hybrid reuses it in the KDA conv); need 'silu'")
-    if getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0):
+    if shape.hidden_act != arch.hidden_act:
+        raise SurgeryError(
+            f"hidden_act {shape.hidden_act!r} is not supported (bailing_hybrid reuses it in the KDA conv); need 'silu'"
+        )
+    if shape.num_experts:
         raise SurgeryError("MoE sources are not supported yet; pass a dense Llama-family model")
     return arch
+
+
+def check_source_config(config) -> ArchSpec:
+    """`check_source` for a transformers config object."""
+    from ling_surgery.surgery.sources import SourceShape
+
+    return check_source(SourceShape.from_config(config))
 
 
 def head_dim(config) -> int:

@@ -1,13 +1,16 @@
-"""The conversion config: one strict, nested schema that the CLI flags, `--config FILE` and `--set` all feed.
+"""The recipe: one strict, nested schema that `run`, `convert`, `validate` and `plan` all read.
 
-Unknown keys are rejected with a "did you mean" hint; everything is validated before any weights load.
+Nested by concern (source, target, plan, data, stages[], eval, export, runtime). Every level rejects unknown keys
+with a "did you mean" hint; each stage picks its schema by `kind`; cross-field checks run at validation time, before
+any weights load. `--set a.b=c` overrides edit the raw mapping before validation, and a stage is addressed by its
+`name` (which defaults to its `kind`): `--set stages.logit_distill.tokens=2e6`.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,165 +27,323 @@ class SourceConfig(Strict):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
 
 
+class MLAShape(Strict):
+    kv_lora_rank: int = Field(256, ge=1, description="latent width r of the compressed KV cache")
+    qk_rope_head_dim: int = Field(32, ge=2, description="RoPE'd key/query dims per head (even); the rest are NoPE")
+
+
 class PlanConfig(Strict):
+    """Which layers become what, and the shape of the new layers."""
+
     layer_group_size: int | None = Field(
         6, ge=1, description="periodic plan: the last layer of every group keeps full attention (MLA)"
     )
     full_attention_layers: list[int] | None = Field(
         None, description="explicit MLA layer indices (non-periodic layouts are not served by vLLM/llama.cpp)"
     )
-
-
-class MLAConfig(Strict):
-    kv_lora_rank: int = Field(256, ge=1, description="latent width r of the compressed KV cache")
-    qk_rope_head_dim: int = Field(32, ge=2, description="RoPE'd key/query dims per head (even); the rest are NoPE")
-    svd: Literal["activation", "weight"] = Field(
-        "activation", description="activation-aware SVD (calibration whitening) or plain weight SVD"
-    )
-
-
-class KDAConfig(Strict):
-    chunk_size: int = Field(32, ge=1, description="chunk of the fast exact KDA training path")
-    half_life_min: float = Field(2.0, gt=0, description="shortest forget-gate half-life at init (tokens)")
-    half_life_max: float = Field(2048.0, gt=0, description="longest forget-gate half-life at init (tokens)")
+    mla: MLAShape = MLAShape()
 
 
 class DataConfig(Strict):
-    train: str = Field("wikipedia", description="'wikipedia' (packaged), a .txt/.jsonl/.parquet file or HF dataset")
+    train: str = Field("wikipedia", description="'wikipedia' (packaged), a .txt/.jsonl/.json/.parquet file or HF dataset")
     text_field: str = "text"
+    subset: str | None = Field(None, description="HF dataset config name (e.g. sample-10BT); hub data is streamed")
     heldout_fraction: float = Field(0.05, gt=0, lt=1, description="documents kept out of training for evaluation")
-    seq_len: int = Field(256, ge=8)
-
-
-class CalibrationConfig(Strict):
-    tokens: int = Field(8192, ge=0, description="teacher tokens for activation statistics (0: plain inits)")
+    seq_len: int = Field(256, ge=8, description="training window length (tokens)")
 
 
 Trainable = Literal["mixers", "mlp", "norms", "embeddings", "all"]
 
 
-class AttentionTransferConfig(Strict):
-    """Stage 1: each new mixer learns its teacher layer's attention output from the teacher's inputs (MSE)."""
+class InitStage(Strict):
+    """Calibration statistics from the teacher, then the init maps (exact copies, KDA and MLA from attention)."""
 
-    tokens: int = Field(49_152, ge=0)
+    kind: Literal["init"] = "init"
+    name: str = "init"
+    calibration_tokens: int = Field(8192, ge=0, description="teacher tokens for activation statistics (0: plain inits)")
+    svd: Literal["activation", "weight"] = Field(
+        "activation", description="MLA: activation-aware SVD (calibration whitening) or plain weight SVD"
+    )
+    kda_half_life_min: float = Field(2.0, gt=0, description="shortest KDA forget-gate half-life at init (tokens)")
+    kda_half_life_max: float = Field(2048.0, gt=0, description="longest KDA forget-gate half-life at init (tokens)")
+
+
+class TrainingStage(Strict):
+    tokens: int = Field(ge=1, description="training tokens (steps = tokens // (batch_size × data.seq_len))")
     batch_size: int = Field(4, ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    trainable: list[Trainable] = Field(min_length=1, description="parameter groups that train; the rest stay frozen")
+
+
+class AttentionTransferStage(TrainingStage):
+    """Each new mixer learns its teacher layer's attention output from the teacher's inputs (relative MSE)."""
+
+    kind: Literal["attention_transfer"] = "attention_transfer"
+    name: str = "attention_transfer"
+    tokens: int = Field(49_152, ge=1)
     lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    trainable: list[Trainable] = ["mixers"]
+    trainable: list[Trainable] = Field(["mixers"], min_length=1)
 
 
-class LogitDistillConfig(Strict):
-    """Stage 2: end-to-end KL(teacher ‖ student) on next-token distributions, teacher frozen."""
+class LogitDistillStage(TrainingStage):
+    """End-to-end KL(teacher ‖ student) on next-token distributions, teacher frozen."""
 
-    tokens: int = Field(32_768, ge=0)
-    batch_size: int = Field(4, ge=1)
+    kind: Literal["logit_distill"] = "logit_distill"
+    name: str = "logit_distill"
+    tokens: int = Field(32_768, ge=1)
     lr: float = Field(3e-4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
     temperature: float = Field(1.0, gt=0)
-    trainable: list[Trainable] = ["mixers", "mlp", "norms"]
+    trainable: list[Trainable] = Field(["mixers", "mlp", "norms"], min_length=1)
+
+
+Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage], Field(discriminator="kind")]
+STAGE_KINDS = ("init", "attention_transfer", "logit_distill")
+DEFAULT_STAGES = [{"kind": kind} for kind in STAGE_KINDS]
 
 
 class EvalConfig(Strict):
-    tokens: int = Field(16_384, ge=0, description="held-out tokens for teacher vs. student perplexity")
+    tokens: int = Field(16_384, ge=0, description="held-out tokens for teacher vs. upgraded perplexity (0: skip)")
     seq_len: int = Field(512, ge=8)
 
 
-class ConvertConfig(Strict):
-    source: SourceConfig = SourceConfig()
-    target: Literal["hybrid-linear"] = "hybrid-linear"
-    plan: PlanConfig = PlanConfig()
-    mla: MLAConfig = MLAConfig()
-    kda: KDAConfig = KDAConfig()
-    data: DataConfig = DataConfig()
-    calibration: CalibrationConfig = CalibrationConfig()
-    attention_transfer: AttentionTransferConfig = AttentionTransferConfig()
-    logit_distill: LogitDistillConfig = LogitDistillConfig()
-    eval: EvalConfig = EvalConfig()
-    output: str | None = None
-    seed: int = 0
+class ExportConfig(Strict):
+    output: str | None = Field(None, description="run folder: stage checkpoints in stages/, the upgraded model in model/")
+    verify: bool = Field(True, description="reload the export in a fresh process and compare logits bit for bit")
+
+
+class RuntimeConfig(Strict):
+    """How to compute, not what: changing these never invalidates a finished stage."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 on CUDA")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 autocast on CUDA")
+    kda_chunk_size: int = Field(32, ge=1, description="chunk of the exact fast KDA training path")
+    save_every: int = Field(25, ge=0, description="in-stage checkpoint every N optimizer steps, for --resume (0: never)")
+
+
+class Recipe(Strict):
+    source: SourceConfig = SourceConfig()
+    target: Literal["hybrid-linear", "all-mla"] = Field(
+        "hybrid-linear", description="hybrid-linear: KDA + gated MLA (bailing_hybrid); all-mla: MLA everywhere (deepseek_v3)"
+    )
+    plan: PlanConfig = PlanConfig()
+    data: DataConfig = DataConfig()
+    stages: list[Stage] = Field(default_factory=lambda: [InitStage(), AttentionTransferStage(), LogitDistillStage()])
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    seed: int = 0
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.mla.qk_rope_head_dim % 2:
-            raise ValueError(f"mla.qk_rope_head_dim must be even, got {self.mla.qk_rope_head_dim}")
-        if self.kda.half_life_min > self.kda.half_life_max:
-            raise ValueError("kda.half_life_min must not exceed kda.half_life_max")
+        if self.plan.mla.qk_rope_head_dim % 2:
+            raise ValueError(f"plan.mla.qk_rope_head_dim must be even, got {self.plan.mla.qk_rope_head_dim}")
         if self.plan.full_attention_layers is not None and any(i < 0 for i in self.plan.full_attention_layers):
             raise ValueError("plan.full_attention_layers must be non-negative layer indices")
+        if self.target == "all-mla":
+            explicit = {k for k in ("layer_group_size", "full_attention_layers")
+                        if k in self.plan.model_fields_set and getattr(self.plan, k) is not None}
+            if explicit:
+                raise ValueError(f"target all-mla turns every layer into MLA; remove plan.{sorted(explicit)[0]}")
+        names = [s.name for s in self.stages]
+        if not self.stages or self.stages[0].kind != "init":
+            raise ValueError("stages: the first stage must be `kind: init` (it builds the upgraded model)")
+        if [s.kind for s in self.stages].count("init") > 1:
+            raise ValueError("stages: only one `kind: init` stage is allowed")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stages: name {dupes[0]!r} is used twice; give each stage a unique `name`")
+        for stage in self.stages:
+            if stage.kind == "init" and stage.kda_half_life_min > stage.kda_half_life_max:
+                raise ValueError(f"stages.{stage.name}: kda_half_life_min must not exceed kda_half_life_max")
+            if isinstance(stage, TrainingStage):
+                step = stage.batch_size * self.data.seq_len
+                if stage.tokens < step:
+                    raise ValueError(
+                        f"stages.{stage.name}.tokens {stage.tokens} buys no optimizer step: one step is batch_size × "
+                        f"data.seq_len = {step} tokens; raise tokens or lower batch_size"
+                    )
+        if 0 < self.eval.tokens < self.eval.seq_len:
+            raise ValueError(f"eval.tokens {self.eval.tokens} is less than one eval.seq_len window ({self.eval.seq_len})")
         return self
+
+    def stage(self, name: str):
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise SurgeryError(f"no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML, plus numbers like 2e4 that YAML 1.1 reads as strings."""
+    parsed = yaml.safe_load(text)
+    if isinstance(parsed, str):
+        try:
+            number = float(parsed)
+        except ValueError:
+            return parsed
+        return int(number) if number.is_integer() and any(c in parsed for c in ".eE") else number
+    return parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, before validation."""
+    """Apply `a.b.c=value` overrides to a nested recipe mapping, before validation.
+
+    Inside `stages` a path element is a stage name (or a list index): `stages.logit_distill.lr=1e-4`.
+    """
     for item in overrides:
         if "=" not in item:
-            raise SurgeryError(f"--set {item!r}: expected key.path=value, e.g. --set attention_transfer.tokens=2e4")
+            raise SurgeryError(f"--set {item!r}: expected key.path=value, e.g. --set stages.logit_distill.tokens=2e4")
         path, value = item.split("=", 1)
-        node = raw
         keys = path.strip().split(".")
-        for key in keys[:-1]:
+        node: Any = raw
+        for depth, key in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = _stage_entry(node, key, item)
+                continue
+            if keys[: depth + 1] == ["stages"] and "stages" not in node:
+                node["stages"] = [dict(s) for s in DEFAULT_STAGES]
             node = node.setdefault(key, {})
-            if not isinstance(node, dict):
+            if not isinstance(node, (dict, list)):
                 raise SurgeryError(f"--set {item!r}: {key!r} is not a section")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # 2e4 and friends parse as strings in YAML 1.1
-            try:
-                parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
-                parsed = int(parsed) if isinstance(parsed, float) and parsed.is_integer() else parsed
-            except ValueError:
-                pass
-        node[keys[-1]] = parsed
+        if isinstance(node, list):
+            raise SurgeryError(f"--set {item!r}: name a stage field, e.g. stages.{keys[-1]}.tokens=…")
+        node[keys[-1]] = parse_value(value)
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), **flags: Any) -> ConvertConfig:
-    """Build a validated ConvertConfig from a YAML file, `--set` overrides and explicit flags (flags win)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SurgeryError(f"config file {str(path)!r} not found; pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SurgeryError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise SurgeryError(f"config file {str(path)!r} must hold a mapping of sections")
+def _stage_entry(stages: list, key: str, item: str) -> dict:
+    for entry in stages:
+        if isinstance(entry, dict) and entry.get("name", entry.get("kind")) == key:
+            return entry
+    if key.isdigit() and int(key) < len(stages):
+        return stages[int(key)]
+    known = [str(e.get("name", e.get("kind"))) for e in stages if isinstance(e, dict)]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"stages: {', '.join(known)}"
+    raise SurgeryError(f"--set {item!r}: no stage named {key!r}; {hint}")
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"recipe {str(path)!r} not found; pass a YAML file or a shipped recipe name (ling-surgery recipes ls)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SurgeryError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SurgeryError(f"recipe {str(path)!r} must hold a mapping of sections (source, plan, data, stages, …)")
+    return raw
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] = (), **flags: Any) -> Recipe:
+    """A validated Recipe from a YAML file or shipped recipe name, `--set` overrides and flags (flags win).
+
+    Flags are dotted keys, e.g. ``load_recipe("smollm2-135m-cpu", output="runs/x")`` sets ``export.output``.
+    """
+    from ling_surgery.surgery.recipes import resolve_recipe
+
+    raw = read_recipe_file(resolve_recipe(recipe)) if recipe is not None else {}
     raw = apply_overrides(raw, list(overrides))
     for dotted, value in flags.items():
-        if value is not None:
-            node = raw
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = FLAG_KEYS.get(dotted, dotted).split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return validate_raw(raw)
+
+
+FLAG_KEYS = {"output": "export.output", "model": "source.model"}
+
+
+def validate_raw(raw: dict) -> Recipe:
     try:
-        return ConvertConfig.model_validate(raw)
+        return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise SurgeryError(describe_validation_error(err, ConvertConfig)) from None
+        raise SurgeryError(describe_validation_error(err, raw)) from None
 
 
-def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> str:
-    """One line for the first problem: the key path, what is wrong and a hint."""
+def describe_validation_error(err: ValidationError, raw: dict) -> str:
+    """One line for the first problem: the key path (stages by name), what is wrong and a hint."""
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    path = ".".join(loc) or "config"
-    if first["type"] == "extra_forbidden":
-        known = _known_keys(schema, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-        return f"config: unknown key {path!r}; {hint}"
+    loc = _named_loc(list(first["loc"]), raw)
+    path = ".".join(loc) or "recipe"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config: {path}: {first['msg']}{more}"
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(list(first["loc"])[:-1], raw)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        elsewhere = [p for p in _all_paths(Recipe) if p.rsplit(".", 1)[-1] == loc[-1]]
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif elsewhere:
+            hint = f"it lives at {' or '.join(repr(p) for p in elsewhere)}"
+        else:
+            hint = f"known keys: {', '.join(known)}"
+        return f"recipe: unknown key {path!r}; {hint}"
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"recipe: {path}: `kind` must be one of {', '.join(STAGE_KINDS)}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and not loc:
+        return f"recipe: {message}"
+    return f"recipe: {path}: {message}{more}"
 
 
-def _known_keys(schema: type[BaseModel], loc: list[str]) -> list[str]:
-    for key in loc:
+def _named_loc(loc: list, raw: dict) -> list[str]:
+    """('stages', 1, 'logit_distill', 'lr') → ['stages', '<name of stage 1>', 'lr']."""
+    out: list[str] = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if out == ["stages"] and isinstance(part, int):
+            stages = raw.get("stages") or DEFAULT_STAGES
+            entry = stages[part] if part < len(stages) and isinstance(stages[part], dict) else {}
+            out.append(str(entry.get("name", entry.get("kind", part))))
+            if i + 1 < len(loc) and loc[i + 1] in STAGE_KINDS:
+                i += 1  # pydantic puts the discriminator tag in the path
+        else:
+            out.append(str(part))
+        i += 1
+    return out
+
+
+def _all_paths(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key path of the schema; stage fields appear under their default stage name."""
+    paths = []
+    for key, field in schema.model_fields.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _all_paths(annotation, path + ".")
+    if schema is Recipe:
+        for kind, stage_schema in _STAGE_SCHEMAS.items():
+            paths += [f"stages.{kind}.{key}" for key in stage_schema.model_fields if key not in ("kind", "name")]
+    return paths
+
+
+_STAGE_SCHEMAS = {"init": InitStage, "attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage}
+
+
+def _known_keys(loc: list, raw: dict) -> list[str]:
+    schema: type[BaseModel] = Recipe
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        if key == "stages" and schema is Recipe and i + 1 < len(loc):
+            stages = raw.get("stages") or DEFAULT_STAGES
+            index = loc[i + 1]
+            kind = stages[index].get("kind") if isinstance(index, int) and index < len(stages) else None
+            schema = _STAGE_SCHEMAS.get(kind, InitStage)
+            i += 3 if i + 2 < len(loc) and loc[i + 2] in STAGE_KINDS else 2
+            continue
         field = schema.model_fields.get(key)
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return sorted(schema.model_fields)
+            break
         schema = annotation
+        i += 1
     return sorted(schema.model_fields)

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ling_surgery.surgery.architectures import ArchSpec
-from ling_surgery.surgery.data import TokenStream
+from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.kda import mixer_forward, position_embeddings, student_logits
 from ling_surgery.surgery.progress import training_progress
@@ -32,18 +31,6 @@ TRAINABLE_GROUPS = {
     "embeddings": lambda n: n in ("model.embed_tokens.weight", "lm_head.weight"),
     "all": lambda n: True,
 }
-
-
-@dataclass
-class StageContext:
-    teacher: torch.nn.Module
-    arch: ArchSpec
-    stream: TokenStream
-    seq_len: int
-    device: torch.device
-    chunk_size: int = 32
-    window_start: int = 0  # first training window of this stage; stages use disjoint text
-    console: object = None
 
 
 @dataclass
@@ -102,25 +89,39 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _run(student, cfg, ctx: StageContext, name: str, loss_fn) -> StageResult:
+def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
+    """The shared training loop: AdamW on the stage's trainable groups, in-stage checkpoints for --resume."""
+    name = stage.name
     result = StageResult(name)
-    tokens_per_step = cfg.batch_size * ctx.seq_len
-    steps = cfg.tokens // tokens_per_step
-    if steps == 0:
-        return result
-    params = select_trainable(student, cfg.trainable)
+    tokens_per_step = stage.batch_size * ctx.seq_len
+    steps = stage.tokens // tokens_per_step
+    params = select_trainable(student, stage.trainable)
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     result.trainable_params = sum(p.numel() for p in params)
-    optimizer, scheduler = _optimizer(params, cfg.lr, cfg.warmup_steps, steps)
-    batches = ctx.stream.batches(ctx.seq_len, cfg.batch_size, start=ctx.window_start)
+    optimizer, scheduler = _optimizer(params, stage.lr, stage.warmup_steps, steps)
+    done = 0
+    saved = ctx.state.load(map_location=ctx.device) if ctx.state is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(saved["params"][n])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"].cpu())
+        done, result.losses, result.seconds = saved["step"], saved["losses"], saved["seconds"]
+        result.steps, result.tokens = done, done * tokens_per_step
+        if ctx.console is not None:
+            ctx.console.print(f"{name}: resuming at step {done}/{steps} from {ctx.state.path.name}")
+    batches = ctx.train.batches(ctx.seq_len, stage.batch_size, start=ctx.window_start + done * stage.batch_size)
     student.train()
-    start = time.perf_counter()
-    with training_progress(name, steps * tokens_per_step, ctx.console) as progress:
-        for _ in range(steps):
+    start = time.perf_counter() - result.seconds
+    with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
+        for step in range(done, steps):
             input_ids = next(batches).to(ctx.device)
             with _autocast(ctx.device):
                 loss = loss_fn(input_ids)
             if not torch.isfinite(loss):
-                raise SurgeryError(f"{name}: loss became {loss.item()}; lower the learning rate ({name}.lr)")
+                raise SurgeryError(f"stage {name}: loss became {loss.item()}; lower stages.{name}.lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -130,14 +131,24 @@ def _run(student, cfg, ctx: StageContext, name: str, loss_fn) -> StageResult:
             result.steps += 1
             result.tokens += tokens_per_step
             progress.advance(tokens_per_step, loss=result.losses[-1])
+            if ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps:
+                ctx.state.save({
+                    "step": step + 1,
+                    "params": {n: p.detach().clone() for n, p in trainable.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "losses": list(result.losses),
+                    "seconds": time.perf_counter() - start,
+                }, step + 1, steps)
     result.seconds = time.perf_counter() - start
     student.eval()
     student.requires_grad_(False)
-    ctx.window_start += steps * cfg.batch_size
     return result
 
 
-def attention_transfer(student, cfg, ctx: StageContext) -> tuple[torch.nn.Module, StageResult]:
+def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
+    """Stage `kind: attention_transfer` (LoLCATs §3.1; RADLADS step 1): per-layer relative MSE of mixer outputs."""
     layers = student.model.layers
 
     def loss_fn(input_ids):
@@ -152,7 +163,7 @@ def attention_transfer(student, cfg, ctx: StageContext) -> tuple[torch.nn.Module
             losses.append(F.mse_loss(pred, y) / y.pow(2).mean().clamp_min(1e-8))
         return torch.stack(losses).mean()
 
-    return student, _run(student, cfg, ctx, "attention_transfer", loss_fn)
+    return student, _run(student, stage, ctx, loss_fn).summary()
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -162,10 +173,12 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
-def logit_distill(student, cfg, ctx: StageContext) -> tuple[torch.nn.Module, StageResult]:
+def logit_distill(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
+    """Stage `kind: logit_distill` (RADLADS step 2): KL(teacher ‖ student) on next-token distributions."""
+
     def loss_fn(input_ids):
         with torch.no_grad():
             teacher_logits = ctx.teacher(input_ids=input_ids).logits
-        return kl_divergence(teacher_logits, student_logits(student, input_ids, ctx.chunk_size), cfg.temperature)
+        return kl_divergence(teacher_logits, student_logits(student, input_ids, ctx.chunk_size), stage.temperature)
 
-    return student, _run(student, cfg, ctx, "logit_distill", loss_fn)
+    return student, _run(student, stage, ctx, loss_fn).summary()

@@ -1,7 +1,7 @@
-"""Write the upgraded model as a stock `bailing_hybrid` checkpoint that transformers, vLLM, SGLang and llama.cpp load.
+"""Write model folders that the ecosystem loads: stage checkpoints and the final upgraded model.
 
-Written into a hidden temporary folder beside the destination and renamed into place at the end, so an
-interrupted run never leaves a folder that looks complete.
+Every folder is written into a hidden temporary sibling and renamed into place at the end, so an interrupted run never
+leaves a folder that looks complete; a folder being replaced is only removed once its successor is in place.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.targets import serving_config
 
 MANIFEST = "ling_surgery_manifest.json"
 
@@ -22,6 +25,10 @@ def check_output_dir(path: str | Path) -> Path:
     path = Path(path).expanduser().resolve()
     if path.exists():
         raise SurgeryError(f"output {str(path)!r} already exists; pass a new --output folder or remove it")
+    return check_parent_writable(path)
+
+
+def check_parent_writable(path: Path) -> Path:
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -32,65 +39,96 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
-def serving_config(config_dict: dict, config) -> dict:
-    """Config keys the serving engines read that transformers does not write (see DESIGN.md, export target)."""
-    layers = config.num_hidden_layers
-    out = dict(config_dict)
-    out.update(
-        {
-            "architectures": ["BailingMoeV3ForCausalLM"],
-            # transformers writes the RoPE dim here; the engines (and transformers' own reload) read the KDA dim.
-            "head_dim": config.linear_head_dim,
-            "first_k_dense_replace": layers,
-            "no_kda_lora": True,
-            "kda_safe_gate": True,
-            "gated_attention_proj_granularity_type": "head_wise",
-            "rope_interleave": True,
-            "num_nextn_predict_layers": 0,
-            "tie_word_embeddings": False,
-            "use_bias": False,
-            "use_qkv_bias": False,
-            "score_function": "sigmoid",
-            "moe_router_enable_expert_bias": True,
-            "moe_shared_expert_intermediate_size": config.intermediate_size,
-            "num_shared_experts": 0,
-            "moe_intermediate_size": config.intermediate_size,
-            "norm_topk_prob": config.norm_topk_prob,
-            "moe_renormalize": config.norm_topk_prob,
-            "n_group": config.n_group,
-            "num_expert_group": config.n_group,
-            "num_experts_per_tok": config.num_experts_per_tok,
-            "num_experts_per_token": config.num_experts_per_tok,
-            "max_position_embeddings": config.max_position_embeddings,
-            "model_max_length": config.max_position_embeddings,
-        }
-    )
-    if config.rope_parameters:
-        out["rope_theta"] = config.rope_parameters.get("rope_theta", out.get("rope_theta"))
-    return out
+def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
+    """Create `folder` atomically: `fill(tmp)` writes into a temporary sibling that is then renamed into place.
 
-
-def export_checkpoint(model, tokenizer, output: str | Path, manifest: dict, before_commit=None) -> Path:
-    """Save model, tokenizer (with chat template), generation config and manifest atomically into `output`.
-
-    `before_commit(folder)` runs on the finished temporary folder (checks, reports) before it is renamed into place.
+    With `replace`, an existing `folder` is moved aside first and deleted only after the new one is in place.
     """
-    output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user creates
+    old = None
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        config_path.write_text(json.dumps(serving_config(json.loads(config_path.read_text()), model.config), indent=2) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        if before_commit is not None:
-            before_commit(tmp)
-        os.replace(tmp, output)  # atomic on one filesystem; fails if `output` appeared meanwhile
+        fill(tmp)
+        if replace and folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)  # atomic on one filesystem; fails if `folder` appeared meanwhile
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.replace(old, folder)
         reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
-        raise SurgeryError(f"export to {str(output)!r} failed: {reason}; nothing was written there") from None
+        raise SurgeryError(f"writing {str(folder)!r} failed: {reason}; nothing was written there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.replace(old, folder)
         raise
-    return output
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def save_model(model, tokenizer, folder: str | Path, manifest: dict, before_commit=None, replace: bool = False) -> Path:
+    """Model (with the serving-engine config keys), tokenizer with chat template, generation config and manifest.
+
+    `before_commit(tmp)` runs on the finished temporary folder (checks, reports) before it is renamed into place.
+    """
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        config_path.write_text(json.dumps(serving_config(json.loads(config_path.read_text()), model.config), indent=2) + "\n")
+        write_manifest(tmp, manifest)
+        if before_commit is not None:
+            before_commit(tmp)
+
+    return write_folder(folder, fill, replace=replace)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify_export(folder: Path, model, input_ids) -> dict:
+    """Reload the written folder with plain transformers in a fresh process (never imports ling_surgery) and
+    compare its logits with the in-memory model's; also check cached greedy decoding against uncached argmax."""
+    import torch
+
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    torch.save({"input_ids": input_ids, "logits": expected}, folder / ".probe.pt")
+    script = (
+        "import json,sys,torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "p=torch.load(sys.argv[1]+'/.probe.pt')\n"
+        "m=AutoModelForCausalLM.from_pretrained(sys.argv[1],dtype=torch.float32).eval()\n"
+        "assert 'ling_surgery' not in sys.modules\n"
+        "with torch.no_grad():\n"
+        " l=m(input_ids=p['input_ids']).logits\n"
+        " ids=p['input_ids'][:,:16]\n"
+        " g=m.generate(ids,max_new_tokens=12,do_sample=False,use_cache=True,pad_token_id=0)\n"
+        " full=m(input_ids=g).logits.argmax(-1)[:,ids.shape[1]-1:-1]\n"
+        "print(json.dumps({'max_abs_diff':(l-p['logits']).abs().max().item(),'bit_exact':bool(torch.equal(l,p['logits'])),"
+        "'greedy_cache_matches':bool(torch.equal(full,g[:,ids.shape[1]:]))}))\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=1800, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except subprocess.CalledProcessError as err:
+        raise SurgeryError(f"the exported checkpoint does not reload: {(err.stderr.strip().splitlines() or ['?'])[-1]}") from None
+    finally:
+        (folder / ".probe.pt").unlink(missing_ok=True)

@@ -127,7 +127,8 @@ def rope_half_lives(source_config, d: int, lo: float, hi: float) -> torch.Tensor
     return torch.cat([period, period])
 
 
-def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config, kda_cfg):
+def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config,
+             half_life: tuple[float, float] = (2.0, 2048.0)):
     """KDA mixer from a softmax-attention layer (names relative to the student's `self_attn`).
 
     | student                 | from                                                                     |
@@ -157,8 +158,7 @@ def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     conv = torch.zeros(3 * heads * d, 1, kernel, dtype=torch.float64)
     conv[:, 0, -1] = torch.cat(taps)
 
-    half_life = rope_half_lives(source_config, d, kda_cfg.half_life_min, kda_cfg.half_life_max).repeat(heads)
-    log_decay = -math.log(2) / half_life  # g = log α per token
+    log_decay = -math.log(2) / rope_half_lives(source_config, d, *half_life).repeat(heads)  # g = log α per token
     frac = (log_decay / target_config.kda_lower_bound).clamp(1e-7, 1 - 1e-7)  # g = lower_bound · sigmoid(dt_bias)
     head_rms = torch.ones(heads, dtype=torch.float64) if stats is None else stats.head_rms
     o_proj = (wo.view(hidden, heads, d) * head_rms[None, :, None]).reshape(hidden, heads * d)
@@ -206,8 +206,9 @@ def shared_rope_key(wk_first, wk_second, sqrt_c, inv_sqrt_c):
     return shared.real, shared.imag, alpha
 
 
-def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config, svd: str):
-    """Gated MLA from a softmax-attention layer (names relative to the student's `self_attn`).
+def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config,
+             svd: str = "activation", gated: bool = True):
+    """(Gated) MLA from a softmax-attention layer (names relative to the student's `self_attn`).
 
     | student                  | from                                                                         |
     |--------------------------|------------------------------------------------------------------------------|
@@ -215,7 +216,7 @@ def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     | kv_a_proj_with_mqa       | [A = V_rᵀ C^{-1/2} (whitened latent) ; shared k_rot s, interleaved]           |
     | kv_a_layernorm           | sqrt(E‖A x‖²/r) (1 with activation-aware SVD: the latent has unit variance)   |
     | kv_b_proj (per head)     | rows of U_r S_r for [K_nope of KV head g ; V of KV head g]                    |
-    | g_proj, o_proj           | 0 (gate 1/2) and 2·Wo                                                         |
+    | g_proj, o_proj           | 0 (gate 1/2) and 2·Wo; ungated MLA (deepseek_v3): no g_proj, o_proj = Wo      |
 
     [K_nope; V] C^{1/2} = U S Vᵀ is the joint SVD of keys and values (MHA2MLA / X-EcoMLA) in whitened
     coordinates (activation-aware: minimises E‖(M − BA)x‖², not ‖M − BA‖_F). Interleaving: bailing's RoPE rotates
@@ -248,18 +249,29 @@ def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     up = u[:, :r] * s[:r] if u.shape[1] >= r else torch.cat([u * s[: u.shape[1]], u.new_zeros(len(u), r - u.shape[1])], 1)
     latent_rms = ((down @ moment) * down).sum().div(r).clamp_min(1e-12).sqrt()
     kv_b = (up / latent_rms).view(groups, dn + d, r).repeat_interleave(heads // groups, dim=0).reshape(-1, r)
-    return {
+    mixer = {
         "q_proj.weight": q_proj,
         "kv_a_proj_with_mqa.weight": torch.cat([down, k_rot], dim=0),
         "kv_a_layernorm.weight": torch.full((r,), float(latent_rms), dtype=torch.float64),
         "kv_b_proj.weight": kv_b,
-        "g_proj.weight": torch.zeros(heads, hidden, dtype=torch.float64),
-        "o_proj.weight": GATE_COMPENSATION * wo,
+        "o_proj.weight": wo,
     }
+    if gated:
+        mixer["g_proj.weight"] = torch.zeros(heads, hidden, dtype=torch.float64)
+        mixer["o_proj.weight"] = GATE_COMPENSATION * wo
+    return mixer
 
 
-def init_student_state(teacher_state, arch: ArchSpec, source_config, target_config, stats, convert_cfg):
-    """The whole student state dict. Shared tensors are exact copies; every teacher tensor is accounted for."""
+def init_student_state(teacher_state, arch: ArchSpec, source_config, target_config, stats, init_stage):
+    """The whole student state dict. Shared tensors are exact copies; every teacher tensor is accounted for.
+
+    `init_stage` is the recipe's `kind: init` stage (SVD flavour, KDA half-lives).
+    """
+    from ling_surgery.surgery.plan import MLA, mixer_types
+    from ling_surgery.surgery.targets import spec_of
+
+    gated = spec_of(target_config).gated_mla
+    half_life = (init_stage.kda_half_life_min, init_stage.kda_half_life_max)
     ledger = Ledger(teacher_state)
     out: dict[str, torch.Tensor] = {}
     embed = ledger.take(f"{arch.embed}.weight")
@@ -269,7 +281,7 @@ def init_student_state(teacher_state, arch: ArchSpec, source_config, target_conf
         raise SurgeryError("source has no lm_head weight and does not tie embeddings")
     out["lm_head.weight"] = (embed if lm_head is None else lm_head).clone()  # bailing_hybrid cannot tie: untie
     out["model.norm.weight"] = ledger.take(f"{arch.final_norm}.weight").clone()
-    for i, kind in enumerate(target_config.layer_types):
+    for i, kind in enumerate(mixer_types(target_config)):
         src, dst = f"{arch.layers}.{i}", f"model.layers.{i}"
         for name, target in ((arch.input_norm, "input_layernorm"), (arch.post_attention_norm, "post_attention_layernorm")):
             out[f"{dst}.{target}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
@@ -277,20 +289,20 @@ def init_student_state(teacher_state, arch: ArchSpec, source_config, target_conf
             out[f"{dst}.mlp.{name.split('.')[-1]}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
         layer_stats = None if stats is None else stats[i]
         prefix = f"{src}.{arch.attention}"
-        if kind == "full_attention":
-            mixer = init_mla(ledger, prefix, arch, layer_stats, source_config, target_config, convert_cfg.mla.svd)
+        if kind == MLA:
+            mixer = init_mla(ledger, prefix, arch, layer_stats, source_config, target_config, init_stage.svd, gated)
         else:
-            mixer = init_kda(ledger, prefix, arch, layer_stats, source_config, target_config, convert_cfg.kda)
+            mixer = init_kda(ledger, prefix, arch, layer_stats, source_config, target_config, half_life)
         out.update({f"{dst}.self_attn.{k}": v for k, v in mixer.items()})
     ledger.check_all_consumed()
     return out
 
 
 def build_student(state: dict[str, torch.Tensor], target_config, dtype=torch.float32):
-    """Instantiate `BailingHybridForCausalLM` and load every tensor (strict: nothing missing, nothing extra)."""
-    from transformers import BailingHybridForCausalLM
+    """Instantiate the target's stock causal-LM class and load every tensor (strict: nothing missing, nothing extra)."""
+    from transformers import AutoModelForCausalLM
 
-    model = BailingHybridForCausalLM(target_config)
+    model = AutoModelForCausalLM.from_config(target_config)
     expected = model.state_dict()
     wrong = [k for k, v in state.items() if k in expected and tuple(expected[k].shape) != tuple(v.shape)]
     if wrong:

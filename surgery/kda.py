@@ -126,8 +126,8 @@ def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16) -
 
 
 def mixer_forward(layer, hidden_states: torch.Tensor, position_embeddings, chunk_size: int = 16) -> torch.Tensor:
-    """The token mixer of one `bailing_hybrid` decoder layer on already-normalised inputs (causal, no cache)."""
-    if layer.block_type == "linear_attention":
+    """The token mixer of one decoder layer of an upgraded model on already-normalised inputs (causal, no cache)."""
+    if getattr(layer, "block_type", None) == "linear_attention":  # all-MLA targets have no block types
         return kda_mixer_forward(layer.self_attn, hidden_states, chunk_size)
     # MLA: the stock module; attention_mask=None lets SDPA apply the causal mask itself.
     return layer.self_attn(hidden_states, position_embeddings=position_embeddings, attention_mask=None)[0]
@@ -139,7 +139,7 @@ def position_embeddings(model, hidden_states: torch.Tensor):
 
 
 def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
-    """Full `BailingHybridForCausalLM` forward (no padding, no cache) through the fast KDA path."""
+    """Full forward of an upgraded model (no padding, no cache) through the fast KDA path."""
     inner = model.model
     hidden = inner.embed_tokens(input_ids)
     rope = position_embeddings(model, hidden)

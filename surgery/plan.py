@@ -1,4 +1,4 @@
-"""Layer plans (which layers become KDA and which MLA), the target `bailing_hybrid` config, and its costs."""
+"""Layer plans (which layers become KDA and which MLA) and inference-cost numbers computed from configs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from ling_surgery.surgery.architectures import check_source_config, head_dim
-from ling_surgery.surgery.config import ConvertConfig
+from ling_surgery.surgery.architectures import head_dim
 from ling_surgery.surgery.errors import SurgeryError
 
 KDA, MLA = "linear_attention", "full_attention"
+
+
+def mixer_types(config) -> list[str]:
+    """Per layer, KDA or MLA, for a target config (all-MLA targets have no `layer_types`)."""
+    return list(getattr(config, "layer_types", None) or [MLA] * config.num_hidden_layers)
 
 
 @dataclass(frozen=True)
@@ -56,65 +60,6 @@ def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers
     return LayerPlan(num_layers, tuple(range(group_size - 1, num_layers, group_size)), group_size)
 
 
-def target_config(source_config, plan: LayerPlan, cfg: ConvertConfig):
-    """The `bailing_hybrid` config of the upgraded model; all dims come from the source.
-
-    KDA head dim = MLA v_head_dim = the source head dim (the serving engines need KDA dk == v_head_dim), all MLPs
-    dense, heads = source query heads (GQA keys/values are repeated per head).
-    """
-    from transformers import BailingHybridConfig
-
-    check_source_config(source_config)
-    d = head_dim(source_config)
-    dr = cfg.mla.qk_rope_head_dim
-    if dr > d:
-        raise SurgeryError(f"mla.qk_rope_head_dim {dr} exceeds the source head_dim {d}; pick at most {d}")
-    if cfg.mla.kv_lora_rank > source_config.hidden_size:
-        raise SurgeryError(
-            f"mla.kv_lora_rank {cfg.mla.kv_lora_rank} exceeds hidden_size {source_config.hidden_size}; pick a smaller rank"
-        )
-    rope = dict(getattr(source_config, "rope_parameters", None) or {"rope_type": "default"})
-    theta = rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0))
-    # Keep the dr/2 highest-frequency pairs: θ'^(-2j/dr) = θ^(-2j/d)  ⇔  θ' = θ^(dr/d).
-    rope["rope_theta"] = float(theta) ** (dr / d)
-    rope.setdefault("rope_type", "default")
-    eos = source_config.eos_token_id
-    pad = getattr(source_config, "pad_token_id", None)
-    layers = plan.num_layers
-    return BailingHybridConfig(
-        vocab_size=source_config.vocab_size,
-        hidden_size=source_config.hidden_size,
-        intermediate_size=source_config.intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=source_config.num_attention_heads,
-        num_key_value_heads=source_config.num_attention_heads,
-        head_dim=d,
-        kv_lora_rank=cfg.mla.kv_lora_rank,
-        qk_rope_head_dim=dr,
-        qk_nope_head_dim=d - dr,
-        v_head_dim=d,
-        hidden_act=source_config.hidden_act,
-        max_position_embeddings=getattr(source_config, "max_position_embeddings", 4096),
-        rms_norm_eps=source_config.rms_norm_eps,
-        rope_parameters=rope,
-        rope_theta=rope["rope_theta"],
-        layer_types=plan.layer_types,
-        layer_group_size=plan.group_size or layers,
-        mlp_layer_types=["dense"] * layers,
-        first_k_dense_replace=layers,
-        num_mtp_layers=0,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        pad_token_id=pad if pad is not None else (eos if isinstance(eos, int) else None),
-        bos_token_id=getattr(source_config, "bos_token_id", None),
-        eos_token_id=eos,
-        num_local_experts=1,
-        n_group=1,
-        topk_group=1,
-        num_experts_per_tok=1,
-    )
-
-
 @dataclass(frozen=True)
 class Costs:
     params: int
@@ -142,11 +87,13 @@ def teacher_costs(config, kv_dtype_bytes: int = 2) -> Costs:
 
 def student_costs(config, kv_dtype_bytes: int = 2) -> Costs:
     """MLA caches (r + dr) latents per token; KDA keeps an fp32 [H, dk, dk] state and a (K-1)-tap conv state."""
-    n_mla = config.layer_types.count(MLA)
+    n_mla = mixer_types(config).count(MLA)
     n_kda = config.num_hidden_layers - n_mla
     per_token = n_mla * (config.kv_lora_rank + config.qk_rope_head_dim) * kv_dtype_bytes
-    h, dk = config.linear_num_heads, config.linear_head_dim
-    state = n_kda * (h * dk * dk * 4 + 3 * h * dk * (config.short_conv_kernel_size - 1) * kv_dtype_bytes)
+    state = 0
+    if n_kda:
+        h, dk = config.linear_num_heads, config.linear_head_dim
+        state = n_kda * (h * dk * dk * 4 + 3 * h * dk * (config.short_conv_kernel_size - 1) * kv_dtype_bytes)
     return Costs(count_params(config), per_token, state)
 
 

@@ -18,7 +18,8 @@ class _TokensPerSecond(ProgressColumn):
 class _Bar:
     def __init__(self, progress: Progress, task, name: str):
         self._progress, self._task, self._name = progress, task, name
-        self._next_log = 0.1
+        task_state = progress.tasks[0]
+        self._next_log = (int(10 * task_state.completed / task_state.total) + 1) / 10 if task_state.total else 0.1
 
     def advance(self, tokens: int, **fields) -> None:
         text = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
@@ -33,7 +34,7 @@ class _Bar:
 
 
 @contextmanager
-def training_progress(name: str, total_tokens: int, console: Console | None = None):
+def training_progress(name: str, total_tokens: int, console: Console | None = None, completed: int = 0):
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -45,5 +46,5 @@ def training_progress(name: str, total_tokens: int, console: Console | None = No
         transient=False,
     )
     with progress:
-        task = progress.add_task(name, total=total_tokens, metrics="")
+        task = progress.add_task(name, total=total_tokens, completed=completed, metrics="")
         yield _Bar(progress, task, name)

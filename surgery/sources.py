@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +109,121 @@ def load_model(source: Source, dtype, device: str = "cpu"):
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+@dataclass(frozen=True)
+class SourceShape:
+    """The few source facts a recipe is checked against, read without torch or transformers (fast `validate`)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_type: str = "default"
+    hidden_act: str = "silu"
+    num_experts: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "SourceShape":
+        """From a transformers config object or a raw config.json mapping."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        return cls(
+            model_type=get("model_type") or "?",
+            num_layers=get("num_hidden_layers"),
+            hidden_size=get("hidden_size"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            rope_type=rope.get("rope_type", rope.get("type", "default")),
+            hidden_act=get("hidden_act", "silu") or "silu",
+            num_experts=get("num_local_experts", 0) or get("num_experts", 0) or 0,
+        )
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> "SourceShape":
+        meta = gguf_metadata(path)
+        arch = meta.get("general.architecture", "?")
+        heads = meta.get(f"{arch}.attention.head_count", 1)
+        hidden = meta.get(f"{arch}.embedding_length", 0)
+        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+        return cls(
+            model_type=arch,
+            num_layers=meta.get(f"{arch}.block_count", 0),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+            head_dim=meta.get(f"{arch}.attention.key_length", hidden // max(heads, 1)),
+            rope_type="default" if scaling == "none" else scaling,
+            num_experts=meta.get(f"{arch}.expert_count", 0),
+        )
+
+
+def read_shape(source: Source) -> SourceShape | None:
+    """The source's shape from its config.json or GGUF header; None for a hub model that is not cached locally."""
+    if source.gguf_file:
+        return SourceShape.from_gguf(Path(source.location) / source.gguf_file)
+    if source.kind == "folder":
+        path = Path(source.location) / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        cached = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return SourceShape.from_config(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise SurgeryError(f"cannot use {source.name!r}: its config.json is not a causal-LM config ({err})") from None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Scalar and string key/values of a GGUF file's header (arrays, e.g. the vocabulary, are skipped unread).
+
+    Layout (GGUF v2/v3): magic "GGUF", u32 version, u64 tensor count, u64 key/value count, then per key a
+    u64-length string, a u32 type and the value; an array is a u32 element type, a u64 count and the elements.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SurgeryError(f"{str(path)!r} is not a GGUF file (bad magic); pass a .gguf model file")
+        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version < 2:
+            raise SurgeryError(f"{str(path)!r} is GGUF v{version}; only v2 and v3 files are supported")
+
+        def read(fmt):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def read_string():
+            return f.read(read("<Q")).decode("utf-8", errors="replace")
+
+        def skip(kind, count=1):
+            if kind == _GGUF_STRING:
+                for _ in range(count):
+                    f.seek(read("<Q"), 1)
+            elif kind == _GGUF_ARRAY:
+                for _ in range(count):
+                    inner, n = read("<I"), read("<Q")
+                    skip(inner, n)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[kind]) * count, 1)
+
+        meta = {}
+        for _ in range(n_kv):
+            key, kind = read_string(), read("<I")
+            if kind == _GGUF_STRING:
+                meta[key] = read_string()
+            elif kind in _GGUF_SCALARS:
+                meta[key] = read(_GGUF_SCALARS[kind])
+            else:
+                skip(kind)
+        return meta

@@ -21,6 +21,14 @@ TINY = dict(
     pad_token_id=0,
 )
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+TINY_PLAN = {"layer_group_size": 2, "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 8}}
+
+
+def tiny_recipe(**sections):
+    """A validated Recipe for the tiny models (periodic plan of 2, latent 32, 8 RoPE dims) with `sections` merged in."""
+    from ling_surgery.surgery.config import Recipe
+
+    return Recipe.model_validate({"plan": TINY_PLAN, **sections})
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):
@@ -35,14 +43,6 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
             elif name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn_like(param))
     return model.requires_grad_(False)
-
-
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A linear attention layer keeps a fixed-size state.\n\n"
-    "Multi-head latent attention caches a compressed latent per token instead of full keys and values.\n\n"
-    "Distillation trains the new layers to reproduce what the original model computed on real text.\n\n"
-)
 
 
 def char_tokenizer():
@@ -65,9 +65,3 @@ def save_tiny_source(folder: Path, model_type: str = "llama", **overrides) -> Pa
     model.save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
-
-
-def text_file(folder: Path, repeats: int = 40) -> Path:
-    path = folder / "train.txt"
-    path.write_text(TEXT * repeats)
-    return path

@@ -22,11 +22,16 @@ def test_wheel_contents_and_import(tmp_path):
     assert not any(n.startswith(("ling_surgery/tests/", "ling_surgery/.ci")) for n in names)
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
-    code = "import ling_surgery.cli, ling_surgery.surgery.kda, ling_surgery.evals.report, sys; print(ling_surgery.__file__)"
+    code = ("import ling_surgery.cli, ling_surgery.surgery.kda, ling_surgery.evals.report, sys; print(ling_surgery.__file__); "
+            "from ling_surgery.surgery.recipes import list_recipes, resolve_recipe; "
+            "print(' '.join(r.name for r in list_recipes())); print(resolve_recipe('smollm2-135m-cpu'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(unpacked), "PATH": ""},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert str(unpacked) in out.stdout
+    package_file, names, demo = out.stdout.strip().splitlines()
+    assert str(unpacked) in package_file
+    assert {"smollm2-135m-cpu", "llama-3.1-8b-gpu", "smollm2-135m-all-mla", "ci-smoke"} <= set(names.split())
+    assert demo.startswith(str(unpacked))  # found inside the installed package, not the source tree
 
 
 def test_editable_install_is_the_package():

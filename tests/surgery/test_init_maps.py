@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, tiny_recipe
 
 from ling_surgery.surgery.architectures import get_arch
-from ling_surgery.surgery.config import ConvertConfig
+from ling_surgery.surgery.config import InitStage
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.init_maps import (
     LayerStats,
@@ -14,23 +14,22 @@ from ling_surgery.surgery.init_maps import (
     init_student_state,
     shared_rope_key,
 )
-from ling_surgery.surgery.plan import make_plan, target_config
+from ling_surgery.surgery.plan import make_plan
 from ling_surgery.surgery.taps import collect_stats
+from ling_surgery.surgery.targets import layer_plan, target_config
 
 
-def _convert(teacher, cfg, plan=None, stats=None):
-    plan = plan or make_plan(teacher.config.num_hidden_layers, cfg.plan.layer_group_size)
-    target = target_config(teacher.config, plan, cfg)
+def _convert(teacher, recipe, stats=None):
+    target = target_config(teacher.config, layer_plan(recipe, teacher.config.num_hidden_layers), recipe)
     arch = get_arch(teacher.config.model_type)
-    state = init_student_state(teacher.state_dict(), arch, teacher.config, target, stats, cfg)
+    state = init_student_state(teacher.state_dict(), arch, teacher.config, target, stats, recipe.stages[0])
     return build_student(state, target), target
 
 
 def test_shared_tensors_are_exact_copies_and_every_tensor_is_accounted(model_type, token_batches):
     teacher = tiny_model(model_type)
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 8}})
     stats = collect_stats(teacher, get_arch(model_type), token_batches)
-    student, _ = _convert(teacher, cfg, stats=stats)
+    student, _ = _convert(teacher, tiny_recipe(), stats=stats)
     t, s = teacher.state_dict(), student.state_dict()
     assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
     assert torch.equal(s["lm_head.weight"], t["model.embed_tokens.weight"])  # tied source → untied copy
@@ -48,34 +47,35 @@ def test_shared_tensors_are_exact_copies_and_every_tensor_is_accounted(model_typ
 
 def test_leftover_teacher_tensor_raises():
     teacher = tiny_model("llama")
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 8}})
-    plan = make_plan(4, 2)
-    target = target_config(teacher.config, plan, cfg)
+    target = target_config(teacher.config, make_plan(4, 2), tiny_recipe())
     state = dict(teacher.state_dict())
     state["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
     with pytest.raises(SurgeryError, match="unaccounted"):
-        init_student_state(state, get_arch("llama"), teacher.config, target, None, cfg)
+        init_student_state(state, get_arch("llama"), teacher.config, target, None, InitStage())
 
 
 def test_missing_teacher_tensor_raises():
     teacher = tiny_model("llama")
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 8}})
-    target = target_config(teacher.config, make_plan(4, 2), cfg)
+    target = target_config(teacher.config, make_plan(4, 2), tiny_recipe())
     state = dict(teacher.state_dict())
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(SurgeryError, match="no tensor"):
-        init_student_state(state, get_arch("llama"), teacher.config, target, None, cfg)
+        init_student_state(state, get_arch("llama"), teacher.config, target, None, InitStage())
 
 
-def test_lossless_mla_init_matches_teacher():
-    """MQA teacher, all layers MLA, all RoPE dims kept, full-rank latent: the upgrade is exact."""
+@pytest.mark.parametrize("target", ["hybrid-linear", "all-mla"])
+def test_lossless_mla_init_matches_teacher(target):
+    """MQA teacher, all layers MLA, all RoPE dims kept, full-rank latent: the upgrade is exact (gated or not)."""
     teacher = tiny_model("llama", num_key_value_heads=1)
     with torch.no_grad():
         teacher.model.embed_tokens.weight.mul_(50)  # keep rms(h) ≫ the norms' eps, which the latent norm re-applies
         for layer in teacher.model.layers:
             layer.input_layernorm.weight.fill_(1.0)  # the latent RMSNorm is exact when ‖x‖ is constant
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 1}, "mla": {"kv_lora_rank": 64, "qk_rope_head_dim": 16, "svd": "weight"}})
-    student, _ = _convert(teacher, cfg)
+    mla = {"mla": {"kv_lora_rank": 64, "qk_rope_head_dim": 16}}
+    plan = mla if target == "all-mla" else {"layer_group_size": 1, **mla}
+    recipe = tiny_recipe(target=target, plan=plan, stages=[{"kind": "init", "svd": "weight"}])
+    student, config = _convert(teacher, recipe)
+    assert config.model_type == {"hybrid-linear": "bailing_hybrid", "all-mla": "deepseek_v3"}[target]
     ids = torch.randint(3, 128, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -106,6 +106,5 @@ def test_absorb_bias_is_the_least_squares_fold():
 
 def test_biases_need_calibration():
     teacher = tiny_model("qwen2")
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 8}})
     with pytest.raises(SurgeryError, match="calibration"):
-        _convert(teacher, cfg)
+        _convert(teacher, tiny_recipe())

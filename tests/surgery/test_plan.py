@@ -1,9 +1,9 @@
 import pytest
-from helpers import tiny_model
+from helpers import tiny_model, tiny_recipe
 
-from ling_surgery.surgery.config import ConvertConfig
 from ling_surgery.surgery.errors import SurgeryError
-from ling_surgery.surgery.plan import make_plan, student_costs, target_config, teacher_costs
+from ling_surgery.surgery.plan import make_plan, student_costs, teacher_costs
+from ling_surgery.surgery.targets import target_config
 
 
 def test_periodic_plan_keeps_the_last_layer_of_each_group():
@@ -31,8 +31,8 @@ def test_explicit_periodic_list_is_recognised_and_irregular_warns():
 
 def test_target_config_and_costs():
     teacher = tiny_model("llama")
-    cfg = ConvertConfig.model_validate({"plan": {"layer_group_size": 2}, "mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}})
-    target = target_config(teacher.config, make_plan(4, 2), cfg)
+    recipe = tiny_recipe(plan={"layer_group_size": 2, "mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}})
+    target = target_config(teacher.config, make_plan(4, 2), recipe)
     assert target.num_key_value_heads == target.num_attention_heads == 4
     assert target.linear_head_dim == target.v_head_dim == 16 and target.qk_nope_head_dim == 8
     assert target.mlp_layer_types == ["dense"] * 4 and not target.tie_word_embeddings
@@ -46,6 +46,16 @@ def test_target_config_and_costs():
 
 def test_rope_dims_larger_than_head_dim_rejected():
     teacher = tiny_model("llama")
-    cfg = ConvertConfig.model_validate({"mla": {"qk_rope_head_dim": 32}})
+    recipe = tiny_recipe(plan={"layer_group_size": 2, "mla": {"qk_rope_head_dim": 32}})
     with pytest.raises(SurgeryError, match="exceeds the source head_dim 16"):
-        target_config(teacher.config, make_plan(4, 2), cfg)
+        target_config(teacher.config, make_plan(4, 2), recipe)
+
+
+def test_all_mla_target_config_and_costs():
+    teacher = tiny_model("llama")
+    recipe = tiny_recipe(target="all-mla", plan={"mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}})
+    target = target_config(teacher.config, make_plan(4, 1), recipe)
+    assert target.model_type == "deepseek_v3" and target.q_lora_rank is None
+    assert target.first_k_dense_replace == 4 and not target.tie_word_embeddings
+    costs = student_costs(target, 2)
+    assert costs.kv_bytes_per_token == 4 * (24 + 8) * 2 and costs.state_bytes_per_sequence == 0

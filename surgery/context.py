@@ -1,0 +1,28 @@
+"""What a stage gets besides its model and its config: the frozen teacher, data, device and checkpoint hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ling_surgery.surgery.architectures import ArchSpec
+from ling_surgery.surgery.checkpoint import TrainingState
+from ling_surgery.surgery.data import TokenStream
+
+
+@dataclass
+class RunContext:
+    teacher: torch.nn.Module  # frozen, eval mode
+    arch: ArchSpec  # the teacher's architecture table
+    train: TokenStream
+    seq_len: int
+    device: torch.device
+    chunk_size: int = 32  # exact fast KDA path
+    window_start: int = 0  # this stage's first training window: stages read disjoint text
+    console: object = None
+    state: TrainingState | None = None  # in-stage checkpoint for --resume (None: not saved)
+    save_every: int = 0
+    source_config: object = None
+    target_config: object = None
+    eval_windows: torch.Tensor | None = None  # held-out windows, for metrics a stage reports

@@ -1,0 +1,336 @@
+"""`ling-surgery run`: a recipe's stages in order, each checkpointed atomically with a manifest, then eval + export.
+
+A run folder (``export.output``)::
+
+    runs/NAME/
+      recipe.yaml                          the resolved recipe of the latest invocation
+      stages/1-init/                       each stage's model (loadable with from_pretrained) + manifest
+      stages/2-attention_transfer/
+      stages/.3-logit_distill.resume.pt    training state of an interrupted stage (+ .json): what --resume reads
+      model/                               the upgraded model, written last and atomically
+      report.json, report.md, distill_losses.png
+
+`run` skips every stage whose manifest fingerprint matches the recipe (see `checkpoint.py`), `--resume` continues an
+interrupted stage from its training state, and `--from NAME` reruns from a named stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ling_surgery.surgery.checkpoint import TrainingState, export_fingerprint, stage_fingerprints
+from ling_surgery.surgery.config import Recipe, TrainingStage
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.export import MANIFEST, check_output_dir, check_parent_writable, read_manifest
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    def stage_dir(self, index: int, stage) -> Path:
+        return self.root / "stages" / f"{index + 1}-{stage.name}"
+
+    def training_state(self, index: int, stage, stage_fingerprint: str) -> TrainingState:
+        return TrainingState(self.root / "stages" / f".{index + 1}-{stage.name}.resume.pt", stage_fingerprint)
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    index: int
+    stage: object
+    fingerprint: str
+    state: str  # done | interrupted | stale | pending
+    detail: str = ""
+
+
+def open_run_folder(output: str | Path | None, fresh: bool = False) -> RunFolder:
+    """The run folder: new, empty, or one that ling-surgery wrote; `fresh` demands that it does not exist yet."""
+    if not output:
+        raise SurgeryError("no output folder: pass --output DIR (or set export.output in the recipe)")
+    path = Path(output).expanduser().resolve()
+    if fresh:
+        return RunFolder(check_output_dir(path))
+    if path.exists():
+        if not path.is_dir():
+            raise SurgeryError(f"output {str(path)!r} is a file; pass a folder to --output")
+        if any(path.iterdir()) and not (path / "stages").is_dir():
+            raise SurgeryError(f"output {str(path)!r} exists and is not a ling-surgery run folder; pass a new --output")
+        return RunFolder(path)
+    return RunFolder(check_parent_writable(path))
+
+
+def stage_statuses(recipe: Recipe, folder: RunFolder) -> list[StageStatus]:
+    out: list[StageStatus] = []
+    upstream_done = True
+    for i, (stage, fp) in enumerate(zip(recipe.stages, stage_fingerprints(recipe))):
+        manifest = read_manifest(folder.stage_dir(i, stage)) or {}
+        if upstream_done and manifest.get("fingerprint") == fp:
+            out.append(StageStatus(i, stage, fp, "done"))
+            continue
+        info = folder.training_state(i, stage, fp).peek() if upstream_done else None
+        upstream_done = False
+        if info and info.get("fingerprint") == fp:
+            out.append(StageStatus(i, stage, fp, "interrupted", f"at step {info['step']}/{info['steps']}"))
+        elif manifest:
+            out.append(StageStatus(i, stage, fp, "stale", "recipe changed since its checkpoint"))
+        else:
+            out.append(StageStatus(i, stage, fp, "pending"))
+    return out
+
+
+def start_index(statuses: list[StageStatus], resume: bool, from_stage: str | None) -> int:
+    """The first stage to run; refuses to silently drop an interrupted stage's progress."""
+    first = next((s.index for s in statuses if s.state != "done"), len(statuses))
+    if from_stage is not None:
+        names = [s.stage.name for s in statuses]
+        if from_stage not in names:
+            raise SurgeryError(f"--from {from_stage!r}: no such stage; stages: {', '.join(names)}")
+        index = names.index(from_stage)
+        if index > first:
+            raise SurgeryError(f"--from {from_stage}: stage {names[first]!r} before it has no up-to-date checkpoint; "
+                               "run without --from first")
+        return index
+    if first < len(statuses) and statuses[first].state == "interrupted" and not resume:
+        name = statuses[first].stage.name
+        raise SurgeryError(f"stage {name!r} was interrupted {statuses[first].detail}; pass --resume to continue it, "
+                           f"or --from {name} to start it over")
+    return first
+
+
+def stage_windows(recipe: Recipe) -> list[int]:
+    """Each stage's first training window: calibration, then every training stage, on disjoint text."""
+    starts, position = [], 0
+    for stage in recipe.stages:
+        starts.append(position)
+        if stage.kind == "init":
+            position += stage.calibration_tokens // recipe.data.seq_len
+        elif isinstance(stage, TrainingStage):
+            position += stage.tokens // (stage.batch_size * recipe.data.seq_len) * stage.batch_size
+    return starts + [position]
+
+
+def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None = None) -> Table:
+    table = Table(title="stages")
+    for col in ("#", "stage", "kind", "tokens", "lr", "trainable", "status"):
+        table.add_column(col, justify="right" if col in ("#", "tokens", "lr") else "left")
+    for s in statuses:
+        stage = s.stage
+        training = isinstance(stage, TrainingStage)
+        tokens = stage.tokens if training else stage.calibration_tokens
+        if start is None:
+            status = f"{s.state} {s.detail}".strip()
+        else:
+            status = "skip (up to date)" if s.index < start else ("resume " + s.detail if s.state == "interrupted" else "run")
+        table.add_row(str(s.index + 1), stage.name, stage.kind, f"{tokens:,}", f"{stage.lr:g}" if training else "",
+                      ", ".join(stage.trainable) if training else "", status)
+    return table
+
+
+def run(recipe: Recipe, console: Console | None = None, resume: bool = False, from_stage: str | None = None,
+        fresh: bool = False) -> dict:
+    """Run (or continue) a recipe; returns the report. `fresh`: the output folder must not exist yet (`convert`)."""
+    from ling_surgery.surgery.convert import plan_conversion
+
+    console = console or Console(stderr=True)
+    folder = open_run_folder(recipe.export.output, fresh=fresh)
+    conversion = plan_conversion(recipe)
+    statuses = stage_statuses(recipe, folder)
+    start = start_index(statuses, resume, from_stage)
+    final = read_manifest(folder.model) or {}
+    if start == len(statuses) and from_stage is None and final.get("fingerprint") == export_fingerprint(recipe):
+        report = json.loads((folder.model / "report.json").read_text())
+        console.print(f"{folder.root}: up to date (every stage and the export match the recipe); nothing to do")
+        _print_report(console, report, folder)
+        return report
+    if resume and not any(s.state == "interrupted" for s in statuses):
+        console.print("--resume: no interrupted stage to continue")
+    console.print(conversion.table())
+    console.print(stages_table(statuses, recipe, start))
+    return _execute(recipe, conversion, folder, statuses, start, console, from_stage)
+
+
+def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int, console: Console, from_stage) -> dict:
+    import torch
+
+    from ling_surgery.surgery import sources
+    from ling_surgery.surgery.context import RunContext
+    from ling_surgery.surgery.data import TokenStream, load_documents, split_heldout
+    from ling_surgery.surgery.export import save_model
+    from ling_surgery.surgery.stages import STAGES
+
+    (folder.root / "stages").mkdir(parents=True, exist_ok=True)
+    (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    device = resolve_device(recipe.runtime.device)
+    torch.manual_seed(recipe.seed)
+
+    t = time.perf_counter()
+    console.print(f"loading {conversion.source.name} ({conversion.source.kind}) …")
+    # The frozen teacher runs in bf16 on CUDA (dtype=auto); on CPU always fp32 (bf16 is ~400x slower there).
+    use_bf16 = recipe.runtime.dtype == "bfloat16" or (recipe.runtime.dtype == "auto" and device.type == "cuda")
+    if use_bf16 and device.type == "cpu":
+        console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
+    teacher, tokenizer = sources.load_model(conversion.source, torch.bfloat16 if use_bf16 else torch.float32, str(device))
+    windows = stage_windows(recipe)
+    train_tokens = (windows[-1] + 4) * recipe.data.seq_len
+    fraction = recipe.data.heldout_fraction
+    # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any tokenizer).
+    max_chars = 8 * max(int(train_tokens / (1 - fraction)), int(recipe.eval.tokens / fraction))
+    docs = load_documents(recipe.data.train, recipe.data.text_field, max_chars, recipe.data.subset)
+    train_docs, heldout_docs = split_heldout(docs, fraction)
+    train = TokenStream.from_documents(train_docs, tokenizer, max_tokens=train_tokens, seed=recipe.seed)
+    heldout = TokenStream.from_documents(heldout_docs, tokenizer, max_tokens=recipe.eval.tokens, seed=0) if recipe.eval.tokens else None
+    eval_windows = heldout.windows(recipe.eval.seq_len) if heldout is not None else None
+    console.print(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents of {recipe.data.train!r}; "
+                  f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
+    timings = {"load": round(time.perf_counter() - t, 1)}
+
+    if start == 0:
+        model = teacher
+    else:
+        model = load_checkpoint(folder.stage_dir(start - 1, recipe.stages[start - 1]), device)
+    for status in statuses[start:]:
+        i, stage = status.index, status.stage
+        state = folder.training_state(i, stage, status.fingerprint)
+        if stage.name == from_stage or not state.matches():
+            state.clear()  # --from starts the stage over; a state from another recipe is useless
+        ctx = RunContext(
+            teacher=teacher, arch=conversion.arch, train=train, seq_len=recipe.data.seq_len, device=device,
+            chunk_size=recipe.runtime.kda_chunk_size, window_start=windows[i], console=console,
+            state=state if isinstance(stage, TrainingStage) else None, save_every=recipe.runtime.save_every,
+            source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
+        )
+        console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
+        t = time.perf_counter()
+        model, metrics = STAGES[stage.kind](model, stage, ctx)
+        seconds = round(time.perf_counter() - t, 1)
+        parent = folder.stage_dir(i - 1, recipe.stages[i - 1]) if i else None
+        manifest = {
+            "fingerprint": status.fingerprint,
+            "stage": stage.name,
+            "kind": stage.kind,
+            "index": i + 1,
+            "parent": {"path": str(parent) if parent else conversion.source.name,
+                       "fingerprint": statuses[i - 1].fingerprint if i else None},
+            "config": stage.model_dump(mode="json"),
+            "recipe": recipe.model_dump(mode="json"),
+            "metrics": metrics,
+            "seconds": seconds,
+            "device": str(device),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+        }
+        save_model(model, tokenizer, folder.stage_dir(i, stage), manifest, replace=True)
+        state.clear()
+        console.print(f"stage {stage.name}: checkpoint {folder.stage_dir(i, stage)} ({seconds:.0f} s)")
+    return finalize(recipe, conversion, folder, model, teacher, tokenizer, eval_windows, train, device, console, timings)
+
+
+def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, eval_windows, train, device, console, timings) -> dict:
+    """Held-out evaluation of teacher and upgraded model, then the model/ folder and the report."""
+    from ling_surgery.evals.perplexity import perplexity
+    from ling_surgery.evals.report import build_report, write_report
+    from ling_surgery.surgery.export import save_model, verify_export
+    from ling_surgery.surgery.kda import student_logits
+    from ling_surgery.surgery.plan import student_costs, teacher_costs
+
+    t = time.perf_counter()
+    stages = {s.name: (read_manifest(folder.stage_dir(i, s)) or {}) for i, s in enumerate(recipe.stages)}
+    quality: dict = {}
+    if eval_windows is not None:
+        console.rule("evaluation (held-out text, never trained on)")
+        quality["teacher"] = perplexity(lambda ids: teacher(input_ids=ids).logits, eval_windows, device=device)
+        console.print(f"teacher held-out perplexity {quality['teacher']['perplexity']:.2f}")
+        after_init = stages[recipe.stages[0].name].get("metrics", {}).get("perplexity_after_init")
+        if after_init:
+            quality["student_after_init"] = after_init
+        quality["student"] = perplexity(lambda ids: student_logits(model, ids, recipe.runtime.kda_chunk_size),
+                                        eval_windows, device=device)
+        quality["perplexity_ratio"] = quality["student"]["perplexity"] / quality["teacher"]["perplexity"]
+    timings["eval"] = round(time.perf_counter() - t, 1)
+    for name, manifest in stages.items():
+        timings[name] = manifest.get("seconds", 0.0)  # from whichever invocation ran the stage
+    timings["total"] = round(sum(timings.values()), 1)
+    meta = {
+        "source": conversion.source.name,
+        "source_kind": conversion.source.kind,
+        "target": f"{conversion.target.model_type} ({conversion.target.architecture})",
+        "plan": {"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size},
+        "device": str(device),
+        "seed": recipe.seed,
+        "versions": versions(),
+    }
+    t_costs, s_costs = teacher_costs(conversion.source_config), student_costs(conversion.target_config)
+    summaries = {name: m.get("metrics", {}) for name, m in stages.items() if m.get("kind") != "init"}
+    model = model.cpu()  # the fresh-process check reloads on CPU in fp32: compare like with like
+    probe = train.windows(min(64, recipe.data.seq_len))[:1]
+    report: dict = {}
+
+    def before_commit(tmp: Path) -> None:
+        report.update(build_report(t_costs, s_costs, quality, summaries, timings, meta))
+        if recipe.export.verify:
+            report["export_check"] = verify_export(tmp, model, probe)
+        write_report(tmp, report)
+
+    manifest = {"fingerprint": export_fingerprint(recipe), "kind": "export", "ling_surgery": meta,
+                "recipe": recipe.model_dump(mode="json"), "quality": quality,
+                "stages": {name: {k: v for k, v in m.items() if k not in ("recipe", "losses")} for name, m in stages.items()}}
+    console.rule("export")
+    save_model(model, tokenizer, folder.model, manifest, before_commit=before_commit, replace=True)
+    write_report(folder.root, report)
+    _print_report(console, report, folder)
+    return report
+
+
+def _print_report(console: Console, report: dict, folder: RunFolder) -> None:
+    from ling_surgery.evals.report import report_table
+
+    console.print(report_table(report))
+    check = report.get("export_check")
+    if check:
+        console.print(f"export check: reloaded in a fresh process, max |Δlogit| = {check['max_abs_diff']:.3g}, "
+                      f"cached greedy = uncached argmax: {check['greedy_cache_matches']}")
+    console.print(f"upgraded model: {folder.model}  (AutoModelForCausalLM.from_pretrained({str(folder.model)!r}))")
+
+
+def load_checkpoint(path: Path, device):
+    """A stage checkpoint back in fp32 (the master weights training continues from)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (path / MANIFEST).is_file():
+        raise SurgeryError(f"checkpoint {str(path)!r} is missing; rerun its stage with --from")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device=auto or cpu")
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+
+
+def versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    import ling_surgery
+
+    return {"ling_surgery": ling_surgery.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

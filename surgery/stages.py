@@ -1,0 +1,47 @@
+"""The stage registry: each recipe `kind` is a plain function (model, stage config, context) → (model, metrics).
+
+The runner (`surgery/run.py`) writes each stage's model and metrics as a checkpoint with a manifest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ling_surgery.surgery.context import RunContext
+from ling_surgery.surgery.distill import attention_transfer, logit_distill
+from ling_surgery.surgery.init_maps import build_student, init_student_state
+from ling_surgery.surgery.kda import student_logits
+from ling_surgery.surgery.taps import collect_stats
+
+
+def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
+    """Stage `kind: init`: activation statistics of the teacher on calibration text, then the init maps.
+
+    The calibration windows are the first training windows; later stages start after them.
+    """
+    n_windows = stage.calibration_tokens // ctx.seq_len
+    windows = ctx.train.windows(ctx.seq_len)[ctx.window_start : ctx.window_start + n_windows]
+    stats = collect_stats(teacher, ctx.arch, list(windows.split(4))) if n_windows else None
+    teacher_state = {name: tensor.detach().cpu() for name, tensor in teacher.state_dict().items()}
+    state = init_student_state(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage)
+    student = build_student(state, ctx.target_config).to(ctx.device)
+    del state, teacher_state
+    metrics = {"calibration_tokens": int(windows.numel()) if n_windows else 0,
+               "parameters": sum(p.numel() for p in student.parameters())}
+    if ctx.eval_windows is not None:
+        from ling_surgery.evals.perplexity import perplexity
+
+        quarter = ctx.eval_windows[: max(1, len(ctx.eval_windows) // 4)]
+        metrics["perplexity_after_init"] = perplexity(
+            lambda ids: student_logits(student, ids, ctx.chunk_size), quarter, device=ctx.device
+        )
+        if ctx.console is not None:
+            ctx.console.print(f"upgraded model straight after init: perplexity {metrics['perplexity_after_init']['perplexity']:.4g}")
+    return student, metrics
+
+
+STAGES = {
+    "init": init,
+    "attention_transfer": attention_transfer,
+    "logit_distill": logit_distill,
+}

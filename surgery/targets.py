@@ -1,0 +1,178 @@
+"""Export targets: what the upgraded model is, as one small table per target, and its config.
+
+| target          | model_type       | architectures              | mixers                          |
+|-----------------|------------------|----------------------------|---------------------------------|
+| `hybrid-linear` | `bailing_hybrid` | `BailingMoeV3ForCausalLM`  | KDA + head-wise gated MLA       |
+| `all-mla`       | `deepseek_v3`    | `DeepseekV3ForCausalLM`    | MLA on every layer (no q-LoRA)  |
+
+Both are stock transformers architectures (no `trust_remote_code`) with native vLLM, SGLang and llama.cpp
+implementations; the serving-engine config rules are in DESIGN.md ("Export target").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.plan import LayerPlan, make_plan
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    model_type: str
+    architecture: str
+    linear_attention: bool  # has KDA layers (and a periodic layer plan)
+    gated_mla: bool  # head-wise sigmoid gate before o_proj: sigmoid(0) = 1/2 is compensated at init
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "hybrid-linear": TargetSpec("hybrid-linear", "bailing_hybrid", "BailingMoeV3ForCausalLM", True, True),
+    "all-mla": TargetSpec("all-mla", "deepseek_v3", "DeepseekV3ForCausalLM", False, False),
+}
+
+
+def get_target(name: str) -> TargetSpec:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise SurgeryError(f"target {name!r} is not supported; supported: {', '.join(TARGETS)}") from None
+
+
+def spec_of(config) -> TargetSpec:
+    """The target a (student) config belongs to, by its model_type."""
+    for spec in TARGETS.values():
+        if spec.model_type == config.model_type:
+            return spec
+    raise SurgeryError(f"model_type {config.model_type!r} is not an upgrade target ({', '.join(TARGETS)})")
+
+
+def layer_plan(recipe, num_layers: int) -> LayerPlan:
+    """The recipe's layer plan for a source with `num_layers` layers."""
+    if not get_target(recipe.target).linear_attention:
+        return make_plan(num_layers, 1)
+    return make_plan(num_layers, recipe.plan.layer_group_size, recipe.plan.full_attention_layers)
+
+
+def check_shapes(recipe, shape) -> LayerPlan:
+    """Cross-checks of a recipe against the source (a `sources.SourceShape`); returns the layer plan."""
+    plan = layer_plan(recipe, shape.num_layers)
+    dr, rank = recipe.plan.mla.qk_rope_head_dim, recipe.plan.mla.kv_lora_rank
+    if dr > shape.head_dim:
+        raise SurgeryError(
+            f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; pick at most {shape.head_dim}"
+        )
+    if rank > shape.hidden_size:
+        raise SurgeryError(
+            f"plan.mla.kv_lora_rank {rank} exceeds hidden_size {shape.hidden_size}; pick a smaller rank"
+        )
+    return plan
+
+
+def target_config(source_config, plan: LayerPlan, recipe):
+    """The upgraded model's config; every dim comes from the source.
+
+    Heads = source query heads (GQA keys/values are repeated per head), MLA v_head_dim = the source head dim (and
+    so does the KDA head dim: the serving engines need KDA dk == v_head_dim), all MLPs dense, RoPE on the dr/2
+    highest-frequency pairs under θ' = θ^(dr/d) (θ'^(-2j/dr) = θ^(-2j/d)), embeddings untied.
+    """
+    from ling_surgery.surgery.architectures import check_source_config, head_dim
+    from ling_surgery.surgery.sources import SourceShape
+
+    check_source_config(source_config)
+    check_shapes(recipe, SourceShape.from_config(source_config))
+    target = get_target(recipe.target)
+    d = head_dim(source_config)
+    dr = recipe.plan.mla.qk_rope_head_dim
+    rope = dict(getattr(source_config, "rope_parameters", None) or {"rope_type": "default"})
+    theta = rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0))
+    rope["rope_theta"] = float(theta) ** (dr / d)
+    rope.setdefault("rope_type", "default")
+    eos = source_config.eos_token_id
+    pad = getattr(source_config, "pad_token_id", None)
+    layers = plan.num_layers
+    common = dict(
+        vocab_size=source_config.vocab_size,
+        hidden_size=source_config.hidden_size,
+        intermediate_size=source_config.intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=source_config.num_attention_heads,
+        num_key_value_heads=source_config.num_attention_heads,
+        kv_lora_rank=recipe.plan.mla.kv_lora_rank,
+        qk_rope_head_dim=dr,
+        qk_nope_head_dim=d - dr,
+        v_head_dim=d,
+        hidden_act=source_config.hidden_act,
+        max_position_embeddings=getattr(source_config, "max_position_embeddings", 4096),
+        rms_norm_eps=source_config.rms_norm_eps,
+        rope_parameters=rope,
+        first_k_dense_replace=layers,  # all MLPs dense
+        num_mtp_layers=0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        pad_token_id=pad if pad is not None else (eos if isinstance(eos, int) else None),
+        bos_token_id=getattr(source_config, "bos_token_id", None),
+        eos_token_id=eos,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=1,
+    )
+    if target.model_type == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        return DeepseekV3Config(
+            **common, q_lora_rank=None, moe_intermediate_size=source_config.intermediate_size,
+            n_routed_experts=1, n_shared_experts=1, rope_interleave=True,
+        )
+    from transformers import BailingHybridConfig
+
+    return BailingHybridConfig(
+        **common, head_dim=d, rope_theta=rope["rope_theta"], layer_types=plan.layer_types,
+        layer_group_size=plan.group_size or layers, mlp_layer_types=["dense"] * layers, num_local_experts=1,
+    )
+
+
+def serving_config(config_dict: dict, config) -> dict:
+    """config.json as the serving engines read it: keys transformers does not write (DESIGN.md, export target)."""
+    out = dict(config_dict)
+    layers = config.num_hidden_layers
+    if config.model_type == "deepseek_v3":
+        out.update({
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "first_k_dense_replace": layers,
+            "q_lora_rank": None,
+            "rope_interleave": True,
+            "num_nextn_predict_layers": 0,
+            "tie_word_embeddings": False,
+        })
+        return out
+    out.update({
+        "architectures": ["BailingMoeV3ForCausalLM"],
+        # transformers writes the RoPE dim here; the engines (and transformers' own reload) read the KDA dim.
+        "head_dim": config.linear_head_dim,
+        "first_k_dense_replace": layers,
+        "no_kda_lora": True,
+        "kda_safe_gate": True,
+        "gated_attention_proj_granularity_type": "head_wise",
+        "rope_interleave": True,
+        "num_nextn_predict_layers": 0,
+        "tie_word_embeddings": False,
+        "use_bias": False,
+        "use_qkv_bias": False,
+        "score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "moe_shared_expert_intermediate_size": config.intermediate_size,
+        "num_shared_experts": 0,
+        "moe_intermediate_size": config.intermediate_size,
+        "norm_topk_prob": config.norm_topk_prob,
+        "moe_renormalize": config.norm_topk_prob,
+        "n_group": config.n_group,
+        "num_expert_group": config.n_group,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "num_experts_per_token": config.num_experts_per_tok,
+        "max_position_embeddings": config.max_position_embeddings,
+        "model_max_length": config.max_position_embeddings,
+    })
+    if config.rope_parameters:
+        out["rope_theta"] = config.rope_parameters.get("rope_theta", out.get("rope_theta"))
+    return out

@@ -1,0 +1,131 @@
+"""`run`: stage checkpoints with manifests, skipping what matches, rerunning what changed, --from, refusals."""
+
+import json
+
+import pytest
+import torch
+from helpers import save_tiny_source
+from rich.console import Console
+
+from ling_surgery.surgery.config import load_recipe
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.export import MANIFEST
+from ling_surgery.surgery.run import run
+
+STAGE_DIRS = ["1-init", "2-attention_transfer", "3-logit_distill"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    save_tiny_source(root / "model")
+    data = root / "data.txt"
+    data.write_text("".join(f"Paragraph {i}: " + "the model reads text and learns. " * 3 + "\n\n" for i in range(200)))
+    return root / "model", data
+
+
+def tiny_overrides(model, data) -> list[str]:
+    """The shipped CI recipe, resized for the tiny random models."""
+    return [
+        f"source.model={model}", f"data.train={data}", "data.seq_len=32", "data.heldout_fraction=0.3",
+        "plan.layer_group_size=2", "plan.mla.kv_lora_rank=32", "plan.mla.qk_rope_head_dim=8",
+        "stages.init.calibration_tokens=128", "stages.attention_transfer.tokens=256",
+        "stages.logit_distill.tokens=256", "eval.tokens=128", "eval.seq_len=32",
+    ]
+
+
+def _run(source, out, *extra, **kwargs):
+    recipe = load_recipe("ci-smoke", tiny_overrides(*source) + ["export.verify=false", *extra], output=str(out))
+    return run(recipe, Console(quiet=True), **kwargs)
+
+
+def _manifests(out):
+    return {d: json.loads((out / "stages" / d / MANIFEST).read_text()) for d in STAGE_DIRS}
+
+
+def test_each_stage_writes_a_loadable_checkpoint_with_a_manifest(source, tmp_path):
+    out = tmp_path / "run"
+    report = _run(source, out)
+    manifests = _manifests(out)
+    assert [m["stage"] for m in manifests.values()] == ["init", "attention_transfer", "logit_distill"]
+    assert manifests["2-attention_transfer"]["parent"]["fingerprint"] == manifests["1-init"]["fingerprint"]
+    assert manifests["3-logit_distill"]["config"]["lr"] == 3e-4 and manifests["3-logit_distill"]["versions"]["torch"]
+    assert manifests["3-logit_distill"]["metrics"]["steps"] == 4
+    assert report["quality"]["student"]["perplexity"] > 1
+    from transformers import AutoModelForCausalLM
+
+    for folder in [out / "stages" / d for d in STAGE_DIRS] + [out / "model"]:
+        assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "bailing_hybrid", folder
+    assert (out / "recipe.yaml").is_file() and (out / "report.md").is_file() and (out / "distill_losses.png").is_file()
+
+
+def test_rerun_skips_matching_stages_and_reruns_from_the_changed_one(source, tmp_path):
+    out = tmp_path / "run"
+    _run(source, out)
+    first = _manifests(out)
+    _run(source, out)  # unchanged: up to date, nothing rewritten
+    assert _manifests(out) == first
+    _run(source, out, "runtime.save_every=3", "runtime.kda_chunk_size=16")  # how, not what: still up to date
+    assert _manifests(out) == first
+    _run(source, out, "stages.attention_transfer.lr=1e-3")
+    second = _manifests(out)
+    assert second["1-init"] == first["1-init"]
+    assert second["2-attention_transfer"]["fingerprint"] != first["2-attention_transfer"]["fingerprint"]
+    assert second["3-logit_distill"]["fingerprint"] != first["3-logit_distill"]["fingerprint"]
+
+
+def test_from_reruns_the_named_stage_and_later_ones(source, tmp_path):
+    out = tmp_path / "run"
+    _run(source, out)
+    first = _manifests(out)
+    _run(source, out, from_stage="logit_distill")
+    second = _manifests(out)
+    assert second["1-init"] == first["1-init"] and second["2-attention_transfer"] == first["2-attention_transfer"]
+    assert second["3-logit_distill"]["finished"] >= first["3-logit_distill"]["finished"]
+    assert second["3-logit_distill"]["fingerprint"] == first["3-logit_distill"]["fingerprint"]
+    with pytest.raises(SurgeryError, match="--from 'distill': no such stage; stages: init, attention_transfer"):
+        _run(source, out, from_stage="distill")
+
+
+def test_from_cannot_skip_a_stage_that_is_not_done(source, tmp_path):
+    out = tmp_path / "run"
+    _run(source, out)
+    with pytest.raises(SurgeryError, match="stage 'attention_transfer' before it has no up-to-date checkpoint"):
+        _run(source, out, "stages.attention_transfer.lr=1e-3", from_stage="logit_distill")
+
+
+def test_an_interrupted_stage_needs_resume_or_from(source, tmp_path):
+    from ling_surgery.surgery.checkpoint import stage_fingerprints
+
+    out = tmp_path / "run"
+    _run(source, out)
+    recipe = load_recipe("ci-smoke", tiny_overrides(*source) + ["stages.logit_distill.tokens=512"])
+    from ling_surgery.surgery.run import RunFolder
+
+    state = RunFolder(out).training_state(2, recipe.stages[2], stage_fingerprints(recipe)[2])
+    state.save({"step": 3}, 3, 8)  # what a killed stage leaves behind
+    with pytest.raises(SurgeryError, match=r"stage 'logit_distill' was interrupted at step 3/8; pass --resume .* or --from logit_distill"):
+        _run(source, out, "stages.logit_distill.tokens=512")
+    _run(source, out, "stages.logit_distill.tokens=512", from_stage="logit_distill")  # start over: the state is dropped
+    assert not state.path.exists()
+
+
+def test_output_that_is_not_a_run_folder_is_refused(source, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SurgeryError, match="exists and is not a ling-surgery run folder"):
+        _run(source, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_all_mla_target_runs_end_to_end(source, tmp_path):
+    out = tmp_path / "mla"
+    recipe = load_recipe("ci-smoke", tiny_overrides(*source) + ["target=all-mla", "plan.layer_group_size=null"], output=str(out))
+    report = run(recipe, Console(quiet=True))
+    assert report["export_check"]["bit_exact"] and report["export_check"]["greedy_cache_matches"]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3"
+    assert report["costs"]["student"]["state_bytes_per_sequence"] == 0
+    # The init is close to lossless for all-MLA: it starts far better than a KDA hybrid would.
+    assert report["quality"]["student_after_init"]["perplexity"] < 10 * report["quality"]["teacher"]["perplexity"]
+    assert torch.isfinite(torch.tensor(report["quality"]["student"]["perplexity"]))
