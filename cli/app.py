@@ -104,6 +104,114 @@ def run(
     run_recipe(resolved, console, resume=resume, from_stage=from_stage)
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="run folder, exported model folder, .gguf, hub id or embedded name"),
+    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, llama-cpp-python)"),
+    dtype: str = typer.Option("f32", "--dtype", help="f32, f16, q8_0 or q4_0 (norms, biases and KDA conv/decay stay f32)"),
+    output: Path = typer.Option(..., "--output", "-o", help="the .gguf file to write (must not exist)"),
+) -> None:
+    """Export a model for llama.cpp: upgraded models as `bailingmoe3`, Llama-family teachers as `llama`."""
+    from ling_surgery.surgery.gguf_export import export_gguf
+
+    if format != "gguf":
+        raise SurgeryError(f"--format {format!r} is not supported; supported: gguf")
+    summary = export_gguf(model, output, dtype)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(summary["types"].items()))
+    console.print(f"wrote {summary['path']}: {summary['arch']}, {summary['tensors']} tensors ({types}), "
+                  f"{summary['bytes'] / 2**20:.1f} MiB", highlight=False)
+
+
+TASKS = typer.Option(None, "--tasks", help="comma-separated tasks (default: all); see `ling-surgery eval --help`")
+LIMIT = typer.Option(None, "--limit", help="documents per task, sampled with a fixed seed (perplexity: 512-token windows)")
+CONTEXTS = typer.Option(None, "--contexts", help="context lengths for the inference benchmark, e.g. 512,4096 ('' to skip)")
+DATA = typer.Option([], "--data", help="TASK=FILE.jsonl: score a task on your own data (repeatable)")
+ENGINE = typer.Option("transformers", "--engine", help="transformers, or llamacpp (needs the llamacpp extra)")
+GGUF_DTYPE = typer.Option("f32", "--gguf-dtype", help="with --engine llamacpp: f32, f16, q8_0 or q4_0 for exported models")
+bench_app = typer.Typer(help="Inference benchmarks: teacher vs. upgraded model in one engine, side by side.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _eval_args(tasks, contexts, data):
+    parsed_data = {}
+    for item in data:
+        if "=" not in item:
+            raise SurgeryError(f"--data {item!r}: expected TASK=FILE.jsonl, e.g. --data arc_easy=my_questions.jsonl")
+        task, path = item.split("=", 1)
+        parsed_data[task.strip()] = path
+    parsed_contexts = None
+    if contexts is not None:
+        try:
+            parsed_contexts = tuple(int(c) for c in contexts.split(",") if c.strip())
+        except ValueError:
+            raise SurgeryError(f"--contexts {contexts!r}: expected comma-separated token counts, e.g. 512,4096") from None
+    return (tasks.split(",") if tasks else None), parsed_contexts, parsed_data
+
+
+@app.command("eval")
+def eval_model(
+    model: str = typer.Argument(..., help="run folder, exported model folder, .gguf, hub id or embedded name"),
+    tasks: Optional[str] = TASKS,
+    limit: Optional[int] = LIMIT,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for report.json/md and plots"),
+    contexts: Optional[str] = CONTEXTS,
+    data: list[str] = DATA,
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    engine: str = ENGINE,
+    gguf_dtype: str = GGUF_DTYPE,
+) -> None:
+    """Evaluate one model: held-out perplexity, LAMBADA, zero-shot multiple choice, GSM8K, inference cost.
+
+    Tasks: wikipedia, lambada, arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, mmlu, gsm8k.
+    """
+    from ling_surgery.evals.suite import run_eval
+
+    task_list, context_list, data_map = _eval_args(tasks, contexts, data)
+    run_eval({"model": model}, task_list, limit, output, context_list, data_map, seed, device, console, engine, gguf_dtype)
+
+
+@app.command()
+def report(
+    teacher: str = typer.Argument(..., help="the original model (e.g. smollm2-135m)"),
+    student: str = typer.Argument(..., help="the upgraded model: a run folder or its model/ folder"),
+    tasks: Optional[str] = TASKS,
+    limit: Optional[int] = LIMIT,
+    output: Path = typer.Option(..., "--output", "-o", help="folder for report.json/md, quality.png, inference.png"),
+    contexts: Optional[str] = CONTEXTS,
+    data: list[str] = DATA,
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    engine: str = ENGINE,
+    gguf_dtype: str = GGUF_DTYPE,
+) -> None:
+    """Teacher vs. upgraded model side by side on the same samples: quality, inference cost, tokens per solved task."""
+    from ling_surgery.evals.suite import run_eval
+
+    task_list, context_list, data_map = _eval_args(tasks, contexts, data)
+    run_eval({"teacher": teacher, "student": student}, task_list, limit, output, context_list, data_map, seed, device,
+             console, engine, gguf_dtype)
+
+
+@bench_app.command("inference")
+def bench_inference(
+    teacher: str = typer.Argument(..., help="the original model (e.g. smollm2-135m), or its .gguf"),
+    student: str = typer.Argument(..., help="the upgraded model: a run folder, its model/ folder, or its .gguf"),
+    engine: str = typer.Option("llamacpp", "--engine", help="llamacpp (needs the llamacpp extra) or transformers"),
+    contexts: Optional[str] = CONTEXTS,
+    gguf_dtype: str = GGUF_DTYPE,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for report.json/md, inference.png and the GGUFs"),
+    device: str = typer.Option("auto", "--device", help="transformers engine: auto, cpu or cuda"),
+) -> None:
+    """Decode and prefill speed, cache/state and resident memory against context length, both models in one engine."""
+    from ling_surgery.evals.suite import run_eval
+
+    _, context_list, _ = _eval_args(None, contexts, [])
+    run_eval({"teacher": teacher, "student": student}, [], None, output, context_list, None, 0, device, console,
+             engine, gguf_dtype)
+
+
 @recipes_app.command("ls")
 def recipes_ls() -> None:
     """The shipped recipes with what they do and how to launch them."""

@@ -105,6 +105,20 @@ DEFAULT_STAGES = [{"kind": kind} for kind in STAGE_KINDS]
 class EvalConfig(Strict):
     tokens: int = Field(16_384, ge=0, description="held-out tokens for teacher vs. upgraded perplexity (0: skip)")
     seq_len: int = Field(512, ge=8)
+    tasks: list[str] = Field([], description="benchmarks run after export, teacher vs. upgraded (ling-surgery report)")
+    limit: int | None = Field(None, ge=1, description="documents per benchmark (None: CPU defaults, all on CUDA)")
+    inference: bool = Field(False, description="also benchmark prefill/decode speed and cache memory")
+
+    @model_validator(mode="after")
+    def _known_tasks(self):
+        from ling_surgery.evals.tasks import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(TASKS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(TASKS)}"
+            raise ValueError(f"unknown task {unknown[0]!r}; {hint}")
+        return self
 
 
 class ExportConfig(Strict):

@@ -138,12 +138,20 @@ def position_embeddings(model, hidden_states: torch.Tensor):
     return model.model.rotary_emb(hidden_states, positions)
 
 
-def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
-    """Full forward of an upgraded model (no padding, no cache) through the fast KDA path."""
+def student_hidden(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """Final (normed) hidden states of an upgraded model (no cache) through the fast KDA path.
+
+    Causal everywhere, so right-padding a batch leaves every real position exact without a mask.
+    """
     inner = model.model
     hidden = inner.embed_tokens(input_ids)
     rope = position_embeddings(model, hidden)
     for layer in inner.layers:
         hidden = hidden + mixer_forward(layer, layer.input_layernorm(hidden), rope, chunk_size)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return model.lm_head(inner.norm(hidden))
+    return inner.norm(hidden)
+
+
+def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """Full forward of an upgraded model (no padding, no cache) through the fast KDA path."""
+    return model.lm_head(student_hidden(model, input_ids, chunk_size))

@@ -1,4 +1,4 @@
-"""Rich progress bars for long work: tokens done, tokens/s, loss and ETA."""
+"""Rich progress bars for long work: amount done, rate (tokens/s, or documents/s), metrics and ETA."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 
-class _TokensPerSecond(ProgressColumn):
+class _Rate(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} tok/s" if speed else "– tok/s", style="cyan")
+        return Text(f"{speed:,.{0 if self.unit == 'tok' else 2}f} {self.unit}/s" if speed else f"– {self.unit}/s", style="cyan")
 
 
 class _Bar:
-    def __init__(self, progress: Progress, task, name: str):
-        self._progress, self._task, self._name = progress, task, name
+    def __init__(self, progress: Progress, task, name: str, unit: str):
+        self._progress, self._task, self._name, self._unit = progress, task, name, unit
         task_state = progress.tasks[0]
         self._next_log = (int(10 * task_state.completed / task_state.total) + 1) / 10 if task_state.total else 0.1
 
@@ -28,23 +32,25 @@ class _Bar:
         if not self._progress.console.is_terminal and task.completed >= self._next_log * task.total:
             # Logs and CI have no live display: print a plain line every 10%.
             self._next_log += 0.1
-            speed = f"{task.speed:,.0f} tok/s" if task.speed else ""
+            unit = "tokens" if self._unit == "tok" else self._unit
+            speed = f"{task.speed:,.{0 if self._unit == 'tok' else 2}f} {self._unit}/s" if task.speed else ""
             eta = f"ETA {task.time_remaining:.0f} s" if task.time_remaining else ""
-            self._progress.console.print(f"{self._name}: {task.completed:.0f}/{task.total:.0f} tokens  {speed}  {text}  {eta}")
+            self._progress.console.print(f"{self._name}: {task.completed:.0f}/{task.total:.0f} {unit}  {speed}  {text}  {eta}")
 
 
 @contextmanager
-def training_progress(name: str, total_tokens: int, console: Console | None = None, completed: int = 0):
+def training_progress(name: str, total: int, console: Console | None = None, completed: int = 0, unit: str = "tok"):
+    """A bar over `total` units (tokens by default; e.g. unit="docs" for generation)."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        _TokensPerSecond(),
+        _Rate(unit),
         TextColumn("{task.fields[metrics]}"),
         TimeRemainingColumn(),
         console=console or Console(stderr=True),
         transient=False,
     )
     with progress:
-        task = progress.add_task(name, total=total_tokens, completed=completed, metrics="")
-        yield _Bar(progress, task, name)
+        task = progress.add_task(name, total=total, completed=completed, metrics="")
+        yield _Bar(progress, task, name, unit)

@@ -291,6 +291,16 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     save_model(model, tokenizer, folder.model, manifest, before_commit=before_commit, replace=True)
     write_report(folder.root, report)
     _print_report(console, report, folder)
+    if recipe.eval.tasks:
+        from ling_surgery.evals.suite import run_eval
+
+        console.rule("benchmarks: teacher vs. upgraded (ling-surgery report)")
+        del model
+        contexts = None if recipe.eval.inference else ()
+        report["benchmarks"] = run_eval(
+            {"teacher": recipe.source.model, "student": str(folder.model)}, recipe.eval.tasks, recipe.eval.limit,
+            folder.root / "eval", contexts, seed=recipe.seed, device=recipe.runtime.device, console=console,
+        )
     return report
 
 

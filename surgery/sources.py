@@ -60,6 +60,9 @@ def resolve_source(model: str | None, revision: str | None = None) -> Source:
             raise SurgeryError(f"embedded model {model!r}: {entry.gguf_file} missing from {folder}; reinstall the package")
         return Source(model, "embedded", str(folder), entry.gguf_file)
     path = Path(model).expanduser()
+    if (path / "stages").is_dir() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # a ling-surgery run folder: its upgraded model
+        model = str(path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise SurgeryError(f"{model!r} is a file but not a .gguf; pass a model folder, a .gguf file or a hub id")

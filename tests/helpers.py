@@ -60,8 +60,46 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
 
 
+def bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2/SmolLM kind) trained in-process on a few sentences, with SmolLM2's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog.", "Linear attention keeps a fixed-size state.",
+            "Multi-head latent attention caches a compressed latent per token.", "In 1984, 12345 people counted 3.14 apples!"]
+    tok.train_from_iterator(text * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    return fast
+
+
 def save_tiny_source(folder: Path, model_type: str = "llama", **overrides) -> Path:
     model = tiny_model(model_type, **overrides)
     model.save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
+
+
+def tiny_overrides(model, data) -> list[str]:
+    """`--set` overrides that resize the shipped `ci-smoke` recipe for the tiny random models."""
+    return [
+        f"source.model={model}", f"data.train={data}", "data.seq_len=32", "data.heldout_fraction=0.3",
+        "plan.layer_group_size=2", "plan.mla.kv_lora_rank=32", "plan.mla.qk_rope_head_dim=8",
+        "stages.init.calibration_tokens=128", "stages.attention_transfer.tokens=256",
+        "stages.logit_distill.tokens=256", "eval.tokens=128", "eval.seq_len=32",
+    ]
+
+
+def tiny_source_with_text(root: Path) -> tuple[Path, Path]:
+    """A saved tiny Llama with its character tokenizer, and a text file to train on."""
+    save_tiny_source(root / "model")
+    data = root / "data.txt"
+    data.write_text("".join(f"Paragraph {i}: " + "the model reads text and learns. " * 3 + "\n\n" for i in range(200)))
+    return root / "model", data

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import save_tiny_source
+from helpers import tiny_source_with_text
 from safetensors.torch import load_file
 
 TINY_BUDGET = [
@@ -32,11 +32,7 @@ def run_cli(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    save_tiny_source(root / "model")
-    data = root / "data.txt"
-    data.write_text("".join(f"Paragraph {i}: " + "the model reads text and learns. " * 3 + "\n\n" for i in range(200)))
-    return root / "model", data
+    return tiny_source_with_text(tmp_path_factory.mktemp("src"))
 
 
 def _error_line(result):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_source
+from helpers import tiny_overrides, tiny_source_with_text
 from rich.console import Console
 
 from ling_surgery.surgery.config import load_recipe
@@ -17,21 +17,7 @@ STAGE_DIRS = ["1-init", "2-attention_transfer", "3-logit_distill"]
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    save_tiny_source(root / "model")
-    data = root / "data.txt"
-    data.write_text("".join(f"Paragraph {i}: " + "the model reads text and learns. " * 3 + "\n\n" for i in range(200)))
-    return root / "model", data
-
-
-def tiny_overrides(model, data) -> list[str]:
-    """The shipped CI recipe, resized for the tiny random models."""
-    return [
-        f"source.model={model}", f"data.train={data}", "data.seq_len=32", "data.heldout_fraction=0.3",
-        "plan.layer_group_size=2", "plan.mla.kv_lora_rank=32", "plan.mla.qk_rope_head_dim=8",
-        "stages.init.calibration_tokens=128", "stages.attention_transfer.tokens=256",
-        "stages.logit_distill.tokens=256", "eval.tokens=128", "eval.seq_len=32",
-    ]
+    return tiny_source_with_text(tmp_path_factory.mktemp("src"))
 
 
 def _run(source, out, *extra, **kwargs):
@@ -129,3 +115,12 @@ def test_all_mla_target_runs_end_to_end(source, tmp_path):
     # The init is close to lossless for all-MLA: it starts far better than a KDA hybrid would.
     assert report["quality"]["student_after_init"]["perplexity"] < 10 * report["quality"]["teacher"]["perplexity"]
     assert torch.isfinite(torch.tensor(report["quality"]["student"]["perplexity"]))
+
+
+def test_recipe_benchmarks_run_after_export(source, tmp_path):
+    out = tmp_path / "run"
+    report = _run(source, out, "eval.tasks=[wikipedia]", "eval.limit=1")
+    benchmarks = json.loads((out / "eval" / "report.json").read_text())
+    assert benchmarks["tasks"]["wikipedia"]["teacher"]["n"] == 1 and "ratio" in benchmarks["tasks"]["wikipedia"]
+    assert report["benchmarks"]["models"]["student"]["ref"] == str(out / "model")
+    assert not benchmarks["inference"]  # eval.inference is off by default

@@ -1,0 +1,156 @@
+"""Inference cost of one model on this machine: cache memory (measured and computed), prefill and decode speed.
+
+Each model is measured in a child process of its own (`python -m ling_surgery.evals.cost MODEL ...`) so that peak
+resident memory is that model's alone and two models never share an allocator. The measurement uses the stock
+transformers modules and cache, the path users serve with, and labels which kernels ran.
+
+Per context length T: prefill T real tokens with the cache on (tokens/s), read the bytes of every tensor the cache
+object holds (KV / latent caches, KDA conv and recurrent states), then time `decode_tokens` greedy steps (ms/token).
+The computed column is `plan.teacher_costs` / `plan.student_costs` at the dtype the cache was measured in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+CPU_CONTEXTS = (256, 512, 1024, 2048)  # transformers' pure-PyTorch KDA prefill is slow on CPU
+CUDA_CONTEXTS = (1024, 4096, 16384, 32768)
+LLAMACPP_CONTEXTS = (512, 4096, 16384, 32768)
+
+
+def default_contexts(engine: str, cuda: bool) -> tuple[int, ...]:
+    if engine == "llamacpp":
+        return LLAMACPP_CONTEXTS
+    return CUDA_CONTEXTS if cuda else CPU_CONTEXTS
+COMPUTED_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every distinct tensor reachable from a cache object (layers, lists, dicts, attributes)."""
+    import torch
+
+    seen, total, stack = set(), 0, [cache]
+    visited = set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.data_ptr(), item.nbytes)
+            if item.data_ptr() and key not in seen:
+                seen.add(key)
+                total += item.nbytes
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif hasattr(item, "__dict__") and id(item) not in visited:
+            visited.add(id(item))
+            stack.extend(vars(item).values())
+    return total
+
+
+def peak_memory_bytes(device) -> int:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto") -> dict:
+    """Measure one model in this process (call through `measure_in_child` for clean peak memory)."""
+    import torch
+
+    from ling_surgery.evals.scoring import load_for_eval
+    from ling_surgery.surgery.data import TokenStream, load_documents
+    from ling_surgery.surgery.plan import student_costs, teacher_costs
+
+    lm = load_for_eval(model, device)
+    config = lm.model.config
+    dtype_bytes = next(lm.model.parameters()).element_size()
+    baseline = peak_memory_bytes(lm.device)
+    text = TokenStream.from_documents(load_documents("wikipedia"), lm.tokenizer, max_tokens=max(contexts) + 1, seed=1)
+    costs = student_costs(config, dtype_bytes) if config.model_type in ("bailing_hybrid", "deepseek_v3") else teacher_costs(config, dtype_bytes)
+    rows = []
+    with torch.no_grad():
+        for context in sorted(contexts):
+            ids = text.tokens[:context][None].to(lm.device)
+            sync(lm.device)
+            start = time.perf_counter()
+            out = lm.model(input_ids=ids, use_cache=True)
+            sync(lm.device)
+            prefill = time.perf_counter() - start
+            measured = cache_bytes(out.past_key_values)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            del out
+            start = time.perf_counter()
+            for _ in range(decode_tokens):
+                step = lm.model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = step.logits[:, -1:].argmax(-1)
+            sync(lm.device)
+            decode = (time.perf_counter() - start) / decode_tokens
+            rows.append({
+                "context": context,
+                "prefill_tokens_per_second": round(context / prefill, 1),
+                "decode_ms_per_token": round(1000 * decode, 2),
+                "cache_bytes_measured": measured,
+                "cache_bytes_computed": costs.cache_bytes(context),
+                "peak_memory_bytes": peak_memory_bytes(lm.device),
+            })
+            del cache, step
+    from ling_surgery.evals.evaluate import generation_kernels
+
+    return {
+        "model": lm.name,
+        "model_type": config.model_type,
+        "device": str(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "kernels": generation_kernels(lm),
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "memory_after_load_bytes": baseline,
+        "kv_bytes_per_token": costs.kv_bytes_per_token,
+        "state_bytes_per_sequence": costs.state_bytes_per_sequence,
+        "computed": {str(c): costs.cache_bytes(c) for c in COMPUTED_CONTEXTS},
+        "contexts": rows,
+    }
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto",
+                     engine: str = "transformers") -> dict:
+    """`measure` (or `llamacpp.measure`) in a fresh Python process; its last stdout line is the JSON result."""
+    from ling_surgery.surgery.errors import SurgeryError
+
+    command = [sys.executable, "-m", "ling_surgery.evals.cost", model, ",".join(map(str, contexts)), str(decode_tokens),
+               device, engine]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=6 * 3600)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise SurgeryError(f"inference benchmark of {model!r} failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    name, contexts, decode, device, engine = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    parsed = tuple(int(c) for c in contexts.split(","))
+    if engine == "llamacpp":
+        from ling_surgery.evals.llamacpp import measure as measure_llamacpp
+
+        result = measure_llamacpp(name, parsed, decode)
+    else:
+        result = measure(name, parsed, decode, device)
+    print(json.dumps(result))

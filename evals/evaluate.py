@@ -1,0 +1,135 @@
+"""Quality evaluation of one model on the task table (`evals/tasks.py`): results with sample counts and errors.
+
+Every result is a dict with stable keys: `kind`, `n` (documents scored), `primary` (the headline metric's name),
+`value`, `stderr` (accuracies; NaN for perplexities), `seconds`, `tokens_per_second`, plus the kind's own metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from rich.console import Console
+
+from ling_surgery.evals.scoring import LoadedModel, binomial_stderr, extract_number, same_number, split_context
+from ling_surgery.evals.tasks import Task
+from ling_surgery.surgery.progress import training_progress
+
+PERPLEXITY_SEQ_LEN = 512  # the conversion report's held-out windows
+
+
+def evaluate(lm: LoadedModel, tasks: list[Task], console: Console | None = None) -> dict:
+    """Run every task on one model; returns {task name: result}."""
+    console = console or Console(stderr=True)
+    results = {}
+    for task in tasks:
+        start = time.perf_counter()
+        result = KINDS[task.spec.kind](lm, task, console)
+        seconds = time.perf_counter() - start
+        result.update({"seconds": round(seconds, 1), "origin": task.origin, "available": task.total,
+                       "tokens_per_second": round(result.get("tokens", 0) / seconds, 1) if seconds else None})
+        results[task.spec.name] = result
+        value = result["value"]
+        error = "" if math.isnan(result["stderr"]) else f" ± {result['stderr']:.3f}"
+        console.print(f"{lm.name}: {task.spec.name} {result['primary']} {value:.4g}{error} (n={result['n']}, {seconds:.0f} s)",
+                      highlight=False)
+    return results
+
+
+def _progress(name: str, total: int, console: Console, unit: str = "tok"):
+    return training_progress(name, total, console, unit=unit)
+
+
+def perplexity_task(lm: LoadedModel, task: Task, console: Console) -> dict:
+    """Held-out prose: the documents joined into one stream and cut into 512-token windows; `n` = windows."""
+    from ling_surgery.surgery.data import TokenStream
+
+    texts = [d["text"] for d in task.docs]
+    limit = task.limit or 32
+    stream = TokenStream.from_documents(texts, lm.tokenizer, max_tokens=limit * PERPLEXITY_SEQ_LEN, seed=0)
+    windows = stream.windows(PERPLEXITY_SEQ_LEN)[:limit]
+    sequences = [w.tolist() for w in windows]
+    with _progress(f"{task.spec.name} ({lm.name})", windows.numel(), console) as bar:
+        scored = lm.score(sequences, [1] * len(sequences), progress=lambda n, t: bar.advance(t))
+    nll = -torch.cat([s.logprobs for s in scored]).double()
+    return {"kind": "perplexity", "n": len(sequences), "tokens": int(nll.numel()), "perplexity": math.exp(nll.mean()),
+            "nll": float(nll.mean()), "primary": "perplexity", "value": math.exp(nll.mean()), "stderr": float("nan")}
+
+
+def lambada_task(lm: LoadedModel, task: Task, console: Console) -> dict:
+    """Last-word accuracy (every continuation token greedy) and the passages' perplexity, from one forward each."""
+    sequences, starts = zip(*(split_context(lm, d["context"], d["continuation"]) for d in task.docs))
+    with _progress(f"{task.spec.name} ({lm.name})", sum(map(len, sequences)), console) as bar:
+        scored = lm.score(list(sequences), [1] * len(sequences), progress=lambda n, t: bar.advance(t))
+    correct = 0
+    for s, seq, start in zip(scored, sequences, starts):
+        correct += bool(s.greedy[start - 1 :].all())  # scored from position 1: the continuation starts at start − 1
+    nll = -torch.cat([s.logprobs for s in scored]).double()
+    n = len(sequences)
+    return {"kind": "lambada", "n": n, "tokens": int(nll.numel()), "acc": correct / n, "acc_stderr": binomial_stderr(correct, n),
+            "perplexity": math.exp(nll.mean()), "primary": "acc", "value": correct / n, "stderr": binomial_stderr(correct, n)}
+
+
+def choice_task(lm: LoadedModel, task: Task, console: Console) -> dict:
+    """Zero-shot ranked classification: acc (summed log-likelihood) and acc_norm (per character of the choice)."""
+    pairs = [(c, k) for d in task.docs for c, k in zip(d["contexts"], d["continuations"])]
+    encoded = [split_context(lm, c, k) for c, k in pairs]
+    with _progress(f"{task.spec.name} ({lm.name})", sum(len(s) for s, _ in encoded), console) as bar:
+        scored = lm.score([s for s, _ in encoded], [start for _, start in encoded], progress=lambda n, t: bar.advance(t))
+    position, acc, acc_norm = 0, 0, 0
+    for doc in task.docs:
+        k = len(doc["continuations"])
+        sums = [float(s.logprobs.sum()) for s in scored[position : position + k]]
+        chars = [max(1, len(c)) for c in doc["continuations"]]
+        acc += int(max(range(k), key=lambda j: sums[j]) == doc["gold"])
+        acc_norm += int(max(range(k), key=lambda j: sums[j] / chars[j]) == doc["gold"])
+        position += k
+    n = len(task.docs)
+    primary = task.spec.primary
+    values = {"acc": acc / n, "acc_norm": acc_norm / n}
+    errors = {"acc": binomial_stderr(acc, n), "acc_norm": binomial_stderr(acc_norm, n)}
+    return {"kind": "choice", "n": n, "tokens": sum(len(s) for s, _ in encoded), "acc": values["acc"],
+            "acc_stderr": errors["acc"], "acc_norm": values["acc_norm"], "acc_norm_stderr": errors["acc_norm"],
+            "chance": task.spec.chance, "primary": primary, "value": values[primary], "stderr": errors[primary]}
+
+
+def generate_task(lm: LoadedModel, task: Task, console: Console, max_new_tokens: int = 256) -> dict:
+    """Greedy chain of thought, answer extracted and compared; token efficiency from the generated lengths."""
+    correct, lengths, samples = 0, [], []
+    with _progress(f"{task.spec.name} ({lm.name})", len(task.docs), console, unit="docs") as bar:
+        for doc in task.docs:
+            text, new_tokens = lm.generate(doc["prompt"], max_new_tokens)
+            predicted = extract_number(text)
+            ok = same_number(predicted, doc["answer"])
+            correct += ok
+            lengths.append(new_tokens)
+            if len(samples) < 3:
+                samples.append({"question": doc["question"][:200], "output": text[:400], "predicted": predicted,
+                                "gold": doc["answer"], "correct": ok})
+            bar.advance(1)
+    n, total = len(task.docs), sum(lengths)
+    return {
+        "kind": "generate", "n": n, "tokens": total, "exact_match": correct / n, "exact_match_stderr": binomial_stderr(correct, n),
+        "correct": correct, "output_tokens_total": total, "output_tokens_mean": total / n,
+        # Token efficiency: the cost of solving a task on the first attempt.
+        "tokens_per_correct": total / correct if correct else None,
+        "correct_per_1k_tokens": 1000 * correct / total if total else 0.0,
+        "generation_kernels": generation_kernels(lm),
+        "primary": "exact_match", "value": correct / n, "stderr": binomial_stderr(correct, n), "samples": samples,
+    }
+
+
+def generation_kernels(lm: LoadedModel) -> str:
+    """What runs cached decoding of this model on this machine."""
+    import importlib.util
+
+    if lm.model_type.startswith("gguf:"):
+        return lm.scoring_kernels
+    if lm.model_type != "bailing_hybrid":
+        return "torch SDPA + KV cache"
+    fla = importlib.util.find_spec("fla") is not None and lm.device.type == "cuda"
+    return "KDA: " + ("flash-linear-attention" if fla else "transformers' pure-PyTorch recurrent fallback") + "; MLA: latent cache"
+
+
+KINDS = {"perplexity": perplexity_task, "lambada": lambada_task, "choice": choice_task, "generate": generate_task}
