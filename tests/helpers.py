@@ -103,3 +103,32 @@ def tiny_source_with_text(root: Path) -> tuple[Path, Path]:
     data = root / "data.txt"
     data.write_text("".join(f"Paragraph {i}: " + "the model reads text and learns. " * 3 + "\n\n" for i in range(200)))
     return root / "model", data
+
+
+# Shapes llama.cpp's blocks accept: KDA head dim 64, MLA nope 32 + rope 32, latent 64 (rows multiples of 32).
+GGUF_READY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=64, max_position_embeddings=512, tie_word_embeddings=False)
+GGUF_READY_PLAN = {"layer_group_size": 2, "mla": {"kv_lora_rank": 64, "qk_rope_head_dim": 32}}
+
+
+def gguf_ready_teacher(tok):
+    """A tiny Llama with the BPE tokenizer's vocabulary, shaped so every GGUF type can hold its tensors."""
+    return tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, **GGUF_READY_SHAPE)
+
+
+def gguf_ready_student(tok):
+    """Its bailing_hybrid upgrade (layers 1 and 3 MLA), moved off the init so every transform is exercised."""
+    from ling_surgery.surgery.architectures import get_arch
+    from ling_surgery.surgery.config import Recipe
+    from ling_surgery.surgery.init_maps import build_student, init_student_state
+    from ling_surgery.surgery.targets import layer_plan, target_config
+
+    teacher = gguf_ready_teacher(tok)
+    recipe = Recipe.model_validate({"plan": GGUF_READY_PLAN})
+    config = target_config(teacher.config, layer_plan(recipe, 4), recipe)
+    state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, config, None, recipe.stages[0])
+    model = build_student(state, config)
+    with torch.no_grad():  # random gates, decays and conv taps exercise every transform
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
