@@ -19,13 +19,13 @@ import time
 CPU_CONTEXTS = (256, 512, 1024, 2048)  # transformers' pure-PyTorch KDA prefill is slow on CPU
 CUDA_CONTEXTS = (1024, 4096, 16384, 32768)
 LLAMACPP_CONTEXTS = (512, 4096, 16384, 32768)
+COMPUTED_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def default_contexts(engine: str, cuda: bool) -> tuple[int, ...]:
     if engine == "llamacpp":
         return LLAMACPP_CONTEXTS
     return CUDA_CONTEXTS if cuda else CPU_CONTEXTS
-COMPUTED_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def cache_bytes(cache) -> int:
@@ -61,8 +61,11 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto") -> dict:
-    """Measure one model in this process (call through `measure_in_child` for clean peak memory)."""
+def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto", on_row=None) -> dict:
+    """Measure one model in this process (call through `measure_in_child` for clean peak memory).
+
+    `on_row(row)` is called after each context length, so a parent can show progress.
+    """
     import torch
 
     from ling_surgery.evals.scoring import load_for_eval
@@ -101,6 +104,8 @@ def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, devi
                 "cache_bytes_computed": costs.cache_bytes(context),
                 "peak_memory_bytes": peak_memory_bytes(lm.device),
             })
+            if on_row is not None:
+                on_row(rows[-1])
             del cache, step
     from ling_surgery.evals.evaluate import generation_kernels
 
@@ -128,17 +133,45 @@ def sync(device) -> None:
 
 
 def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto",
-                     engine: str = "transformers") -> dict:
-    """`measure` (or `llamacpp.measure`) in a fresh Python process; its last stdout line is the JSON result."""
+                     engine: str = "transformers", console=None, role: str = "model") -> dict:
+    """`measure` (or `llamacpp.measure`) in a fresh Python process; its last stdout line is the JSON result.
+
+    The child reports each finished context on stderr (`ROW {json}`), which drives a progress bar here: long contexts
+    take minutes (a 135M teacher prefills 32k tokens in llama.cpp on 2 cores in about 10 minutes).
+    """
+    import threading
+
     from ling_surgery.surgery.errors import SurgeryError
+    from ling_surgery.surgery.progress import training_progress
 
     command = [sys.executable, "-m", "ling_surgery.evals.cost", model, ",".join(map(str, contexts)), str(decode_tokens),
                device, engine]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=6 * 3600)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        raise SurgeryError(f"inference benchmark of {model!r} failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.extend(child.stdout), daemon=True)  # never let a pipe fill up
+    reader.start()
+    errors: list[str] = []
+    total = sum(contexts) + len(contexts) * decode_tokens
+    with training_progress(f"inference {role}", total, console) as bar:
+        for line in child.stderr:
+            if line.startswith(ROW_PREFIX):
+                row = json.loads(line[len(ROW_PREFIX):])
+                bar.advance(row["context"] + decode_tokens, context=row["context"],
+                            **{"decode ms/tok": row["decode_ms_per_token"]})
+            elif line.strip():
+                errors.append(line.strip())
+    child.wait()
+    reader.join()
+    if child.returncode != 0:
+        raise SurgeryError(f"inference benchmark of {model!r} failed: {(errors or ['?'])[-1]}")
+    return json.loads("".join(stdout).strip().splitlines()[-1])
+
+
+ROW_PREFIX = "ROW "
+
+
+def _report_row(row: dict) -> None:
+    print(ROW_PREFIX + json.dumps(row), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
@@ -150,7 +183,7 @@ if __name__ == "__main__":
     if engine == "llamacpp":
         from ling_surgery.evals.llamacpp import measure as measure_llamacpp
 
-        result = measure_llamacpp(name, parsed, decode)
+        result = measure_llamacpp(name, parsed, decode, on_row=_report_row)
     else:
-        result = measure(name, parsed, decode, device)
+        result = measure(name, parsed, decode, device, on_row=_report_row)
     print(json.dumps(result))

@@ -101,7 +101,8 @@ def run_eval(
     if contexts:
         for role in models:
             console.print(f"inference benchmark ({role}, {engine}): contexts {', '.join(map(str, contexts))} in a fresh process …")
-            inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, engine=engine)
+            inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, engine=engine,
+                                                           console=console, role=role)
     report = {
         "kind": REPORT_KIND,
         "models": described,

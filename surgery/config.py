@@ -28,7 +28,7 @@ class SourceConfig(Strict):
 
 
 class MLAShape(Strict):
-    kv_lora_rank: int = Field(256, ge=1, description="latent width r of the compressed KV cache")
+    kv_lora_rank: int = Field(128, ge=1, description="latent width r of the compressed KV cache")
     qk_rope_head_dim: int = Field(32, ge=2, description="RoPE'd key/query dims per head (even); the rest are NoPE")
 
 

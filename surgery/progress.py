@@ -26,7 +26,7 @@ class _Bar:
         self._next_log = (int(10 * task_state.completed / task_state.total) + 1) / 10 if task_state.total else 0.1
 
     def advance(self, tokens: int, **fields) -> None:
-        text = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        text = "  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in fields.items())
         self._progress.update(self._task, advance=tokens, metrics=text)
         task = self._progress.tasks[0]
         if not self._progress.console.is_terminal and task.completed >= self._next_log * task.total:

@@ -148,6 +148,11 @@ def test_recipes_ls_show_cp(tmp_path):
         (["run", "ci-smoke", "--set", "source.model={model}", "--output", "{blocked}"], "is a file"),
         (["convert", "{model}", "--output", "{exists}"], "already exists"),
         (["convert", "{model}", "--output", "{blocked}/sub"], "cannot create"),
+        (["export", "{model}", "--format", "gguf", "--output", "{blocked}"], "already exists"),
+        (["export", "{model}", "--format", "gguf", "--dtype", "q4_k", "--output", "o.gguf"], "supported: f32, f16, q8_0, q4_0"),
+        (["export", "{model}", "--format", "onnx", "--output", "o.gguf"], "supported: gguf"),
+        (["export", "./missing-model", "--format", "gguf", "--output", "o.gguf"], "not found"),
+        (["bench", "inference", "{model}", "{model}", "--engine", "vllm"], "not supported"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, message):
@@ -159,7 +164,7 @@ def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in _error_line(result)
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()
 
 
 def test_unsupported_architecture_exit_2(tmp_path):
@@ -168,3 +173,6 @@ def test_unsupported_architecture_exit_2(tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     result = run_cli("convert", str(tmp_path / "gpt2"), "--output", str(tmp_path / "o"))
     assert result.returncode == 2 and "supported: llama, mistral, qwen2, qwen3" in _error_line(result)
+    result = run_cli("export", str(tmp_path / "gpt2"), "--format", "gguf", "--output", str(tmp_path / "o.gguf"))
+    assert result.returncode == 2 and "supported model types: bailing_hybrid, llama, mistral" in _error_line(result)
+    assert not (tmp_path / "o.gguf").exists()

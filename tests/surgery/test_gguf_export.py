@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from helpers import GGUF_READY_PLAN, bpe_tokenizer, gguf_ready_student, gguf_ready_teacher, tiny_model
+from helpers import GGUF_READY_PLAN, GGUF_READY_SHAPE, bpe_tokenizer, gguf_ready_student, gguf_ready_teacher, tiny_model
 
 from ling_surgery.surgery.architectures import get_arch
 from ling_surgery.surgery.config import Recipe
@@ -61,6 +61,20 @@ def test_quantized_file_keeps_f32_where_llama_cpp_needs_it(tmp_path):
         assert types[name] == GGMLQuantizationType.F32, name
     for name in ("token_embd.weight", "output.weight", "blk.0.ssm_f_a.weight", "blk.1.attn_k_b.weight"):
         assert types[name] == GGMLQuantizationType.Q8_0, name
+
+
+def test_4_bit_keeps_the_output_matrix_at_8_bits(tmp_path):
+    """As llama.cpp's quantizer does: `output.weight`, or the tied `token_embd.weight` that serves as the output."""
+    tok = bpe_tokenizer()
+    write_gguf(gguf_ready_student(tok), tok, tmp_path / "student.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "student.gguf").tensors}
+    assert types["output.weight"] == GGMLQuantizationType.Q8_0
+    assert types["token_embd.weight"] == types["blk.0.ssm_f_a.weight"] == GGMLQuantizationType.Q4_0
+    teacher = tiny_model("llama", vocab_size=len(tok), **{**GGUF_READY_SHAPE, "tie_word_embeddings": True})
+    write_gguf(teacher, tok, tmp_path / "teacher.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "teacher.gguf").tensors}
+    assert "output.weight" not in types and types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q4_0
 
 
 def test_llama_teacher_file(tmp_path):
