@@ -96,16 +96,7 @@ def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, devi
                 token = step.logits[:, -1:].argmax(-1)
             sync(lm.device)
             decode = (time.perf_counter() - start) / decode_tokens
-            rows.append({
-                "context": context,
-                "prefill_tokens_per_second": round(context / prefill, 1),
-                "decode_ms_per_token": round(1000 * decode, 2),
-                "cache_bytes_measured": measured,
-                "cache_bytes_computed": costs.cache_bytes(context),
-                "peak_memory_bytes": peak_memory_bytes(lm.device),
-            })
-            if on_row is not None:
-                on_row(rows[-1])
+            rows.append(context_row(context, prefill, decode, measured, costs, peak_memory_bytes(lm.device), on_row))
             del cache, step
     from ling_surgery.evals.evaluate import generation_kernels
 
@@ -123,6 +114,21 @@ def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, devi
         "computed": {str(c): costs.cache_bytes(c) for c in COMPUTED_CONTEXTS},
         "contexts": rows,
     }
+
+
+def context_row(context: int, prefill_s: float, decode_s: float, measured: int, costs, peak: int, on_row=None) -> dict:
+    """One context length's result, with the keys every engine reports; `on_row` sees it as soon as it exists."""
+    row = {
+        "context": context,
+        "prefill_tokens_per_second": round(context / prefill_s, 1),
+        "decode_ms_per_token": round(1000 * decode_s, 2),
+        "cache_bytes_measured": measured,
+        "cache_bytes_computed": costs.cache_bytes(context),
+        "peak_memory_bytes": peak,
+    }
+    if on_row is not None:
+        on_row(row)
+    return row
 
 
 def sync(device) -> None:

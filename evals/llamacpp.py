@@ -148,7 +148,7 @@ def measure(path: str | Path, contexts: tuple[int, ...], decode_tokens: int = 16
     import resource
 
     llama_cpp = require_llama_cpp()
-    from ling_surgery.evals.cost import COMPUTED_CONTEXTS
+    from ling_surgery.evals.cost import COMPUTED_CONTEXTS, context_row
     from ling_surgery.surgery.data import load_documents
     from ling_surgery.surgery.sources import gguf_metadata
 
@@ -178,16 +178,8 @@ def measure(path: str | Path, contexts: tuple[int, ...], decode_tokens: int = 16
         for k in range(decode_tokens):
             llm.eval([tokens[context + k]])
         decode = (time.perf_counter() - start) / decode_tokens
-        rows.append({
-            "context": context,
-            "prefill_tokens_per_second": round(context / prefill, 1),
-            "decode_ms_per_token": round(1000 * decode, 2),
-            "cache_bytes_measured": measured,
-            "cache_bytes_computed": costs.cache_bytes(context),
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        })
-        if on_row is not None:
-            on_row(rows[-1])
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rows.append(context_row(context, prefill, decode, measured, costs, peak, on_row))
     file_types = {0: "float32", 1: "float16", 7: "q8_0", 2: "q4_0"}
     return {
         "model": path.name,
