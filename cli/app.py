@@ -128,9 +128,20 @@ CONTEXTS = typer.Option(None, "--contexts", help="context lengths for the infere
 DATA = typer.Option([], "--data", help="TASK=FILE.jsonl: score a task on your own data (repeatable)")
 ENGINE = typer.Option("transformers", "--engine", help="transformers, or llamacpp (needs the llamacpp extra)")
 GGUF_DTYPE = typer.Option("f32", "--gguf-dtype", help="with --engine llamacpp: f32, f16, q8_0 or q4_0 for exported models")
+FLASH_ATTN = typer.Option("on", "--flash-attn", help="with --engine llamacpp: on (llama.cpp's default), off, or on,off to measure both")
+CACHE_TYPE = typer.Option("f16", "--cache-type", help="with --engine llamacpp: K/V cache type f16 (default) or q8_0, or f16,q8_0")
 bench_app = typer.Typer(help="Inference benchmarks: teacher vs. upgraded model in one engine, side by side.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+def _engine_settings(flash_attn: str, cache_type: str):
+    """llama.cpp settings from --flash-attn/--cache-type (None: the engine's defaults)."""
+    if (flash_attn, cache_type) == ("on", "f16"):
+        return None
+    from ling_surgery.evals.llamacpp import engine_settings
+
+    return engine_settings(flash_attn, cache_type)
 
 
 def _eval_args(tasks, contexts, data):
@@ -161,6 +172,8 @@ def eval_model(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     engine: str = ENGINE,
     gguf_dtype: str = GGUF_DTYPE,
+    flash_attn: str = FLASH_ATTN,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Evaluate one model: held-out perplexity, LAMBADA, zero-shot multiple choice, GSM8K, inference cost.
 
@@ -169,7 +182,8 @@ def eval_model(
     from ling_surgery.evals.suite import run_eval
 
     task_list, context_list, data_map = _eval_args(tasks, contexts, data)
-    run_eval({"model": model}, task_list, limit, output, context_list, data_map, seed, device, console, engine, gguf_dtype)
+    run_eval({"model": model}, task_list, limit, output, context_list, data_map, seed, device, console, engine, gguf_dtype,
+             _engine_settings(flash_attn, cache_type))
 
 
 @app.command()
@@ -185,13 +199,15 @@ def report(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     engine: str = ENGINE,
     gguf_dtype: str = GGUF_DTYPE,
+    flash_attn: str = FLASH_ATTN,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
     """Teacher vs. upgraded model side by side on the same samples: quality, inference cost, tokens per solved task."""
     from ling_surgery.evals.suite import run_eval
 
     task_list, context_list, data_map = _eval_args(tasks, contexts, data)
     run_eval({"teacher": teacher, "student": student}, task_list, limit, output, context_list, data_map, seed, device,
-             console, engine, gguf_dtype)
+             console, engine, gguf_dtype, _engine_settings(flash_attn, cache_type))
 
 
 @bench_app.command("inference")
@@ -203,13 +219,22 @@ def bench_inference(
     gguf_dtype: str = GGUF_DTYPE,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for report.json/md, inference.png and the GGUFs"),
     device: str = typer.Option("auto", "--device", help="transformers engine: auto, cpu or cuda"),
+    flash_attn: str = FLASH_ATTN,
+    cache_type: str = CACHE_TYPE,
 ) -> None:
-    """Decode and prefill speed, cache/state and resident memory against context length, both models in one engine."""
+    """Decode and prefill speed, cache/state and resident memory against context length, both models in one engine.
+
+    With several llama.cpp settings (e.g. --flash-attn on,off --cache-type f16,q8_0) each model is measured under
+    every one and compared at its fastest, so neither model is held back by a setting that suits only the other.
+    Settings run in the order given and one stops at the first context where it is already 1.25x slower than an
+    earlier one and slowing down faster (long contexts are the expensive part), so list the setting you expect
+    fastest first.
+    """
     from ling_surgery.evals.suite import run_eval
 
     _, context_list, _ = _eval_args(None, contexts, [])
     run_eval({"teacher": teacher, "student": student}, [], None, output, context_list, None, 0, device, console,
-             engine, gguf_dtype)
+             engine, gguf_dtype, _engine_settings(flash_attn, cache_type))
 
 
 @recipes_app.command("ls")

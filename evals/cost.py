@@ -80,6 +80,10 @@ def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, devi
     costs = student_costs(config, dtype_bytes) if config.model_type in ("bailing_hybrid", "deepseek_v3") else teacher_costs(config, dtype_bytes)
     rows = []
     with torch.no_grad():
+        # Warm-up (allocator, thread pool, lazy kernel setup), so it is not billed to the shortest context's row.
+        warm = lm.model(input_ids=text.tokens[:16][None].to(lm.device), use_cache=True)
+        lm.model(input_ids=warm.logits[:, -1:].argmax(-1), past_key_values=warm.past_key_values, use_cache=True)
+        del warm
         for context in sorted(contexts):
             ids = text.tokens[:context][None].to(lm.device)
             sync(lm.device)
@@ -139,11 +143,13 @@ def sync(device) -> None:
 
 
 def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto",
-                     engine: str = "transformers", console=None, role: str = "model") -> dict:
-    """`measure` (or `llamacpp.measure`) in a fresh Python process; its last stdout line is the JSON result.
+                     engine: str = "transformers", console=None, role: str = "model", setting=None,
+                     fastest: dict | None = None) -> dict:
+    """`measure` (or `llamacpp.measure` with its `EngineSetting`) in a fresh Python process; its last stdout line is
+    the JSON result. `fastest` is passed on to `llamacpp.measure` (stop a setting that is already clearly slower).
 
     The child reports each finished context on stderr (`ROW {json}`), which drives a progress bar here: long contexts
-    take minutes (a 135M teacher prefills 32k tokens in llama.cpp on 2 cores in about 10 minutes).
+    take minutes (a 135M teacher prefills 32k tokens in llama.cpp on 2 cores in 5 to 12 minutes).
     """
     import threading
 
@@ -151,26 +157,34 @@ def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int =
     from ling_surgery.surgery.progress import training_progress
 
     command = [sys.executable, "-m", "ling_surgery.evals.cost", model, ",".join(map(str, contexts)), str(decode_tokens),
-               device, engine]
+               device, engine] + ([setting.as_arg(), json.dumps(fastest or {})] if setting is not None else [])
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout: list[str] = []
     reader = threading.Thread(target=lambda: stdout.extend(child.stdout), daemon=True)  # never let a pipe fill up
     reader.start()
     errors: list[str] = []
-    total = sum(contexts) + len(contexts) * decode_tokens
-    with training_progress(f"inference {role}", total, console) as bar:
+    # transformers prefills each context from scratch; llama.cpp goes through the text once (see llamacpp.measure)
+    one_pass = engine == "llamacpp"
+    total = max(contexts) + decode_tokens if one_pass else sum(contexts) + len(contexts) * decode_tokens
+    label = f"inference {role}" + (f" ({setting.label})" if setting is not None else "")
+    done = 0
+    with training_progress(label, total, console) as bar:
         for line in child.stderr:
             if line.startswith(ROW_PREFIX):
                 row = json.loads(line[len(ROW_PREFIX):])
-                bar.advance(row["context"] + decode_tokens, context=row["context"],
-                            **{"decode ms/tok": row["decode_ms_per_token"]})
+                step = row["context"] + decode_tokens - (done if one_pass else 0)
+                done += step
+                bar.advance(step, context=row["context"], **{"decode ms/tok": row["decode_ms_per_token"]})
             elif line.strip():
                 errors.append(line.strip())
     child.wait()
     reader.join()
     if child.returncode != 0:
         raise SurgeryError(f"inference benchmark of {model!r} failed: {(errors or ['?'])[-1]}")
-    return json.loads("".join(stdout).strip().splitlines()[-1])
+    result = json.loads("".join(stdout).strip().splitlines()[-1])
+    if result.get("stopped") and console is not None:
+        console.print(f"{label}: {result['stopped']}")
+    return result
 
 
 ROW_PREFIX = "ROW "
@@ -187,9 +201,11 @@ if __name__ == "__main__":
     name, contexts, decode, device, engine = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     parsed = tuple(int(c) for c in contexts.split(","))
     if engine == "llamacpp":
+        from ling_surgery.evals.llamacpp import EngineSetting
         from ling_surgery.evals.llamacpp import measure as measure_llamacpp
 
-        result = measure_llamacpp(name, parsed, decode, on_row=_report_row)
+        result = measure_llamacpp(name, parsed, decode, on_row=_report_row, setting=EngineSetting.from_arg(sys.argv[6]),
+                                  fastest={int(c): best for c, best in json.loads(sys.argv[7]).items()})
     else:
         result = measure(name, parsed, decode, device, on_row=_report_row)
     print(json.dumps(result))

@@ -65,7 +65,8 @@ def inference_rows(report: dict) -> list[list[str]]:
     for i, context in enumerate(row["context"] for row in inference[roles[0]]["contexts"]):
         at = {r: inference[r]["contexts"][i] for r in roles}
         decode = {r: at[r]["decode_ms_per_token"] for r in roles}
-        add(f"decode ms/token @ {context}", decode, [f"{decode[r]:.1f}" for r in roles])
+        add(f"decode ms/token @ {context}", decode,
+            [f"{decode[r]:.1f}" + (f" ({at[r]['setting']})" if "setting" in at[r] else "") for r in roles])
         prefill = {r: at[r]["prefill_tokens_per_second"] for r in roles}
         add(f"prefill tokens/s @ {context}", prefill, [f"{prefill[r]:,.0f}" for r in roles])
         cache = {r: at[r]["cache_bytes_measured"] for r in roles}
@@ -109,12 +110,14 @@ def eval_markdown(report: dict) -> str:
         else:
             lines.append(f"- **{role}**: `{m['ref']}`")
     settings = report["settings"]
+    quality = quality_rows(report)
     lines += ["", f"Engine {settings.get('engine', 'transformers')}, device {settings['device']}, seed {settings['seed']}, limit {settings['limit'] or 'default'} per task; "
-              f"{report['seconds']:.0f} s. Values are ± one standard error; n is the number of documents scored "
-              "(perplexity: 512-token windows).", ""]
+              f"{report['seconds']:.0f} s." + (" Values are ± one standard error; n is the number of documents scored "
+                                               "(perplexity: 512-token windows)." if quality else "")]
     header = ["task (metric)", "n", *roles] + (["ratio"] if compare else [])
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in quality_rows(report)]
+    if quality:  # an inference-only report (`bench inference`) has no quality table
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in quality]
     inference = inference_rows(report)
     if inference:
         first = report["inference"][next(iter(report["inference"]))]
@@ -122,6 +125,9 @@ def eval_markdown(report: dict) -> str:
         for role in roles:
             if role in report["inference"]:
                 lines.append(f"- {role} kernels: {report['inference'][role]['kernels']}")
+                for label, result in (report["inference"][role].get("settings") or {}).items():
+                    if result.get("stopped"):
+                        lines.append(f"  - {label}: {result['stopped']}")
         lines += ["", "| " + " | ".join(["measure", "", *[r for r in roles if r in report['inference']]] + (["ratio"] if compare else [])) + " |",
                   "|" + "---|" * (len(header) if compare else 3)]
         lines += ["| " + " | ".join(row) + " |" for row in inference]
@@ -191,7 +197,9 @@ def inference_plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     first = next(iter(inference.values()))
-    fig.suptitle(f"{first['device']}, {first['dtype']}, {first['threads']} threads")
+    fastest = any("settings" in result for result in inference.values())
+    fig.suptitle(f"{first['device']}, {first['dtype']}, {first['threads']} threads"
+                 + (", each model at its fastest llama.cpp setting per context" if fastest else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

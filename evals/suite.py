@@ -34,6 +34,7 @@ def run_eval(
     console: Console | None = None,
     engine: str = "transformers",
     gguf_dtype: str = "f32",
+    engine_settings: list | None = None,
 ) -> dict:
     """Evaluate `models` ({role: model}) on the same task samples; write the report into `output` if given.
 
@@ -41,6 +42,10 @@ def run_eval(
     task (perplexity: 512-token windows); None uses `tasks.DEFAULT_LIMITS` on CPU and every document on CUDA.
     `contexts`: context lengths for the inference benchmark (empty tuple: skip it). `engine`: "transformers", or
     "llamacpp" (models that are not .gguf files are exported at `gguf_dtype` and kept in the report's gguf/ folder).
+    `engine_settings`: llama.cpp `EngineSetting`s (flash attention, cache type) to benchmark each model under; with
+    several, each model's fastest decode at each context is the headline and every measurement is kept. They run in
+    the order given and a setting stops at the first context where it is clearly slower than one before it and
+    growing slower faster (`llamacpp.dominated`), so list the one expected fastest first.
     """
     import tempfile
 
@@ -56,6 +61,12 @@ def run_eval(
     console = console or Console(stderr=True)
     if engine not in ENGINES:
         raise SurgeryError(f"--engine {engine!r} is not supported; supported: {', '.join(ENGINES)}")
+    if engine_settings and engine != "llamacpp":
+        raise SurgeryError("--flash-attn and --cache-type are llama.cpp settings; add --engine llamacpp")
+    if engine == "llamacpp" and contexts:
+        from ling_surgery.evals.llamacpp import check_contexts
+
+        check_contexts(tuple(contexts))
     names = [] if tasks is not None and not list(tasks) else parse_tasks(",".join(tasks) if tasks else None)
     for task in data or {}:
         if task not in names:
@@ -86,7 +97,7 @@ def run_eval(
         if engine == "llamacpp":
             from ling_surgery.evals.llamacpp import LlamaCppModel
 
-            lm = LlamaCppModel(refs[role])
+            lm = LlamaCppModel(refs[role], setting=(engine_settings or [None])[0])  # quality under the first setting
         else:
             lm = load_for_eval(model, device)
         described[role] = {"ref": model, "name": lm.name, "model_type": lm.model_type, "engine": engine,
@@ -101,15 +112,27 @@ def run_eval(
     if contexts:
         for role in models:
             console.print(f"inference benchmark ({role}, {engine}): contexts {', '.join(map(str, contexts))} in a fresh process …")
-            inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, engine=engine,
-                                                           console=console, role=role)
+            if engine == "llamacpp":
+                from ling_surgery.evals.llamacpp import EngineSetting, fastest_per_context, fastest_so_far
+
+                # settings in the order given; each stops once clearly slower than one measured before it
+                measured = []
+                for setting in engine_settings or [EngineSetting()]:
+                    measured.append(cost_module.measure_in_child(refs[role], tuple(contexts), engine=engine,
+                                                                 console=console, role=role, setting=setting,
+                                                                 fastest=fastest_so_far(measured)))
+                inference[role] = fastest_per_context(measured)
+            else:
+                inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, engine=engine,
+                                                               console=console, role=role)
     report = {
         "kind": REPORT_KIND,
         "models": described,
         "tasks": {name: {**by_role, **_ratios(by_role)} for name, by_role in results.items()},
         "inference": inference,
         "settings": {"limit": limit, "seed": seed, "device": "cuda" if cuda else "cpu", "contexts": list(contexts),
-                     "engine": engine, "gguf_dtype": gguf_dtype if engine == "llamacpp" else None, "versions": _versions()},
+                     "engine": engine, "gguf_dtype": gguf_dtype if engine == "llamacpp" else None,
+                     "engine_settings": [s.label for s in engine_settings or []] or None, "versions": _versions()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     console.print(eval_table(report))

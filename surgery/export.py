@@ -39,6 +39,13 @@ def check_parent_writable(path: Path) -> Path:
     return path
 
 
+def user_mode(mode: int) -> int:
+    """`mode` under the process umask: what a plain open()/mkdir() would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
     """Create `folder` atomically: `fill(tmp)` writes into a temporary sibling that is then renamed into place.
 
@@ -47,9 +54,7 @@ def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user creates
+    tmp.chmod(user_mode(0o777))  # mkdtemp makes 0700; the result should look like any folder the user creates
     old = None
     try:
         fill(tmp)

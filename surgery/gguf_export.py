@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.export import user_mode
 from ling_surgery.surgery.init_maps import Ledger
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -342,6 +343,7 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", name: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        tmp.chmod(user_mode(0o666))  # mkstemp makes 0600; the file should look like any file the user creates
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

@@ -20,9 +20,83 @@ def test_missing_llama_cpp_is_a_one_line_error_with_the_install_hint(monkeypatch
         run_eval({"model": "x"}, [], engine="vllm", console=Console(quiet=True))
 
 
+def test_engine_settings_are_llama_bench_style_grids_with_one_line_errors():
+    from ling_surgery.evals.llamacpp import EngineSetting, engine_settings
+
+    assert engine_settings() == [EngineSetting(True, "f16")]
+    # fa off cannot hold a quantized V cache, so the grid leaves that combination out
+    assert [s.label for s in engine_settings("on,off", "f16,q8_0")] == ["fa on, f16 cache", "fa on, q8_0 cache",
+                                                                       "fa off, f16 cache"]
+    assert EngineSetting.from_arg(EngineSetting(False, "q8_0").as_arg()) == EngineSetting(False, "q8_0")
+    with pytest.raises(SurgeryError, match="quantizes the V cache only with flash attention: --cache-type q8_0 needs"):
+        engine_settings("off", "q8_0")
+    with pytest.raises(SurgeryError, match="--flash-attn 'auto' is not supported; use on, off or on,off"):
+        engine_settings("auto")
+    with pytest.raises(SurgeryError, match="--cache-type 'q4_0' is not supported; supported: f16, q8_0"):
+        engine_settings("on", "q4_0")
+    with pytest.raises(SurgeryError, match="llama.cpp settings; add --engine llamacpp"):
+        run_eval({"model": "x"}, [], engine_settings=engine_settings("off"), console=Console(quiet=True))
+    with pytest.raises(SurgeryError, match="--contexts 512 and 520 are too close"):
+        run_eval({"model": "x.gguf"}, [], contexts=(512, 520), engine="llamacpp", console=Console(quiet=True))
+
+
+def test_each_model_is_compared_at_its_fastest_setting_per_context():
+    from ling_surgery.evals.llamacpp import fastest_per_context
+
+    def result(setting, decodes):
+        rows = [{"context": c, "decode_ms_per_token": d, "cache_bytes_measured": 2 * c} for c, d in zip((512, 4096), decodes)]
+        return {"setting": setting, "kernels": f"llama.cpp via llama-cpp-python 0.3 (ggml CPU, {setting})", "contexts": rows,
+                "computed": {"4096": len(setting)}}
+
+    on, off = result("fa on, f16 cache", [10.0, 30.0]), result("fa off, f16 cache", [9.0, 40.0])
+    best = fastest_per_context([on, off])
+    assert [(r["decode_ms_per_token"], r["setting"]) for r in best["contexts"]] == [(9.0, "fa off, f16 cache"),
+                                                                                   (30.0, "fa on, f16 cache")]
+    assert best["computed"] == on["computed"]  # the cache numbers of the setting that wins at the longest context
+    assert best["settings"] == {"fa on, f16 cache": on, "fa off, f16 cache": off}
+    assert best["kernels"].endswith("fastest per context of: fa on, f16 cache, fa off, f16 cache)")
+    assert fastest_per_context([on]) is on
+
+
+def test_dominated_settings_stop_only_when_slower_and_growing_faster():
+    from ling_surgery.evals.llamacpp import dominated
+
+    def rows(*decodes):
+        return [{"context": c, "decode_ms_per_token": d} for c, d in zip((512, 4096, 16384), decodes)]
+
+    best = {"decode_ms_per_token": 30.0, "growth_ms": 12.0, "setting": "fa off, f16 cache"}
+    # teacher, fa on: 107 ms at 4096 against 30, grown by 75 against 12 → stop
+    assert dominated(rows(32.0, 107.0), best) == ("stopped after 4096: decode 3.57x slower than fa off, f16 cache, "
+                                                  "and growing faster with context")
+    # slower at short context only (a q8_0 cache: dequantizing costs at 512, reading half the bytes pays at 16k)
+    assert dominated(rows(23.0), best | {"decode_ms_per_token": 18.0}) is None  # never at the first context
+    assert dominated(rows(40.0, 45.0), best) is None  # 1.5x slower but grew by 5 against 12: it may still catch up
+    assert dominated(rows(20.0, 36.0), best) is None  # grew faster but only 1.2x slower: within the noise
+    assert dominated(rows(20.0, 107.0), None) is None  # nothing measured before it
+
+
+def test_a_setting_stopped_early_competes_only_where_it_was_measured():
+    from ling_surgery.evals.llamacpp import fastest_per_context, fastest_so_far
+
+    def result(setting, decodes, stopped=None):
+        rows = [{"context": c, "decode_ms_per_token": d} for c, d in zip((512, 4096, 16384), decodes)]
+        return {"setting": setting, "kernels": f"llama.cpp (ggml CPU, {setting})", "contexts": rows, "stopped": stopped}
+
+    off = result("fa off, f16 cache", [9.0, 20.0, 60.0])
+    assert fastest_so_far([off]) == {c: {"decode_ms_per_token": d, "growth_ms": d - 9.0, "setting": "fa off, f16 cache"}
+                                     for c, d in ((512, 9.0), (4096, 20.0), (16384, 60.0))}
+    on = result("fa on, f16 cache", [8.0, 90.0], stopped="stopped after 4096: decode 4.50x slower than fa off, f16 cache")
+    assert fastest_so_far([off, on])[512]["setting"] == "fa on, f16 cache"
+    best = fastest_per_context([off, on])
+    assert [(r["context"], r["setting"]) for r in best["contexts"]] == [
+        (512, "fa on, f16 cache"), (4096, "fa off, f16 cache"), (16384, "fa off, f16 cache")]
+    assert best["stopped"] is None  # the headline is the setting that went the whole way
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python not installed (pip install 'ling-surgery[llamacpp]')")
 def test_llama_cpp_engine_scores_and_benchmarks_gguf_files(tmp_path):
+    from ling_surgery.evals.llamacpp import engine_settings, measure
     from ling_surgery.surgery.gguf_export import write_gguf
 
     tok = bpe_tokenizer()
@@ -34,18 +108,62 @@ def test_llama_cpp_engine_scores_and_benchmarks_gguf_files(tmp_path):
         # the same perplexity through transformers, on the same windows, for the parity check below
         model.save_pretrained(tmp_path / role)
         tok.save_pretrained(tmp_path / role)
+    settings = engine_settings("on,off", "f16,q8_0")
     gguf_report = run_eval({r: str(p) for r, p in files.items()}, ["wikipedia"], limit=1, contexts=(64, 192),
-                           engine="llamacpp", output=tmp_path / "bench", console=Console(quiet=True))
+                           engine="llamacpp", output=tmp_path / "bench", console=Console(quiet=True),
+                           engine_settings=settings)
     hf_report = run_eval({r: str(tmp_path / r) for r in files}, ["wikipedia"], limit=1, contexts=(),
                          console=Console(quiet=True))
     for role in ("teacher", "student"):
         in_llama_cpp = gguf_report["tasks"]["wikipedia"][role]["perplexity"]
         in_transformers = hf_report["tasks"]["wikipedia"][role]["perplexity"]
         assert in_llama_cpp == pytest.approx(in_transformers, rel=0.01), role  # same model, same text, two engines
-        rows = gguf_report["inference"][role]["contexts"]
-        assert [r["context"] for r in rows] == [64, 192]
-        for row in rows:
-            assert row["cache_bytes_measured"] == pytest.approx(row["cache_bytes_computed"], rel=0.10), (role, row)
-            assert row["decode_ms_per_token"] > 0 and row["prefill_tokens_per_second"] > 0
+        measured = gguf_report["inference"][role]
+        assert set(measured["settings"]) == {s.label for s in settings}
+        for label, result in measured["settings"].items():
+            rows = result["contexts"]
+            # a later setting may stop after 64 tokens if it is already 1.25x slower than an earlier one there
+            assert [r["context"] for r in rows] == ([64] if result["stopped"] else [64, 192]), result["stopped"]
+            for row in rows:  # llama.cpp's own byte count of the sequence, f16 or q8_0 cache, agrees with the formula
+                assert row["cache_bytes_measured"] == pytest.approx(row["cache_bytes_computed"], rel=0.10), (role, label, row)
+                assert row["decode_ms_per_token"] > 0 and row["prefill_tokens_per_second"] > 0
+        for row in measured["contexts"]:
+            assert row["decode_ms_per_token"] == min(r["decode_ms_per_token"] for result in measured["settings"].values()
+                                                     for r in result["contexts"] if r["context"] == row["context"])
+    # a setting far slower than an earlier one, and growing faster, stops at the next context (see test_dominated)
+    always = {c: {"decode_ms_per_token": 1e-9, "growth_ms": -1.0, "setting": "fa on, q8_0 cache"} for c in (64, 128, 192)}
+    stopped = measure(files["student"], (64, 128, 192), fastest=always)
+    if stopped["contexts"][1]["decode_ms_per_token"] > stopped["contexts"][0]["decode_ms_per_token"]:
+        assert [r["context"] for r in stopped["contexts"]] == [64, 128]
+        assert stopped["stopped"].startswith("stopped after 128: decode ")
+    else:  # not grown since 64 tokens: it could still catch up
+        assert stopped["stopped"] is None
+    never = {c: {"decode_ms_per_token": 1e6, "growth_ms": 1e6, "setting": "fa on, q8_0 cache"} for c in (64, 128, 192)}
+    result = measure(files["student"], (64, 128, 192), fastest=never)
+    assert [r["context"] for r in result["contexts"]] == [64, 128, 192] and result["stopped"] is None
     assert gguf_report["models"]["student"]["model_type"] == "gguf:bailingmoe3"
     assert (tmp_path / "bench" / "inference.png").is_file()
+
+
+def test_an_inference_only_report_names_each_setting_and_why_one_stopped(tmp_path):
+    from ling_surgery.evals.eval_report import eval_markdown, write_eval_report
+    from ling_surgery.evals.llamacpp import fastest_per_context
+
+    def result(setting, decodes, stopped=None):
+        rows = [{"context": c, "decode_ms_per_token": d, "prefill_tokens_per_second": 100.0, "cache_bytes_measured": c,
+                 "cache_bytes_computed": c, "peak_memory_bytes": 2**30} for c, d in zip((512, 4096, 16384), decodes)]
+        return {"setting": setting, "kernels": f"llama.cpp via llama-cpp-python 0.3 (ggml CPU, {setting})", "device": "cpu",
+                "dtype": "q8_0", "threads": 2, "contexts": rows, "stopped": stopped, "computed": {"8192": 1, "32768": 4}}
+
+    off, on = "fa off, f16 cache", "fa on, f16 cache"
+    report = {"models": {"teacher": {"ref": "smollm2-135m"}, "student": {"ref": "runs/x"}}, "tasks": {}, "seconds": 1.0,
+              "settings": {"engine": "llamacpp", "device": "cpu", "seed": 0, "limit": None},
+              "inference": {"teacher": fastest_per_context([result(off, [18.0, 30.0, 96.0]),
+                                                            result(on, [20.0, 80.0], "stopped after 4096: decode 2.67x slower")]),
+                            "student": fastest_per_context([result(off, [18.0, 26.0, 40.0]), result(on, [19.0, 20.0, 27.0])])}}
+    text = eval_markdown(report)
+    assert "| task (metric)" not in text  # no empty quality table
+    assert "  - fa on, f16 cache: stopped after 4096: decode 2.67x slower" in text
+    assert "| decode ms/token @ 16384 |  | 96.0 (fa off, f16 cache) | 27.0 (fa on, f16 cache) | 0.28× |" in text
+    write_eval_report(tmp_path, report)
+    assert (tmp_path / "inference.png").is_file() and not (tmp_path / "quality.png").exists()

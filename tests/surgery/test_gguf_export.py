@@ -2,6 +2,7 @@
 and, where llama-cpp-python is installed (the `llamacpp` extra), llama.cpp's logits match transformers'."""
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ def test_bailingmoe3_file_has_every_tensor_and_key(tmp_path):
     tok = bpe_tokenizer()
     model = gguf_ready_student(tok)
     summary = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user creates
     reader = GGUFReader(tmp_path / "m.gguf")
     fields = _fields(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -136,9 +140,11 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is No
 
 
 @needs_llama_cpp
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa off", "fa on"])
 @pytest.mark.parametrize("which", ["student", "teacher"])
-def test_llama_cpp_logits_match_transformers(tmp_path, which):
-    """Whole prompt, token by token and in chunks: max |Δlogit| small against the logit scale, argmax 100%, greedy equal."""
+def test_llama_cpp_logits_match_transformers(tmp_path, which, flash_attn):
+    """Whole prompt, token by token and in chunks: max |Δlogit| small against the logit scale, argmax 100%, greedy equal;
+    with and without flash attention (two attention kernels, and for MLA two cache layouts)."""
     from llama_cpp import Llama
 
     tok = bpe_tokenizer()
@@ -151,7 +157,8 @@ def test_llama_cpp_logits_match_transformers(tmp_path, which):
     ids = tok("The quick brown fox jumps over the lazy dog. In 1984, 12345 people counted 3.14 apples!")["input_ids"] * 3
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=2, logits_all=True, flash_attn=flash_attn,
+                verbose=False)
     assert llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True) == ids  # same tokenisation
     scale = expected.std()
     for name, pieces in (("whole", [ids]), ("one by one", [[t] for t in ids]), ("chunks of 7", [ids[i : i + 7] for i in range(0, len(ids), 7)])):
