@@ -65,11 +65,9 @@ class LlamaCppModel:
                  setting: "EngineSetting | None" = None):
         llama_cpp = require_llama_cpp()
         setting = setting or EngineSetting()
-        cache_type = CACHE_TYPES[setting.cache_type][0]
         self.path = Path(path)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads or os.cpu_count(),
-                                   logits_all=True, flash_attn=setting.flash_attn, type_k=cache_type, type_v=cache_type,
-                                   verbose=False)
+                                   logits_all=True, verbose=False, **setting.llama_kwargs())
         self.name = self.path.name
         self.model_type = "gguf:" + self.llm.metadata.get("general.architecture", "?")
         self.scoring_kernels = f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (ggml CPU, {setting.label})"
@@ -134,6 +132,11 @@ class EngineSetting:
     @property
     def label(self) -> str:
         return f"fa {'on' if self.flash_attn else 'off'}, {self.cache_type} cache"
+
+    def llama_kwargs(self) -> dict:
+        """The `llama_cpp.Llama(...)` arguments of this setting."""
+        cache_type = CACHE_TYPES[self.cache_type][0]
+        return {"flash_attn": self.flash_attn, "type_k": cache_type, "type_v": cache_type}
 
     def as_arg(self) -> str:
         return f"fa={int(self.flash_attn)},cache={self.cache_type}"
@@ -240,10 +243,8 @@ def measure(path: str | Path, contexts: tuple[int, ...], decode_tokens: int = 16
     threads = threads or os.cpu_count()
     contexts = tuple(sorted(contexts))
     check_contexts(contexts, decode_tokens)
-    cache_type = CACHE_TYPES[setting.cache_type][0]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(contexts) + len(contexts) * decode_tokens + 8, n_batch=512,
-                          n_threads=threads, logits_all=False, flash_attn=setting.flash_attn, type_k=cache_type,
-                          type_v=cache_type, verbose=False)
+                          n_threads=threads, logits_all=False, verbose=False, **setting.llama_kwargs())
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     text = "\n\n".join(load_documents("wikipedia")[: 4 * max(contexts) // 100 + 10]).encode("utf-8")
     tokens = llm.tokenize(text, add_bos=False)
