@@ -143,10 +143,9 @@ def sync(device) -> None:
 
 
 def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, device: str = "auto",
-                     engine: str = "transformers", console=None, role: str = "model", setting=None,
-                     fastest: dict | None = None) -> dict:
-    """`measure` (or `llamacpp.measure` with its `EngineSetting`) in a fresh Python process; its last stdout line is
-    the JSON result. `fastest` is passed on to `llamacpp.measure` (stop a setting that is already clearly slower).
+                     console=None, role: str = "model") -> dict:
+    """`measure` in a fresh Python process; its last stdout line is the JSON result. (llama.cpp: see
+    `evals/llamacpp_bench.py`, which measures all models in lockstep, each in a process of its own.)
 
     The child reports each finished context on stderr (`ROW {json}`), which drives a progress bar here: long contexts
     take minutes (a 135M teacher prefills 32k tokens in llama.cpp on 2 cores in 5 to 12 minutes).
@@ -157,34 +156,27 @@ def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int =
     from ling_surgery.surgery.progress import training_progress
 
     command = [sys.executable, "-m", "ling_surgery.evals.cost", model, ",".join(map(str, contexts)), str(decode_tokens),
-               device, engine] + ([setting.as_arg(), json.dumps(fastest or {})] if setting is not None else [])
+               device]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout: list[str] = []
     reader = threading.Thread(target=lambda: stdout.extend(child.stdout), daemon=True)  # never let a pipe fill up
     reader.start()
     errors: list[str] = []
-    # transformers prefills each context from scratch; llama.cpp goes through the text once (see llamacpp.measure)
-    one_pass = engine == "llamacpp"
-    total = max(contexts) + decode_tokens if one_pass else sum(contexts) + len(contexts) * decode_tokens
-    label = f"inference {role}" + (f" ({setting.label})" if setting is not None else "")
-    done = 0
+    total = sum(contexts) + len(contexts) * decode_tokens  # each context is prefilled from scratch
+    label = f"inference {role}"
     with training_progress(label, total, console) as bar:
         for line in child.stderr:
             if line.startswith(ROW_PREFIX):
                 row = json.loads(line[len(ROW_PREFIX):])
-                step = row["context"] + decode_tokens - (done if one_pass else 0)
-                done += step
-                bar.advance(step, context=row["context"], **{"decode ms/tok": row["decode_ms_per_token"]})
+                bar.advance(row["context"] + decode_tokens, context=row["context"],
+                            **{"decode ms/tok": row["decode_ms_per_token"]})
             elif line.strip():
                 errors.append(line.strip())
     child.wait()
     reader.join()
     if child.returncode != 0:
         raise SurgeryError(f"inference benchmark of {model!r} failed: {(errors or ['?'])[-1]}")
-    result = json.loads("".join(stdout).strip().splitlines()[-1])
-    if result.get("stopped") and console is not None:
-        console.print(f"{label}: {result['stopped']}")
-    return result
+    return json.loads("".join(stdout).strip().splitlines()[-1])
 
 
 ROW_PREFIX = "ROW "
@@ -198,14 +190,6 @@ if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore")
-    name, contexts, decode, device, engine = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    parsed = tuple(int(c) for c in contexts.split(","))
-    if engine == "llamacpp":
-        from ling_surgery.evals.llamacpp import EngineSetting
-        from ling_surgery.evals.llamacpp import measure as measure_llamacpp
-
-        result = measure_llamacpp(name, parsed, decode, on_row=_report_row, setting=EngineSetting.from_arg(sys.argv[6]),
-                                  fastest={int(c): best for c, best in json.loads(sys.argv[7]).items()})
-    else:
-        result = measure(name, parsed, decode, device, on_row=_report_row)
+    name, contexts, decode, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    result = measure(name, tuple(int(c) for c in contexts.split(",")), decode, device, on_row=_report_row)
     print(json.dumps(result))

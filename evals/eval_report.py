@@ -122,6 +122,8 @@ def eval_markdown(report: dict) -> str:
     if inference:
         first = report["inference"][next(iter(report["inference"]))]
         lines += ["", f"## Inference cost ({first['device']}, {first['dtype']}, {first['threads']} threads, one sequence)", ""]
+        if first.get("method"):
+            lines.append(f"- method: {first['method']}")
         for role in roles:
             if role in report["inference"]:
                 lines.append(f"- {role} kernels: {report['inference'][role]['kernels']}")

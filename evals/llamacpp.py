@@ -1,7 +1,7 @@
 """llama.cpp as an evaluation engine, through llama-cpp-python (the `llamacpp` extra, which compiles llama.cpp).
 
 `LlamaCppModel` has the scoring interface of `evals.scoring.LoadedModel`, so every task runs on a GGUF file exactly as
-on a transformers model; `measure` is the inference benchmark with the same result keys as `evals.cost.measure`.
+on a transformers model; the inference benchmark (`evals/llamacpp_bench.py`) reports the keys of `evals.cost.measure`.
 Models that are not GGUF files yet are exported first (`surgery/gguf_export.py`), teacher and upgraded model alike,
 so both run in the same engine at the same dtype and thread count.
 """
@@ -9,7 +9,6 @@ so both run in the same engine at the same dtype and thread count.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +171,10 @@ def engine_settings(flash_attn: str = "on", cache_type: str = "f16") -> list[Eng
     return runnable
 
 
-def check_contexts(contexts: tuple[int, ...], decode_tokens: int = 16) -> None:
+DECODE_TOKENS = 32  # single-token steps timed at each context of the benchmark
+
+
+def check_contexts(contexts: tuple[int, ...], decode_tokens: int = DECODE_TOKENS) -> None:
     """The one-pass benchmark decodes `decode_tokens` after each context, so contexts must be further apart."""
     ordered = sorted(contexts)
     for shorter, longer in zip(ordered, ordered[1:]):
@@ -218,85 +220,6 @@ def _gguf_array(path: Path, key: str) -> list[int]:
 DOMINATED_RATIO = 1.25
 
 
-def measure(path: str | Path, contexts: tuple[int, ...], decode_tokens: int = 16, threads: int | None = None,
-            on_row=None, setting: EngineSetting = EngineSetting(), fastest: dict | None = None) -> dict:
-    """Prefill and decode speed, cache bytes (llama.cpp's own count for the sequence) and peak memory in llama.cpp.
-
-    One pass over the text: prefill up to the first context, time `decode_tokens` single-token steps (the text's
-    own next tokens), prefill on to the next context, and so on. A decode step is exactly what generation does at
-    that depth, and the prefill figure is the tokens so far over the prefill time so far, as a fresh prefill of that
-    context would report, at a fraction of the time of one prefill per context (32k on a 135M teacher: 12 minutes).
-
-    `fastest` ({context: {"decode_ms_per_token", "growth_ms", "setting"}}, from settings measured before, see
-    `fastest_so_far`) stops the pass at a context (not the first or last) where this setting is `DOMINATED_RATIO`
-    times slower than the fastest there and its decode has grown that much more since the first context; the
-    result says so in `stopped`.
-    """
-    import resource
-
-    llama_cpp = require_llama_cpp()
-    from ling_surgery.evals.cost import COMPUTED_CONTEXTS, context_row
-    from ling_surgery.surgery.data import load_documents
-    from ling_surgery.surgery.sources import gguf_metadata
-
-    path = Path(path)
-    threads = threads or os.cpu_count()
-    contexts = tuple(sorted(contexts))
-    check_contexts(contexts, decode_tokens)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(contexts) + len(contexts) * decode_tokens + 8, n_batch=512,
-                          n_threads=threads, logits_all=False, verbose=False, **setting.llama_kwargs())
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    text = "\n\n".join(load_documents("wikipedia")[: 4 * max(contexts) // 100 + 10]).encode("utf-8")
-    tokens = llm.tokenize(text, add_bos=False)
-    while len(tokens) < max(contexts) + len(contexts) * decode_tokens:
-        tokens = tokens + tokens
-    costs = gguf_costs(path, setting.cache_type)
-    meta = gguf_metadata(path)
-    # Warm-up: the first evaluation pays for thread-pool start and page faults on the weights, which belong to no
-    # context length; without it they land in the shortest context's row.
-    llm.eval(tokens[:64])
-    for k in range(4):
-        llm.eval([tokens[64 + k]])
-    llm.reset()
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-    rows, cached, prefill_tokens, prefill_seconds, stopped = [], 0, 0, 0.0, None
-    for context in contexts:
-        start = time.perf_counter()
-        llm.eval(tokens[cached:context])
-        prefill_seconds += time.perf_counter() - start
-        prefill_tokens += context - cached
-        cached = context
-        measured = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
-        start = time.perf_counter()
-        for k in range(decode_tokens):
-            llm.eval([tokens[cached + k]])
-        decode = (time.perf_counter() - start) / decode_tokens
-        cached += decode_tokens  # the decoded tokens are context for the next row
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        # prefill time of `context` tokens at the rate measured so far (the decoded tokens were timed as decode)
-        rows.append(context_row(context, prefill_seconds * context / prefill_tokens, decode, measured, costs, peak,
-                                on_row))
-        if context != contexts[-1] and (stopped := dominated(rows, (fastest or {}).get(context))):
-            break
-    file_types = {0: "float32", 1: "float16", 7: "q8_0", 2: "q4_0"}
-    return {
-        "model": path.name,
-        "model_type": "gguf:" + meta["general.architecture"],
-        "device": "cpu",
-        "dtype": file_types.get(meta.get("general.file_type"), str(meta.get("general.file_type"))),
-        "threads": threads,
-        "kernels": f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (ggml CPU, {setting.label})",
-        "setting": setting.label,
-        "parameters": int(llama_cpp.llama_model_n_params(llm.model)),
-        "memory_after_load_bytes": baseline,
-        "kv_bytes_per_token": costs.kv_bytes_per_token,
-        "state_bytes_per_sequence": costs.state_bytes_per_sequence,
-        "computed": {str(c): costs.cache_bytes(c) for c in COMPUTED_CONTEXTS},
-        "contexts": rows,
-        "stopped": stopped,
-    }
-
-
 def dominated(rows: list[dict], best: dict | None) -> str | None:
     """Why a setting measured up to `rows[-1]` should stop (see `DOMINATED_RATIO`), or None to go on."""
     if best is None or len(rows) < 2:  # at the first context only the weights show, not the attention settings
@@ -311,7 +234,7 @@ def dominated(rows: list[dict], best: dict | None) -> str | None:
 
 def fastest_so_far(results: list[dict]) -> dict[int, dict]:
     """{context: the fastest decode among `results`, how much it grew since its first context, and its setting}:
-    what `measure(fastest=...)` compares to."""
+    what `dominated` compares a setting to."""
     best: dict[int, dict] = {}
     for result in results:
         first = result["contexts"][0]["decode_ms_per_token"]
@@ -333,7 +256,7 @@ def fastest_per_context(results: list[dict]) -> dict:
     rows = []
     contexts = sorted({row["context"] for result in results for row in result["contexts"]})
     for context in contexts:
-        # settings stopped early (see `measure`'s `fastest`) have no row at the longer contexts
+        # settings stopped early (see `dominated`) have no row at the longer contexts
         at_context = [(result, row) for result in results for row in result["contexts"] if row["context"] == context]
         result, row = min(at_context, key=lambda pair: pair[1]["decode_ms_per_token"])
         rows.append({**row, "setting": result["setting"]})

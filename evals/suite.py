@@ -43,9 +43,9 @@ def run_eval(
     `contexts`: context lengths for the inference benchmark (empty tuple: skip it). `engine`: "transformers", or
     "llamacpp" (models that are not .gguf files are exported at `gguf_dtype` and kept in the report's gguf/ folder).
     `engine_settings`: llama.cpp `EngineSetting`s (flash attention, cache type) to benchmark each model under; with
-    several, each model's fastest decode at each context is the headline and every measurement is kept. They run in
-    the order given and a setting stops at the first context where it is clearly slower than one before it and
-    growing slower faster (`llamacpp.dominated`), so list the one expected fastest first.
+    several, each model's fastest decode at each context is the headline and every measurement is kept. All models
+    and settings are measured in lockstep (`evals/llamacpp_bench.py`), and a setting stops at the first context where
+    it is clearly slower than another setting of its model and growing slower faster (`llamacpp.dominated`).
     """
     import tempfile
 
@@ -109,22 +109,17 @@ def run_eval(
     inference = {}
     if contexts is None:
         contexts = cost_module.default_contexts(engine, cuda)
-    if contexts:
+    if contexts and engine == "llamacpp":
+        from ling_surgery.evals.llamacpp_bench import benchmark
+
+        console.print(f"inference benchmark (llama.cpp): {', '.join(models)} interleaved, each setting in a process of "
+                      f"its own; contexts {', '.join(map(str, contexts))} …")
+        inference = benchmark(refs, tuple(contexts), engine_settings, console=console)
+    elif contexts:
         for role in models:
             console.print(f"inference benchmark ({role}, {engine}): contexts {', '.join(map(str, contexts))} in a fresh process …")
-            if engine == "llamacpp":
-                from ling_surgery.evals.llamacpp import EngineSetting, fastest_per_context, fastest_so_far
-
-                # settings in the order given; each stops once clearly slower than one measured before it
-                measured = []
-                for setting in engine_settings or [EngineSetting()]:
-                    measured.append(cost_module.measure_in_child(refs[role], tuple(contexts), engine=engine,
-                                                                 console=console, role=role, setting=setting,
-                                                                 fastest=fastest_so_far(measured)))
-                inference[role] = fastest_per_context(measured)
-            else:
-                inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, engine=engine,
-                                                               console=console, role=role)
+            inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, console=console,
+                                                           role=role)
     report = {
         "kind": REPORT_KIND,
         "models": described,

@@ -38,6 +38,12 @@ class _Bar:
             self._progress.console.print(f"{self._name}: {task.completed:.0f}/{task.total:.0f} {unit}  {speed}  {text}  {eta}")
 
 
+    def shrink(self, units: int) -> None:
+        """Work that will not be done after all (e.g. a benchmark setting stopped early) leaves the total."""
+        task = self._progress.tasks[0]
+        self._progress.update(self._task, total=max(task.completed, task.total - units))
+
+
 @contextmanager
 def training_progress(name: str, total: int, console: Console | None = None, completed: int = 0, unit: str = "tok"):
     """A bar over `total` units (tokens by default; e.g. unit="docs" for generation)."""

@@ -75,6 +75,13 @@ def test_dominated_settings_stop_only_when_slower_and_growing_faster():
     assert dominated(rows(20.0, 107.0), None) is None  # nothing measured before it
 
 
+def test_decode_rounds_alternate_the_order_of_the_workers():
+    from ling_surgery.evals.llamacpp_bench import round_order
+
+    workers = ["teacher fa off", "teacher fa on", "student fa on"]
+    assert [round_order(workers, r) for r in range(3)] == [workers, workers[::-1], workers]
+
+
 def test_a_setting_stopped_early_competes_only_where_it_was_measured():
     from ling_surgery.evals.llamacpp import fastest_per_context, fastest_so_far
 
@@ -96,7 +103,8 @@ def test_a_setting_stopped_early_competes_only_where_it_was_measured():
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python not installed (pip install 'ling-surgery[llamacpp]')")
 def test_llama_cpp_engine_scores_and_benchmarks_gguf_files(tmp_path):
-    from ling_surgery.evals.llamacpp import engine_settings, measure
+    from ling_surgery.evals.llamacpp import engine_settings
+    from ling_surgery.evals.llamacpp_bench import benchmark
     from ling_surgery.surgery.gguf_export import write_gguf
 
     tok = bpe_tokenizer()
@@ -122,7 +130,7 @@ def test_llama_cpp_engine_scores_and_benchmarks_gguf_files(tmp_path):
         assert set(measured["settings"]) == {s.label for s in settings}
         for label, result in measured["settings"].items():
             rows = result["contexts"]
-            # a later setting may stop after 64 tokens if it is already 1.25x slower than an earlier one there
+            # a setting may stop after 64 tokens if it is already 1.25x slower than another one there
             assert [r["context"] for r in rows] == ([64] if result["stopped"] else [64, 192]), result["stopped"]
             for row in rows:  # llama.cpp's own byte count of the sequence, f16 or q8_0 cache, agrees with the formula
                 assert row["cache_bytes_measured"] == pytest.approx(row["cache_bytes_computed"], rel=0.10), (role, label, row)
@@ -130,17 +138,22 @@ def test_llama_cpp_engine_scores_and_benchmarks_gguf_files(tmp_path):
         for row in measured["contexts"]:
             assert row["decode_ms_per_token"] == min(r["decode_ms_per_token"] for result in measured["settings"].values()
                                                      for r in result["contexts"] if r["context"] == row["context"])
-    # a setting far slower than an earlier one, and growing faster, stops at the next context (see test_dominated)
-    always = {c: {"decode_ms_per_token": 1e-9, "growth_ms": -1.0, "setting": "fa on, q8_0 cache"} for c in (64, 128, 192)}
-    stopped = measure(files["student"], (64, 128, 192), fastest=always)
-    if stopped["contexts"][1]["decode_ms_per_token"] > stopped["contexts"][0]["decode_ms_per_token"]:
-        assert [r["context"] for r in stopped["contexts"]] == [64, 128]
-        assert stopped["stopped"].startswith("stopped after 128: decode ")
-    else:  # not grown since 64 tokens: it could still catch up
-        assert stopped["stopped"] is None
-    never = {c: {"decode_ms_per_token": 1e6, "growth_ms": 1e6, "setting": "fa on, q8_0 cache"} for c in (64, 128, 192)}
-    result = measure(files["student"], (64, 128, 192), fastest=never)
-    assert [r["context"] for r in result["contexts"]] == [64, 128, 192] and result["stopped"] is None
+    # a setting that `stop` rules out stops there (its worker closes); the others go on to the last context
+    def stop_q8_0_after_128(rows, best):  # `best`: the other setting of the same model at this context
+        return "ruled out" if rows[-1]["context"] == 128 and best["setting"] == "fa on, f16 cache" else None
+
+    from ling_surgery.evals.llamacpp import EngineSetting
+    settings = [EngineSetting(True, "q8_0"), EngineSetting(True, "f16")]
+    lockstep = benchmark({"student": files["student"]}, (64, 128, 192), settings, stop=stop_q8_0_after_128)["student"]
+    assert [r["context"] for r in lockstep["settings"]["fa on, q8_0 cache"]["contexts"]] == [64, 128]
+    assert lockstep["settings"]["fa on, q8_0 cache"]["stopped"] == "ruled out"
+    assert [r["context"] for r in lockstep["contexts"]] == [64, 128, 192] and lockstep["stopped"] is None
+    assert lockstep["method"].startswith("interleaved")
+    # a file llama.cpp cannot load: a one-line error naming it, and no worker left behind
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(SurgeryError, match=r"llama.cpp benchmark of broken.gguf \(fa on, f16 cache\) failed: "):
+        benchmark({"teacher": files["teacher"], "student": broken}, (64, 128))
     assert gguf_report["models"]["student"]["model_type"] == "gguf:bailingmoe3"
     assert (tmp_path / "bench" / "inference.png").is_file()
 
