@@ -30,8 +30,8 @@ class _Bar:
         self._progress.update(self._task, advance=tokens, metrics=text)
         task = self._progress.tasks[0]
         if not self._progress.console.is_terminal and task.completed >= self._next_log * task.total:
-            # Logs and CI have no live display: print a plain line every 10%.
-            self._next_log += 0.1
+            # Logs and CI have no live display: print a plain line every 10% (one line when a step crosses several)
+            self._next_log = (int(10 * task.completed / task.total) + 1) / 10
             unit = "tokens" if self._unit == "tok" else self._unit
             speed = f"{task.speed:,.{0 if self._unit == 'tok' else 2}f} {self._unit}/s" if task.speed else ""
             eta = f"ETA {task.time_remaining:.0f} s" if task.time_remaining else ""
