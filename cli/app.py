@@ -226,9 +226,8 @@ def bench_inference(
 
     With several llama.cpp settings (e.g. --flash-attn on,off --cache-type f16,q8_0) each model is measured under
     every one and compared at its fastest, so neither model is held back by a setting that suits only the other.
-    Settings run in the order given and one stops at the first context where it is already 1.25x slower than an
-    earlier one and slowing down faster (long contexts are the expensive part), so list the setting you expect
-    fastest first.
+    All models and settings are measured interleaved, and a setting stops at the first context where it is already
+    1.25x slower than another setting of its model and slowing down faster (long contexts are the expensive part).
     """
     from ling_surgery.evals.suite import run_eval
 

@@ -163,8 +163,7 @@ def measure_in_child(model: str, contexts: tuple[int, ...], decode_tokens: int =
     reader.start()
     errors: list[str] = []
     total = sum(contexts) + len(contexts) * decode_tokens  # each context is prefilled from scratch
-    label = f"inference {role}"
-    with training_progress(label, total, console) as bar:
+    with training_progress(f"inference {role}", total, console) as bar:
         for line in child.stderr:
             if line.startswith(ROW_PREFIX):
                 row = json.loads(line[len(ROW_PREFIX):])

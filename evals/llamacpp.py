@@ -232,7 +232,7 @@ def dominated(rows: list[dict], best: dict | None) -> str | None:
     return None
 
 
-def fastest_so_far(results: list[dict]) -> dict[int, dict]:
+def fastest_among(results: list[dict]) -> dict[int, dict]:
     """{context: the fastest decode among `results`, how much it grew since its first context, and its setting}:
     what `dominated` compares a setting to."""
     best: dict[int, dict] = {}

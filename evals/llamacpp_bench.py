@@ -30,8 +30,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ling_surgery.evals.llamacpp import (DECODE_TOKENS, EngineSetting, check_contexts, dominated, fastest_per_context,
-                                        fastest_so_far)
+from ling_surgery.evals.llamacpp import (DECODE_TOKENS, EngineSetting, check_contexts, dominated, fastest_among,
+                                        fastest_per_context)
 from ling_surgery.surgery.errors import SurgeryError
 
 PREFILL_CHUNK = 512  # llama.cpp's n_batch: one chunk is one batch
@@ -46,7 +46,7 @@ def benchmark(models: dict[str, str | Path], contexts: tuple[int, ...], settings
     every setting's own result under `settings`), with `evals.cost.measure`'s keys.
 
     `stop(rows, best)` says why a setting should stop after its latest row (None: go on); `best` is the fastest other
-    setting of the same model at that context (see `llamacpp.fastest_so_far`).
+    setting of the same model at that context (see `llamacpp.fastest_among`).
     """
     from ling_surgery.evals.cost import COMPUTED_CONTEXTS, context_row
     from ling_surgery.evals.llamacpp import gguf_costs, require_llama_cpp
@@ -79,27 +79,26 @@ def benchmark(models: dict[str, str | Path], contexts: tuple[int, ...], settings
                             run.prefill_tokens += to - run.cached
                             bar.advance(to - run.cached, context=context)
                             run.cached, run.cache_bytes = to, reply.get("cache_bytes", run.cache_bytes)
-                seconds: dict[int, list[float]] = {id(run): [] for run in alive}
+                seconds: dict[_Run, list[float]] = {run: [] for run in alive}
                 for round_index in range(rounds):
                     for run in round_order(alive, round_index):
                         reply = run.worker.ask("decode", tokens=per_round)
-                        seconds[id(run)].append(reply["seconds"] / per_round)
+                        seconds[run].append(reply["seconds"] / per_round)
                         run.peak = reply["peak_memory_bytes"]
                         bar.advance(per_round, context=context)
                 for run in alive:
                     run.cached += per_round * rounds
                     prefill = run.prefill_seconds * context / run.prefill_tokens  # decoded tokens were timed as decode
-                    run.rows.append(context_row(context, prefill, statistics.median(seconds[id(run)]), run.cache_bytes,
+                    run.rows.append(context_row(context, prefill, statistics.median(seconds[run]), run.cache_bytes,
                                                 run.costs, run.peak))
                 _print_context(console, context, alive)
                 if context == contexts[-1]:
                     break
-                for run in alive:  # judge every setting before stopping any: the fastest must stay a reference
-                    others = [other.result() for other in alive if other.role == run.role and other is not run]
-                    run.verdict = stop(run.rows, fastest_so_far(others).get(context)) if others else None
-                for run in alive:
-                    if run.verdict:
-                        run.stopped = run.verdict
+                # judge every setting before stopping any: the fastest must stay a reference
+                verdicts = [(run, _verdict(run, alive, context, stop)) for run in alive]
+                for run, verdict in verdicts:
+                    if verdict:
+                        run.stopped = verdict
                         run.worker.close()
                         bar.shrink(text_tokens - run.cached)
                         if console is not None:
@@ -107,10 +106,10 @@ def benchmark(models: dict[str, str | Path], contexts: tuple[int, ...], settings
     method = (f"interleaved: all models and settings prefill in {PREFILL_CHUNK}-token chunks taken in turn, then decode "
               f"{decode_tokens} tokens in {rounds} rounds visiting each in turn; decode = median round")
     results: dict[str, dict] = {}
-    for role in models:
+    for role, path in models.items():
+        meta = gguf_metadata(Path(path))  # one file per model, whatever the settings
         measured = []
         for run in (r for r in runs if r.role == role):
-            meta = gguf_metadata(run.path)
             measured.append({
                 "model": run.path.name,
                 "model_type": "gguf:" + meta["general.architecture"],
@@ -153,7 +152,6 @@ class _Run:
     prefill_seconds: float = 0.0
     prefill_tokens: int = 0
     rows: list = field(default_factory=list)
-    verdict: str | None = None
     stopped: str | None = None
 
     def result(self) -> dict:
@@ -210,6 +208,12 @@ class _Worker:
         self.close()
 
 
+def _verdict(run: _Run, alive: list[_Run], context: int, stop) -> str | None:
+    """`stop`'s reason for `run` to stop after `context`, against the fastest other setting of its model there."""
+    others = [other.result() for other in alive if other.role == run.role and other is not run]
+    return stop(run.rows, fastest_among(others).get(context)) if others else None
+
+
 def _print_context(console, context: int, alive: list[_Run]) -> None:
     if console is None:
         return
@@ -225,8 +229,9 @@ def serve(path: str, setting: EngineSetting, n_ctx: int, threads: int, text_toke
     """The worker: load the model, tokenize the benchmark text, then answer commands (one JSON object per stdin line)
     until stdin closes: `prefill` (up to token `to`; seconds, and with `cache_bytes` llama.cpp's own byte count of the
     sequence's cache) and `decode` (`tokens` single-token steps; seconds)."""
-    import resource
+    import torch
 
+    from ling_surgery.evals.cost import peak_memory_bytes
     from ling_surgery.evals.llamacpp import require_llama_cpp
     from ling_surgery.surgery.data import load_documents
 
@@ -234,13 +239,12 @@ def serve(path: str, setting: EngineSetting, n_ctx: int, threads: int, text_toke
     llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=PREFILL_CHUNK, n_threads=threads, logits_all=False,
                           verbose=False, **setting.llama_kwargs())
 
-    def peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    cpu = torch.device("cpu")
 
     def reply(**values) -> None:
         print(REPLY + json.dumps(values), flush=True)
 
-    baseline = peak()
+    baseline = peak_memory_bytes(cpu)
     text = "\n\n".join(load_documents("wikipedia")[: 4 * text_tokens // 100 + 10]).encode("utf-8")
     tokens = llm.tokenize(text, add_bos=False)
     while len(tokens) < text_tokens:
@@ -262,12 +266,12 @@ def serve(path: str, setting: EngineSetting, n_ctx: int, threads: int, text_toke
             cached = command["to"]
             seconds = time.perf_counter() - start
             measured = {"cache_bytes": int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))} if command["cache_bytes"] else {}
-            reply(seconds=seconds, peak_memory_bytes=peak(), **measured)
+            reply(seconds=seconds, peak_memory_bytes=peak_memory_bytes(cpu), **measured)
         elif command["op"] == "decode":
             for _ in range(command["tokens"]):
                 llm.eval([tokens[cached]])
                 cached += 1
-            reply(seconds=time.perf_counter() - start, peak_memory_bytes=peak())
+            reply(seconds=time.perf_counter() - start, peak_memory_bytes=peak_memory_bytes(cpu))
         else:
             raise SurgeryError(f"unknown benchmark command {command['op']!r}")
 

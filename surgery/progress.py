@@ -22,21 +22,24 @@ class _Rate(ProgressColumn):
 class _Bar:
     def __init__(self, progress: Progress, task, name: str, unit: str):
         self._progress, self._task, self._name, self._unit = progress, task, name, unit
-        task_state = progress.tasks[0]
-        self._next_log = (int(10 * task_state.completed / task_state.total) + 1) / 10 if task_state.total else 0.1
+        self._next_log = self._next_tenth(progress.tasks[0])
+
+    @staticmethod
+    def _next_tenth(task) -> float:
+        """The next 10% mark above the work done (one log line when a step crosses several)."""
+        return (int(10 * task.completed / task.total) + 1) / 10 if task.total else 0.1
 
     def advance(self, tokens: int, **fields) -> None:
         text = "  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in fields.items())
         self._progress.update(self._task, advance=tokens, metrics=text)
         task = self._progress.tasks[0]
         if not self._progress.console.is_terminal and task.completed >= self._next_log * task.total:
-            # Logs and CI have no live display: print a plain line every 10% (one line when a step crosses several)
-            self._next_log = (int(10 * task.completed / task.total) + 1) / 10
+            # Logs and CI have no live display: print a plain line every 10%.
+            self._next_log = self._next_tenth(task)
             unit = "tokens" if self._unit == "tok" else self._unit
             speed = f"{task.speed:,.{0 if self._unit == 'tok' else 2}f} {self._unit}/s" if task.speed else ""
             eta = f"ETA {task.time_remaining:.0f} s" if task.time_remaining else ""
             self._progress.console.print(f"{self._name}: {task.completed:.0f}/{task.total:.0f} {unit}  {speed}  {text}  {eta}")
-
 
     def shrink(self, units: int) -> None:
         """Work that will not be done after all (e.g. a benchmark setting stopped early) leaves the total."""

@@ -83,17 +83,17 @@ def test_decode_rounds_alternate_the_order_of_the_workers():
 
 
 def test_a_setting_stopped_early_competes_only_where_it_was_measured():
-    from ling_surgery.evals.llamacpp import fastest_per_context, fastest_so_far
+    from ling_surgery.evals.llamacpp import fastest_among, fastest_per_context
 
     def result(setting, decodes, stopped=None):
         rows = [{"context": c, "decode_ms_per_token": d} for c, d in zip((512, 4096, 16384), decodes)]
         return {"setting": setting, "kernels": f"llama.cpp (ggml CPU, {setting})", "contexts": rows, "stopped": stopped}
 
     off = result("fa off, f16 cache", [9.0, 20.0, 60.0])
-    assert fastest_so_far([off]) == {c: {"decode_ms_per_token": d, "growth_ms": d - 9.0, "setting": "fa off, f16 cache"}
+    assert fastest_among([off]) == {c: {"decode_ms_per_token": d, "growth_ms": d - 9.0, "setting": "fa off, f16 cache"}
                                      for c, d in ((512, 9.0), (4096, 20.0), (16384, 60.0))}
     on = result("fa on, f16 cache", [8.0, 90.0], stopped="stopped after 4096: decode 4.50x slower than fa off, f16 cache")
-    assert fastest_so_far([off, on])[512]["setting"] == "fa on, f16 cache"
+    assert fastest_among([off, on])[512]["setting"] == "fa on, f16 cache"
     best = fastest_per_context([off, on])
     assert [(r["context"], r["setting"]) for r in best["contexts"]] == [
         (512, "fa on, f16 cache"), (4096, "fa off, f16 cache"), (16384, "fa off, f16 cache")]
