@@ -46,11 +46,11 @@ def convert(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted convert into the same --output"),
 ) -> None:
     """Convert MODEL into a servable checkpoint distilled from the original (`run` of the default recipe)."""
-    from ling_surgery.surgery.config import load_recipe
     from ling_surgery.surgery.convert import convert as run_convert
     from ling_surgery.surgery.convert import plan_conversion
+    from ling_surgery.surgery.validate import validate_recipe
 
-    recipe = load_recipe(config, overrides, model=model, target=target, output=str(output) if output else None)
+    recipe, _ = validate_recipe(config, overrides, model=model, target=target, output=str(output) if output else None)
     if dry_run:
         console.print(plan_conversion(recipe).table())
         return
@@ -63,12 +63,11 @@ def validate(
     overrides: list[str] = SET,
 ) -> None:
     """Check recipes (schema and cross-checks against the source's config) without loading any weights."""
-    from ling_surgery.surgery.config import load_recipe
-    from ling_surgery.surgery.validate import check_recipe
+    from ling_surgery.surgery.validate import validate_recipe
 
     for name in recipes:
         start = time.perf_counter()
-        notes = check_recipe(load_recipe(name, overrides))
+        _, notes = validate_recipe(name, overrides)
         console.print(f"[green]ok[/] {name} ({time.perf_counter() - start:.2f} s)", highlight=False)
         for note in notes:
             console.print(f"  [yellow]note:[/] {note}", highlight=False)
@@ -77,12 +76,13 @@ def validate(
 @app.command()
 def plan(recipe: str = RECIPE, overrides: list[str] = SET, output: Optional[Path] = OUTPUT) -> None:
     """Show a recipe's stages (with their status in the run folder), layer plan, parameters and KV-cache costs."""
-    from ling_surgery.surgery.config import load_recipe
     from ling_surgery.surgery.convert import plan_conversion
     from ling_surgery.surgery.run import RunFolder, stage_statuses, stages_table
+    from ling_surgery.surgery.validate import validate_recipe
 
-    resolved = load_recipe(recipe, overrides, output=str(output) if output else None)
-    console.print(plan_conversion(resolved).table())
+    conversion = plan_conversion(validate_recipe(recipe, overrides, output=str(output) if output else None)[0])
+    resolved = conversion.recipe
+    console.print(conversion.table())
     folder = RunFolder(Path(resolved.export.output or ".does-not-exist").expanduser().resolve())
     console.print(stages_table(stage_statuses(resolved, folder), resolved))
     console.print(f"run folder: {resolved.export.output or '(none: pass --output)'}", highlight=False)
@@ -97,10 +97,10 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help="rerun from this stage (by name), discarding later results"),
 ) -> None:
     """Run a recipe stage by stage; finished stages whose recipe part is unchanged are skipped."""
-    from ling_surgery.surgery.config import load_recipe
     from ling_surgery.surgery.run import run as run_recipe
+    from ling_surgery.surgery.validate import validate_recipe
 
-    resolved = load_recipe(recipe, overrides, output=str(output) if output else None)
+    resolved, _ = validate_recipe(recipe, overrides, output=str(output) if output else None)
     run_recipe(resolved, console, resume=resume, from_stage=from_stage)
 
 

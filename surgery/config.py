@@ -8,14 +8,15 @@ any weights load. `--set a.b=c` overrides edit the raw mapping before validation
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.errors import RecipeError, SurgeryError
 
 
 class Strict(BaseModel):
@@ -28,15 +29,22 @@ class SourceConfig(Strict):
 
 
 class MLAShape(Strict):
-    kv_lora_rank: int = Field(128, ge=1, description="latent width r of the compressed KV cache")
-    qk_rope_head_dim: int = Field(32, ge=2, description="RoPE'd key/query dims per head (even); the rest are NoPE")
+    """Unset values are derived from the source (surgery/defaults.py); `plan` and `--dry-run` show them."""
+
+    kv_lora_rank: int | None = Field(
+        None, ge=1, description="latent width r of the compressed KV cache (unset: half the teacher's KV-head width, ≤ 512)"
+    )
+    qk_rope_head_dim: int | None = Field(
+        None, ge=2, description="RoPE'd key/query dims per head (even); the rest are NoPE (unset: half the head, ≤ 64)"
+    )
 
 
 class PlanConfig(Strict):
-    """Which layers become what, and the shape of the new layers."""
+    """Which layers become what, and the shape of the new layers (unset values are derived from the source)."""
 
     layer_group_size: int | None = Field(
-        6, ge=1, description="periodic plan: the last layer of every group keeps full attention (MLA)"
+        None, ge=1, description="periodic plan: the last layer of every group keeps full attention (MLA); unset: the "
+        "divisor of the layer count closest to Ling's 1 in 6-8"
     )
     full_attention_layers: list[int] | None = Field(
         None, description="explicit MLA layer indices (non-periodic layouts are not served by vLLM/llama.cpp)"
@@ -149,36 +157,12 @@ class Recipe(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
-    def _cross_checks(self):
-        if self.plan.mla.qk_rope_head_dim % 2:
-            raise ValueError(f"plan.mla.qk_rope_head_dim must be even, got {self.plan.mla.qk_rope_head_dim}")
-        if self.plan.full_attention_layers is not None and any(i < 0 for i in self.plan.full_attention_layers):
-            raise ValueError("plan.full_attention_layers must be non-negative layer indices")
-        if self.target == "all-mla":
-            explicit = {k for k in ("layer_group_size", "full_attention_layers")
-                        if k in self.plan.model_fields_set and getattr(self.plan, k) is not None}
-            if explicit:
-                raise ValueError(f"target all-mla turns every layer into MLA; remove plan.{sorted(explicit)[0]}")
-        names = [s.name for s in self.stages]
-        if not self.stages or self.stages[0].kind != "init":
-            raise ValueError("stages: the first stage must be `kind: init` (it builds the upgraded model)")
-        if [s.kind for s in self.stages].count("init") > 1:
-            raise ValueError("stages: only one `kind: init` stage is allowed")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"stages: name {dupes[0]!r} is used twice; give each stage a unique `name`")
-        for stage in self.stages:
-            if stage.kind == "init" and stage.kda_half_life_min > stage.kda_half_life_max:
-                raise ValueError(f"stages.{stage.name}: kda_half_life_min must not exceed kda_half_life_max")
-            if isinstance(stage, TrainingStage):
-                step = stage.batch_size * self.data.seq_len
-                if stage.tokens < step:
-                    raise ValueError(
-                        f"stages.{stage.name}.tokens {stage.tokens} buys no optimizer step: one step is batch_size × "
-                        f"data.seq_len = {step} tokens; raise tokens or lower batch_size"
-                    )
-        if 0 < self.eval.tokens < self.eval.seq_len:
-            raise ValueError(f"eval.tokens {self.eval.tokens} is less than one eval.seq_len window ({self.eval.seq_len})")
+    def _cross_checks(self, info: ValidationInfo):
+        # `validate_raw` builds a partial recipe first (context "partial") and collects these problems itself.
+        if not (info.context or {}).get("partial"):
+            problems = cross_check_problems(self)
+            if problems:
+                raise RecipeProblems(problems)
         return self
 
     def stage(self, name: str):
@@ -186,6 +170,49 @@ class Recipe(Strict):
             if stage.name == name:
                 return stage
         raise SurgeryError(f"no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+
+class RecipeProblems(ValueError):
+    """Every cross-field problem of a Recipe built directly (`validate_raw` collects them itself, with the rest)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def cross_check_problems(recipe: Recipe) -> list[str]:
+    """Every cross-field problem of a schema-valid recipe, one line each with its key path and its fix."""
+    problems = []
+    dr = recipe.plan.mla.qk_rope_head_dim
+    if dr is not None and dr % 2:
+        problems.append(f"plan.mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {dr}; use {dr - 1} or {dr + 1}")
+    if recipe.plan.full_attention_layers is not None and any(i < 0 for i in recipe.plan.full_attention_layers):
+        problems.append("plan.full_attention_layers must be non-negative layer indices")
+    if recipe.target == "all-mla":
+        explicit = sorted(k for k in ("layer_group_size", "full_attention_layers") if getattr(recipe.plan, k) is not None)
+        if explicit:
+            problems.append(f"target all-mla turns every layer into MLA; remove plan.{explicit[0]}")
+    names = [s.name for s in recipe.stages]
+    if not recipe.stages or recipe.stages[0].kind != "init":
+        problems.append("stages: the first stage must be `kind: init` (it builds the upgraded model)")
+    if [s.kind for s in recipe.stages].count("init") > 1:
+        problems.append("stages: only one `kind: init` stage is allowed")
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"stages: name {name!r} is used twice; give each stage a unique `name`")
+    for stage in recipe.stages:
+        if stage.kind == "init" and stage.kda_half_life_min > stage.kda_half_life_max:
+            problems.append(f"stages.{stage.name}: kda_half_life_min must not exceed kda_half_life_max")
+        if isinstance(stage, TrainingStage):
+            step = stage.batch_size * recipe.data.seq_len
+            if stage.tokens < step:
+                problems.append(
+                    f"stages.{stage.name}.tokens {stage.tokens} buys no optimizer step: one step is batch_size × "
+                    f"data.seq_len = {step} tokens; raise tokens or lower batch_size"
+                )
+    if 0 < recipe.eval.tokens < recipe.eval.seq_len:
+        problems.append(f"eval.tokens {recipe.eval.tokens} is less than one eval.seq_len window ({recipe.eval.seq_len}); "
+                        "raise eval.tokens or set it to 0 to skip")
+    return problems
 
 
 def parse_value(text: str) -> Any:
@@ -275,20 +302,35 @@ FLAG_KEYS = {"output": "export.output", "model": "source.model"}
 
 
 def validate_raw(raw: dict) -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise SurgeryError(describe_validation_error(err, raw)) from None
+    """The validated recipe, or a `RecipeError` that lists every problem at once (not the first one only).
+
+    Schema errors are collected, their keys dropped (left to their defaults) and the rest validated again, so one run
+    reports an unknown key, a bad value and a cross-field problem together; the error carries that partial recipe.
+    """
+    raw = copy.deepcopy(raw)
+    problems: list[str] = []
+    partial = None
+    for _ in range(8):  # each round drops at least one failing key; real recipes need two or three
+        try:
+            partial = Recipe.model_validate(raw, context={"partial": True})
+            break
+        except ValidationError as err:
+            problems += [describe_error(e, raw) for e in err.errors()]
+            if not _drop_failing_keys(raw, [e["loc"] for e in err.errors()]):
+                break
+    if partial is not None:
+        problems += cross_check_problems(partial)
+    if problems:
+        raise RecipeError(problems, partial)
+    return partial
 
 
-def describe_validation_error(err: ValidationError, raw: dict) -> str:
-    """One line for the first problem: the key path (stages by name), what is wrong and a hint."""
-    first = err.errors()[0]
-    loc = _named_loc(list(first["loc"]), raw)
+def describe_error(error: dict, raw: dict) -> str:
+    """One pydantic error as a line: the key path (stages by name), what is wrong and a hint."""
+    loc = _named_loc(list(error["loc"]), raw)
     path = ".".join(loc) or "recipe"
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    if first["type"] == "extra_forbidden":
-        known = _known_keys(list(first["loc"])[:-1], raw)
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(list(error["loc"])[:-1], raw)
         close = difflib.get_close_matches(loc[-1], known, n=1)
         elsewhere = [p for p in _all_paths(Recipe) if p.rsplit(".", 1)[-1] == loc[-1]]
         if close:
@@ -297,13 +339,45 @@ def describe_validation_error(err: ValidationError, raw: dict) -> str:
             hint = f"it lives at {' or '.join(repr(p) for p in elsewhere)}"
         else:
             hint = f"known keys: {', '.join(known)}"
-        return f"recipe: unknown key {path!r}; {hint}"
-    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        return f"recipe: {path}: `kind` must be one of {', '.join(STAGE_KINDS)}"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "value_error" and not loc:
-        return f"recipe: {message}"
-    return f"recipe: {path}: {message}{more}"
+        return f"unknown key {path!r}; {hint}"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"{path}: `kind` must be one of {', '.join(STAGE_KINDS)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and not loc:
+        return message
+    return f"{path}: {message}"
+
+
+def _drop_failing_keys(raw: dict, locs: list[tuple]) -> bool:
+    """Remove the raw entries behind failing locations (the key in its mapping, or a whole stage entry whose kind is
+    unknown) so the rest of the recipe can still be validated; False when nothing could be removed."""
+    keys, stage_entries = [], set()
+    for loc in locs:
+        node, target = raw, None
+        for depth, part in enumerate(loc):
+            if isinstance(node, dict) and part in node:
+                target = (node, part)
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                if loc[:depth] == ("stages",):
+                    target = ("stage", part)
+                node = node[part]
+            elif isinstance(node, dict) and part in STAGE_KINDS:
+                continue  # the discriminator tag pydantic puts into stage paths
+            else:
+                break
+        if target is None:
+            continue
+        if target[0] == "stage":
+            stage_entries.add(target[1])
+        else:
+            keys.append(target)
+    for mapping, key in keys:
+        mapping.pop(key, None)
+    for index in sorted(stage_entries, reverse=True):
+        if isinstance(raw.get("stages"), list) and index < len(raw["stages"]):
+            del raw["stages"][index]
+    return bool(keys or stage_entries)
 
 
 def _named_loc(loc: list, raw: dict) -> list[str]:

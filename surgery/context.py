@@ -26,3 +26,4 @@ class RunContext:
     source_config: object = None
     target_config: object = None
     eval_windows: torch.Tensor | None = None  # held-out windows, for metrics a stage reports
+    bf16_autocast: bool = False  # train under bf16 autocast (runtime.dtype bfloat16, or auto on CUDA)

@@ -14,8 +14,9 @@ from rich.table import Table
 from ling_surgery.surgery import sources
 from ling_surgery.surgery.architectures import ArchSpec, check_source_config
 from ling_surgery.surgery.config import Recipe
+from ling_surgery.surgery.defaults import Derived
 from ling_surgery.surgery.plan import MLA, LayerPlan, student_costs, teacher_costs
-from ling_surgery.surgery.targets import TargetSpec, get_target, layer_plan, target_config
+from ling_surgery.surgery.targets import TargetSpec, check_shapes, get_target, target_config
 
 
 @dataclass
@@ -26,6 +27,8 @@ class ConversionPlan:
     plan: LayerPlan
     target: TargetSpec
     target_config: object
+    recipe: Recipe  # with every unset plan value derived from the source: what runs, and what fingerprints hash
+    derived: list[Derived]  # the values the recipe left unset, and where each came from
 
     def table(self) -> Table:
         from ling_surgery.evals.report import cost_rows
@@ -63,17 +66,28 @@ class ConversionPlan:
         else:
             layout = "NOT periodic: transformers only, not vLLM/llama.cpp"
         grid.add_row(f"layout: {layout}")
+        if self.derived:
+            derived = Table(title="derived from the source (unset in the recipe; set them to override)")
+            for col in ("key", "value", "why"):
+                derived.add_column(col, justify="right" if col == "value" else "left")
+            for item in self.derived:
+                derived.add_row(item.key, str(item.value), item.reason)
+            grid.add_row(derived)
         return grid
 
 
 def plan_conversion(recipe: Recipe) -> ConversionPlan:
-    """Resolve the source and build the layer plan and target config from the source config alone (no weights)."""
+    """Resolve the source and build the layer plan and target config from the source config alone (no weights).
+
+    Plan values the recipe leaves unset are derived from the source config here (`surgery/defaults.py`); the
+    resolved recipe is `ConversionPlan.recipe`.
+    """
     source = sources.resolve_source(recipe.source.model, recipe.source.revision)
     source_config = sources.load_config(source)
     arch = check_source_config(source_config)
-    plan = layer_plan(recipe, source_config.num_hidden_layers)
+    plan, resolved, derived = check_shapes(recipe, sources.SourceShape.from_config(source_config))
     return ConversionPlan(source, source_config, arch, plan, get_target(recipe.target),
-                          target_config(source_config, plan, recipe))
+                          target_config(source_config, plan, resolved), resolved, derived)
 
 
 def convert(recipe: Recipe, console: Console | None = None, resume: bool = False) -> dict:

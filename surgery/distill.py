@@ -84,9 +84,9 @@ def _optimizer(params, lr: float, warmup: int, total: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def _autocast(device: torch.device):
-    # bf16 only on CUDA: on this class of CPU bf16 matmuls are ~400x slower than fp32.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def _autocast(ctx: RunContext):
+    # bf16 autocast when the run asks for it (runtime.dtype, auto: CUDA only; most CPUs run bf16 far slower than fp32).
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.bf16_autocast else nullcontext()
 
 
 def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
@@ -118,7 +118,7 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
     with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
         for step in range(done, steps):
             input_ids = next(batches).to(ctx.device)
-            with _autocast(ctx.device):
+            with _autocast(ctx):
                 loss = loss_fn(input_ids)
             if not torch.isfinite(loss):
                 raise SurgeryError(f"stage {name}: loss became {loss.item()}; lower stages.{name}.lr")

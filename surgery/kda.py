@@ -47,8 +47,17 @@ def chunk_kda(
     """KDA with q/k L2-normalised in the kernel, as `chunk_kimi_delta_attention(..., use_qk_l2norm_in_kernel=True)`.
 
     Shapes: query/key/value/g ``[B, T, H, dk]``, beta ``[B, T, H]``; returns ``[B, T, H, dk]`` and the final
-    state ``[B, H, dk, dv]`` (fp32) when asked. Computation is fp32 whatever the input dtype.
+    state ``[B, H, dk, dv]`` (fp32) when asked. Computation is fp32 whatever the input dtype, and also inside
+    autocast (the path every CUDA run takes): autocast would hand bf16 matrices to `solve_triangular`, which has no
+    bf16 kernel, and e^{±G} up to e^80 multiplied in bf16 keeps only ~3 significant digits. fla's Triton kernels
+    keep this part in fp32 too. The result is returned in the input dtype.
     """
+    devices = {t.device.type for t in (query, key, value, g, beta)}
+    with torch.autocast(devices.pop(), enabled=False):
+        return _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state)
+
+
+def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state):
     in_dtype = query.dtype
     batch, seq_len, heads, dk = key.shape
     dv = value.shape[-1]

@@ -147,6 +147,7 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
     console = console or Console(stderr=True)
     folder = open_run_folder(recipe.export.output, fresh=fresh)
     conversion = plan_conversion(recipe)
+    recipe = conversion.recipe  # plan values derived from the source are part of what runs and is fingerprinted
     statuses = stage_statuses(recipe, folder)
     start = start_index(statuses, resume, from_stage)
     final = read_manifest(folder.model) or {}
@@ -211,6 +212,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
             chunk_size=recipe.runtime.kda_chunk_size, window_start=windows[i], console=console,
             state=state if isinstance(stage, TrainingStage) else None, save_every=recipe.runtime.save_every,
             source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
+            bf16_autocast=use_bf16,
         )
         console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
         t = time.perf_counter()

@@ -127,6 +127,7 @@ class SourceShape:
     rope_type: str = "default"
     hidden_act: str = "silu"
     num_experts: int = 0
+    max_position_embeddings: int | None = None  # the context the source was trained for
 
     @classmethod
     def from_config(cls, config) -> "SourceShape":
@@ -144,6 +145,7 @@ class SourceShape:
             rope_type=rope.get("rope_type", rope.get("type", "default")),
             hidden_act=get("hidden_act", "silu") or "silu",
             num_experts=get("num_local_experts", 0) or get("num_experts", 0) or 0,
+            max_position_embeddings=get("max_position_embeddings"),
         )
 
     @classmethod
@@ -162,6 +164,7 @@ class SourceShape:
             head_dim=meta.get(f"{arch}.attention.key_length", hidden // max(heads, 1)),
             rope_type="default" if scaling == "none" else scaling,
             num_experts=meta.get(f"{arch}.expert_count", 0),
+            max_position_embeddings=meta.get(f"{arch}.context_length"),
         )
 
 
@@ -180,9 +183,15 @@ def read_shape(source: Source) -> SourceShape | None:
         if not isinstance(cached, str):
             return None
         path = Path(cached)
+    raw = None
     try:
-        return SourceShape.from_config(json.loads(path.read_text()))
-    except (ValueError, TypeError) as err:
+        raw = json.loads(path.read_text())
+        return SourceShape.from_config(raw)
+    except (ValueError, TypeError, AttributeError) as err:
+        if isinstance(raw, dict) and raw.get("model_type"):
+            from ling_surgery.surgery.architectures import get_arch
+
+            get_arch(raw["model_type"])  # an unsupported family is named as such, with the supported ones
         raise SurgeryError(f"cannot use {source.name!r}: its config.json is not a causal-LM config ({err})") from None
 
 

@@ -48,25 +48,61 @@ def spec_of(config) -> TargetSpec:
 
 
 def layer_plan(recipe, num_layers: int) -> LayerPlan:
-    """The recipe's layer plan for a source with `num_layers` layers."""
+    """The recipe's layer plan for a source with `num_layers` layers (an unset group size is derived from it)."""
     if not get_target(recipe.target).linear_attention:
         return make_plan(num_layers, 1)
-    return make_plan(num_layers, recipe.plan.layer_group_size, recipe.plan.full_attention_layers)
+    group, layers = recipe.plan.layer_group_size, recipe.plan.full_attention_layers
+    if group is None and layers is None:
+        from ling_surgery.surgery.defaults import layer_group_size
+
+        group, _ = layer_group_size(num_layers)
+    return make_plan(num_layers, group, layers)
 
 
-def check_shapes(recipe, shape) -> LayerPlan:
-    """Cross-checks of a recipe against the source (a `sources.SourceShape`); returns the layer plan."""
-    plan = layer_plan(recipe, shape.num_layers)
+def shape_problems(recipe, shape) -> list[str]:
+    """Every problem of a recipe (its plan values resolved) against the source (a `sources.SourceShape`)."""
+    problems = []
+    layers = shape.num_layers
+    explicit = recipe.plan.full_attention_layers
+    if get_target(recipe.target).linear_attention:
+        if explicit is not None:
+            bad = [i for i in explicit if i >= layers]
+            if bad:
+                problems.append(f"plan.full_attention_layers {bad} out of range: the model has {layers} layers "
+                                f"(0..{layers - 1})")
+        else:
+            group = recipe.plan.layer_group_size
+            if group > layers or layers % group:
+                from ling_surgery.surgery.defaults import layer_group_size
+
+                fits = [g for g in range(2, layers + 1) if layers % g == 0]
+                problems.append(
+                    f"plan.layer_group_size {group} does not divide num_hidden_layers {layers}; use one of {fits}, "
+                    f"list layers in plan.full_attention_layers, or leave it unset (derived: {layer_group_size(layers)[0]})"
+                )
     dr, rank = recipe.plan.mla.qk_rope_head_dim, recipe.plan.mla.kv_lora_rank
     if dr > shape.head_dim:
-        raise SurgeryError(
-            f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; pick at most {shape.head_dim}"
-        )
+        problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; "
+                        f"pick at most {shape.head_dim} or leave it unset")
     if rank > shape.hidden_size:
-        raise SurgeryError(
-            f"plan.mla.kv_lora_rank {rank} exceeds hidden_size {shape.hidden_size}; pick a smaller rank"
-        )
-    return plan
+        problems.append(f"plan.mla.kv_lora_rank {rank} exceeds hidden_size {shape.hidden_size}; pick a smaller rank or "
+                        "leave it unset")
+    return problems
+
+
+def check_shapes(recipe, shape):
+    """Cross-checks of a recipe against the source (a `sources.SourceShape`), every problem at once.
+
+    Returns the layer plan, the recipe with its unset plan values derived from the source, and what was derived.
+    """
+    from ling_surgery.surgery.defaults import resolve_defaults
+    from ling_surgery.surgery.errors import RecipeError
+
+    resolved, derived = resolve_defaults(recipe, shape)
+    problems = shape_problems(resolved, shape)
+    if problems:
+        raise RecipeError(problems)
+    return layer_plan(resolved, shape.num_layers), resolved, derived
 
 
 def target_config(source_config, plan: LayerPlan, recipe):
@@ -80,7 +116,7 @@ def target_config(source_config, plan: LayerPlan, recipe):
     from ling_surgery.surgery.sources import SourceShape
 
     check_source_config(source_config)
-    check_shapes(recipe, SourceShape.from_config(source_config))
+    _, recipe, _ = check_shapes(recipe, SourceShape.from_config(source_config))
     target = get_target(recipe.target)
     d = head_dim(source_config)
     dr = recipe.plan.mla.qk_rope_head_dim

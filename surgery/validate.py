@@ -1,7 +1,7 @@
 """`ling-surgery validate`: a recipe's schema and its cross-checks against the source, with no weights loaded.
 
 Reads only the source's config.json or GGUF header (no torch, no transformers), so it answers in well under 2 s.
-Errors raise `SurgeryError` (one line, exit code 2); warnings come back as strings.
+Every problem is reported at once (`RecipeError`: one line each, exit code 2); warnings come back as strings.
 """
 
 from __future__ import annotations
@@ -9,30 +9,79 @@ from __future__ import annotations
 import warnings
 
 from ling_surgery.surgery.architectures import check_source
-from ling_surgery.surgery.config import Recipe
+from ling_surgery.surgery.config import Recipe, load_recipe
 from ling_surgery.surgery.data import locate_documents
+from ling_surgery.surgery.errors import RecipeError, SurgeryError
 from ling_surgery.surgery.sources import read_shape, resolve_source
 from ling_surgery.surgery.targets import check_shapes
 
 
 def check_recipe(recipe: Recipe) -> list[str]:
-    """Everything `run` would reject before loading weights; returns warnings."""
+    """Everything `run` would reject before loading weights, all problems in one `RecipeError`; returns warnings."""
     notes: list[str] = []
-    source = resolve_source(recipe.source.model, recipe.source.revision)
-    shape = read_shape(source)
-    if shape is None:
+    problems: list[str] = []
+    try:
+        source = resolve_source(recipe.source.model, recipe.source.revision)
+        shape = read_shape(source)
+    except SurgeryError as err:
+        problems.append(f"source.model: {err}")
+        shape = source = None
+    if source is not None and shape is None:
         notes.append(f"source {source.name!r} is a hub model that is not cached here: layer-plan checks run when "
                      "`run` downloads its config")
-    else:
-        check_source(shape)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            check_shapes(recipe, shape)
-        notes += [str(w.message) for w in caught]
-    kind, _ = locate_documents(recipe.data.train)
-    if kind == "hub":
-        notes.append(f"data {recipe.data.train!r} is a hub dataset: checked when `run` loads it")
+    elif shape is not None:
+        try:
+            check_source(shape)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                check_shapes(recipe, shape)
+            notes += [str(w.message) for w in caught]
+            notes += context_notes(recipe, shape)
+        except RecipeError as err:
+            problems += err.problems
+        except SurgeryError as err:
+            problems.append(f"source.model: {err}")
+    try:
+        kind, _ = locate_documents(recipe.data.train)
+        if kind == "hub":
+            notes.append(f"data {recipe.data.train!r} is a hub dataset: checked when `run` loads it")
+    except SurgeryError as err:
+        problems.append(f"data.train: {err}")
+    if problems:
+        raise RecipeError(problems, recipe)
     # Whether this machine has a GPU is not a property of the recipe: `run` checks runtime.device where it runs.
     if recipe.runtime.dtype == "bfloat16" and recipe.runtime.device == "cpu":
         notes.append("runtime.dtype bfloat16 on CPU: typical CPUs run bf16 ~400x slower than fp32 (use auto or float32)")
     return notes
+
+
+def context_notes(recipe: Recipe, shape) -> list[str]:
+    """Windows longer than the context the source was trained for: allowed (RoPE extrapolates), but worth a word."""
+    limit = shape.max_position_embeddings
+    if not limit:
+        return []
+    return [f"{key} {value} is longer than the source's max_position_embeddings {limit}: the teacher never saw such "
+            "windows in training" for key, value in (("data.seq_len", recipe.data.seq_len), ("eval.seq_len", recipe.eval.seq_len))
+            if value > limit]
+
+
+def validate_recipe(recipe=None, overrides=(), **flags) -> tuple[Recipe, list[str]]:
+    """`load_recipe` then `check_recipe`, with the problems of both in one `RecipeError`; returns (recipe, notes).
+
+    What every command that takes a recipe runs first: a recipe with an unknown key, a bad value and a layer group
+    that does not fit the source gets all three named in one report.
+    """
+    problems: list[str] = []
+    try:
+        resolved = load_recipe(recipe, overrides, **flags)
+    except RecipeError as err:
+        problems, resolved = list(err.problems), err.partial
+    notes: list[str] = []
+    if resolved is not None:
+        try:
+            notes = check_recipe(resolved)
+        except RecipeError as err:
+            problems += err.problems
+    if problems:
+        raise RecipeError(problems, resolved)
+    return resolved, notes

@@ -109,8 +109,24 @@ def test_validate_is_light_and_names_the_problem(source, tmp_path):
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["False", "False"], probe.stderr
-    bad = run_cli("validate", "ci-smoke", "--set", f"source.model={model}", "--set", "plan.layer_group_size=3")
+    bad = run_cli("validate", "ci-smoke", "--set", f"source.model={model}", "--set", "plan.layer_group_size=3",
+                  "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8")
     assert bad.returncode == 2 and "does not divide num_hidden_layers 4" in _error_line(bad)
+    # Three independent mistakes (a typo, a bad value, a plan that does not fit the source) in one run, one line each.
+    recipe = tmp_path / "three-mistakes.yaml"
+    recipe.write_text(f"source: {{model: {model}}}\ndata: {{train: {data}, seq_len: 32}}\n"
+                      "plan: {layer_group_size: 3, mla: {kv_lora_rnak: 16}}\n"
+                      "stages: [{kind: init}, {kind: logit_distill, lr: -1, tokens: 256}]\n")
+    three = run_cli("validate", str(recipe))
+    assert three.returncode == 2, three.stderr
+    lines = [line.strip() for line in three.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: the recipe has 3 problems:",
+        "- unknown key 'plan.mla.kv_lora_rnak'; did you mean 'kv_lora_rank'?",
+        "- stages.logit_distill.lr: Input should be greater than 0",
+        "- plan.layer_group_size 3 does not divide num_hidden_layers 4; use one of [2, 4], list layers in "
+        "plan.full_attention_layers, or leave it unset (derived: 4)",
+    ], three.stderr
     typo = run_cli("validate", "ci-smoke", "--set", "stages.init.calibraton_tokens=5")
     assert typo.returncode == 2 and "did you mean 'calibration_tokens'" in _error_line(typo)
 
@@ -145,7 +161,8 @@ def test_recipes_ls_show_cp(tmp_path):
         (["convert", "{model}", "--output", "o", "--set", "plan.layer_group_size=3"], "does not divide"),
         (["convert", "{model}", "--output", "o", "--set", "plan.layr_group_size=2"], "did you mean 'layer_group_size'"),
         (["run", "missing-recipe", "--output", "o"], "not a shipped recipe"),
-        (["run", "ci-smoke", "--set", "source.model={model}", "--output", "{blocked}"], "is a file"),
+        (["run", "ci-smoke", "--set", "source.model={model}", "--set", "plan.mla.kv_lora_rank=32",
+          "--set", "plan.mla.qk_rope_head_dim=8", "--set", "plan.layer_group_size=2", "--output", "{blocked}"], "is a file"),
         (["convert", "{model}", "--output", "{exists}"], "already exists"),
         (["convert", "{model}", "--output", "{blocked}/sub"], "cannot create"),
         (["export", "{model}", "--format", "gguf", "--output", "{blocked}"], "already exists"),

@@ -73,3 +73,19 @@ def test_kda_mixer_forward_matches_module():
     x = torch.randn(2, 21, 32)
     with torch.no_grad():
         torch.testing.assert_close(kda_mixer_forward(attn, x, chunk_size=4), attn(x), atol=1e-5, rtol=1e-4)
+
+
+def test_chunk_kda_runs_in_fp32_inside_bf16_autocast():
+    """The CUDA training path: autocast would hand bf16 matrices to solve_triangular (no bf16 kernel)."""
+    q, k, v, g, beta = _inputs()
+    expected, _ = chunk_kda(q, k, v, g, beta, chunk_size=16)
+    leaves = [x.bfloat16().requires_grad_() for x in (q, k, v, g, beta)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = chunk_kda(*leaves, chunk_size=16)
+    assert out.dtype == torch.bfloat16
+    # Inputs rounded to bf16 are the only error: the kernel itself is fp32.
+    exact_on_rounded, _ = chunk_kda(*(x.detach().float() for x in leaves), chunk_size=16)
+    torch.testing.assert_close(out.float(), exact_on_rounded, atol=1e-2, rtol=1e-2)
+    assert (out.float() - expected).abs().max() < 0.1
+    out.float().pow(2).sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)

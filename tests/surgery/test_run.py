@@ -124,3 +124,15 @@ def test_recipe_benchmarks_run_after_export(source, tmp_path):
     assert benchmarks["tasks"]["wikipedia"]["teacher"]["n"] == 1 and "ratio" in benchmarks["tasks"]["wikipedia"]
     assert report["benchmarks"]["models"]["student"]["ref"] == str(out / "model")
     assert not benchmarks["inference"]  # eval.inference is off by default
+
+
+def test_every_stage_runs_under_bf16(source, tmp_path):
+    """runtime.dtype=bfloat16 on CPU: bf16 teacher, every training step under bf16 autocast (the CUDA path)."""
+    import math
+
+    report = _run(source, tmp_path / "run", "runtime.dtype=bfloat16")
+    manifests = _manifests(tmp_path / "run")
+    for name in ("2-attention_transfer", "3-logit_distill"):
+        losses = manifests[name]["metrics"]["losses"]
+        assert losses and all(math.isfinite(x) for x in losses), name
+    assert math.isfinite(report["quality"]["student"]["perplexity"])
