@@ -6,13 +6,16 @@ is ``ling-surgery convert``, ``ling_surgery.load_recipe(...)`` reads a recipe wi
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Recipe", "check_recipe", "convert", "load_recipe", "plan_conversion", "run"]
+__all__ = ["__version__", "Recipe", "RecipeError", "check_recipe", "convert", "load_recipe", "plan_conversion", "run",
+           "validate_recipe"]
 
 _LAZY = {
     # Lazy so that `ling-surgery --help` and `validate` do not pay for importing torch.
     "Recipe": "ling_surgery.surgery.config",
     "load_recipe": "ling_surgery.surgery.config",
     "check_recipe": "ling_surgery.surgery.validate",
+    "validate_recipe": "ling_surgery.surgery.validate",
+    "RecipeError": "ling_surgery.surgery.errors",
     "convert": "ling_surgery.surgery.convert",
     "plan_conversion": "ling_surgery.surgery.convert",
     "run": "ling_surgery.surgery.run",

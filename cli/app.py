@@ -129,6 +129,9 @@ DATA = typer.Option([], "--data", help="TASK=FILE.jsonl: score a task on your ow
 ENGINE = typer.Option("transformers", "--engine", help="transformers, or llamacpp (needs the llamacpp extra)")
 GGUF_DTYPE = typer.Option("f32", "--gguf-dtype", help="with --engine llamacpp: f32, f16, q8_0 or q4_0 for exported models")
 FLASH_ATTN = typer.Option("on", "--flash-attn", help="with --engine llamacpp: on (llama.cpp's default), off, or on,off to measure both")
+RECALL_LENGTHS = typer.Option(None, "--recall-lengths", help="passkey/niah context lengths, e.g. 512,2048 "
+                              "(default: 512-8k on CPU, 1k-128k on CUDA, each model up to its own limit)")
+RECALL_DEPTHS = typer.Option(None, "--recall-depths", help="passkey/niah needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1 (default: 0,0.5,1 on CPU, 5 on CUDA)")
 CACHE_TYPE = typer.Option("f16", "--cache-type", help="with --engine llamacpp: K/V cache type f16 (default) or q8_0, or f16,q8_0")
 bench_app = typer.Typer(help="Inference benchmarks: teacher vs. upgraded model in one engine, side by side.",
                         no_args_is_help=True)
@@ -174,16 +177,19 @@ def eval_model(
     gguf_dtype: str = GGUF_DTYPE,
     flash_attn: str = FLASH_ATTN,
     cache_type: str = CACHE_TYPE,
+    recall_lengths: Optional[str] = RECALL_LENGTHS,
+    recall_depths: Optional[str] = RECALL_DEPTHS,
 ) -> None:
-    """Evaluate one model: held-out perplexity, LAMBADA, zero-shot multiple choice, GSM8K, inference cost.
+    """Evaluate one model: held-out perplexity, LAMBADA, zero-shot multiple choice, GSM8K, long-context recall,
+    inference cost.
 
-    Tasks: wikipedia, lambada, arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, mmlu, gsm8k.
+    Tasks: wikipedia, lambada, arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, mmlu, gsm8k, passkey, niah.
     """
     from ling_surgery.evals.suite import run_eval
 
     task_list, context_list, data_map = _eval_args(tasks, contexts, data)
     run_eval({"model": model}, task_list, limit, output, context_list, data_map, seed, device, console, engine, gguf_dtype,
-             _engine_settings(flash_attn, cache_type))
+             _engine_settings(flash_attn, cache_type), *_recall_grid(recall_lengths, recall_depths))
 
 
 @app.command()
@@ -201,13 +207,36 @@ def report(
     gguf_dtype: str = GGUF_DTYPE,
     flash_attn: str = FLASH_ATTN,
     cache_type: str = CACHE_TYPE,
+    recall_lengths: Optional[str] = RECALL_LENGTHS,
+    recall_depths: Optional[str] = RECALL_DEPTHS,
 ) -> None:
     """Teacher vs. upgraded model side by side on the same samples: quality, inference cost, tokens per solved task."""
     from ling_surgery.evals.suite import run_eval
 
     task_list, context_list, data_map = _eval_args(tasks, contexts, data)
     run_eval({"teacher": teacher, "student": student}, task_list, limit, output, context_list, data_map, seed, device,
-             console, engine, gguf_dtype, _engine_settings(flash_attn, cache_type))
+             console, engine, gguf_dtype, _engine_settings(flash_attn, cache_type),
+             *_recall_grid(recall_lengths, recall_depths))
+
+
+def _recall_grid(lengths: str | None, depths: str | None):
+    """--recall-lengths / --recall-depths as tuples (None: the defaults)."""
+    parsed_lengths = parsed_depths = None
+    if lengths is not None:
+        try:
+            parsed_lengths = tuple(int(n) for n in lengths.split(",") if n.strip())
+        except ValueError:
+            raise SurgeryError(f"--recall-lengths {lengths!r}: expected comma-separated token counts, e.g. 512,2048") from None
+        if not parsed_lengths or min(parsed_lengths) < 128:
+            raise SurgeryError(f"--recall-lengths {lengths!r}: each length must be at least 128 tokens")
+    if depths is not None:
+        try:
+            parsed_depths = tuple(float(d) for d in depths.split(",") if d.strip())
+        except ValueError:
+            raise SurgeryError(f"--recall-depths {depths!r}: expected comma-separated fractions, e.g. 0,0.5,1") from None
+        if not parsed_depths or not all(0 <= d <= 1 for d in parsed_depths):
+            raise SurgeryError(f"--recall-depths {depths!r}: each depth must be between 0 (start) and 1 (end)")
+    return parsed_lengths, parsed_depths
 
 
 @bench_app.command("inference")

@@ -1,5 +1,6 @@
 """Rendering of eval reports: a rich table, Markdown, `quality.png` (metric per task, both models, ± 1 standard
-error) and `inference.png` (decode latency and cache memory against context length, both models)."""
+error), `recall.png` (recall heat maps, context length × needle depth, models side by side) and `inference.png`
+(decode latency and cache memory against context length, both models)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,28 @@ def quality_rows(report: dict) -> list[list[str]]:
             rows.append(["  output tokens per correct answer", ""] + per_correct + ([""] if "ratio" in by_role else []))
             rows.append(["  correct per 1k output tokens", ""] + [f"{g['correct_per_1k_tokens']:.2f}" for g in generated]
                         + ([""] if "ratio" in by_role else []))
+        if first["kind"] == "recall":
+            rows += recall_rows(report, by_role, "ratio" in by_role)
         if first["kind"] == "lambada":
             rows.append(["  passage perplexity", ""] + [f"{by_role[r]['perplexity']:.2f}" for r in _roles(report) if r in by_role]
                         + ([""] if "ratio" in by_role else []))
+    return rows
+
+
+def recall_rows(report: dict, by_role: dict, compare: bool) -> list[list[str]]:
+    """Per variant and context length: accuracy over the needle depths (recall.png has every cell)."""
+    roles = [r for r in _roles(report) if r in by_role]
+    first = by_role[roles[0]]
+    rows = []
+    for variant, result in first["variants"].items():
+        for length in result["by_length"]:
+            cells = [f"{by_role[r]['variants'][variant]['by_length'][length]:.2f}"
+                     if length in by_role[r]["variants"].get(variant, {}).get("by_length", {}) else "—" for r in roles]
+            rows.append([f"  {variant} @ {length} tokens", ""] + cells + ([""] if compare else []))
+    skipped = sorted({n for r in roles for n in by_role[r].get("skipped_lengths", [])})
+    if skipped:
+        rows.append([f"  skipped (beyond a model's context): {', '.join(map(str, skipped))}", ""] + [""] * len(roles)
+                    + ([""] if compare else []))
     return rows
 
 
@@ -177,6 +197,45 @@ def quality_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def recall_plot(report: dict, path: Path) -> bool:
+    """One heat map per recall task variant and model (context length × needle depth), models side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = _roles(report)
+    panels = [(task, variant) for task, by_role in report["tasks"].items()
+              if by_role[roles[0]]["kind"] == "recall" for variant in by_role[roles[0]]["variants"]]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), len(roles), figsize=(4.2 * len(roles), 3.2 * len(panels)), squeeze=False)
+    for row, (task, variant) in enumerate(panels):
+        for col, role in enumerate(roles):
+            ax = axes[row][col]
+            grid = report["tasks"][task].get(role, {}).get("variants", {}).get(variant, {}).get("grid", {})
+            lengths = list(grid)
+            depths = sorted({d for cells in grid.values() for d in cells}, key=float)
+            values = [[grid[n].get(d, float("nan")) for n in lengths] for d in depths]
+            ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+            ax.set_xticks(range(len(lengths)), lengths)
+            ax.set_yticks(range(len(depths)), depths)
+            for y, line in enumerate(values):
+                for x, value in enumerate(line):
+                    if not math.isnan(value):
+                        ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=8)
+            acc = report["tasks"][task].get(role, {}).get("variants", {}).get(variant, {}).get("acc")
+            ax.set_title(f"{role}: {task}" + (f" ({variant})" if variant != task else "")
+                         + (f", {acc:.0%}" if acc is not None else ""), fontsize=10)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel("needle depth")
+    fig.suptitle("recall accuracy (greedy), context length × needle depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def inference_plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -212,5 +271,6 @@ def write_eval_report(folder: Path, report: dict) -> None:
     (folder / "report.md").write_text(eval_markdown(report))
     if report["tasks"]:
         quality_plot(report, folder / "quality.png")
+        recall_plot(report, folder / "recall.png")
     if report.get("inference"):
         inference_plot(report, folder / "inference.png")

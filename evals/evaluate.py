@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ling_surgery.evals.scoring import LoadedModel, binomial_stderr, extract_number, same_number, split_context
 from ling_surgery.evals.tasks import Task
+from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.progress import training_progress
 
 PERPLEXITY_SEQ_LEN = 512  # the conversion report's held-out windows
@@ -120,6 +121,42 @@ def generate_task(lm: LoadedModel, task: Task, console: Console, max_new_tokens:
     }
 
 
+def recall_task(lm: LoadedModel, task: Task, console: Console, shown: int = 3) -> dict:
+    """Passkey / needle-in-a-haystack over the task's (length, depth) grid, greedy (teacher-forced, see recall.py).
+
+    Lengths beyond what the model was built for are skipped and listed. The first `shown` items of the shortest
+    length are also decoded for real, so the report shows what the model says.
+    """
+    from ling_surgery.evals.recall import HaystackBuilder, recall_result
+
+    pieces: dict[int, str] = {}
+
+    def token_text(token: int) -> str:
+        if token not in pieces:
+            pieces[token] = lm.tokenizer.decode([token])
+        return pieces[token]
+
+    builder = HaystackBuilder(lm.encode, token_text, task.haystack)
+    fits = [d for d in task.docs if d["length"] <= lm.max_length]
+    skipped = sorted({d["length"] for d in task.docs} - {d["length"] for d in fits})
+    if not fits:
+        raise SurgeryError(f"{task.spec.name}: every recall length ({', '.join(map(str, skipped))}) is beyond the "
+                           f"{lm.max_length} positions of {lm.name}; pass --recall-lengths up to {lm.max_length}")
+    items = [builder.item(d) for d in fits]
+    sequences, starts = [i.prompt + i.answer for i in items], [len(i.prompt) for i in items]
+    with _progress(f"{task.spec.name} ({lm.name})", sum(map(len, sequences)), console) as bar:
+        scored = lm.score(sequences, starts, max_length=lm.max_length, progress=lambda n, t: bar.advance(t))
+    correct = [bool(s.greedy.all()) for s in scored]
+    samples = []
+    shortest = min((i.length for i in items), default=0)
+    for item, ok in zip(items, correct):
+        if item.length == shortest and len(samples) < shown:
+            text, _ = lm.generate(item.prompt, max_new_tokens=len(item.answer) + 4, stop=("\n",))
+            samples.append({"question": f"{item.variant}, {item.length} tokens, depth {item.depth:g}", "output": text,
+                            "predicted": extract_number(text), "gold": item.gold, "correct": ok})
+    return recall_result(items, correct, samples, skipped)
+
+
 def generation_kernels(lm: LoadedModel) -> str:
     """What runs cached decoding of this model on this machine."""
     import importlib.util
@@ -132,4 +169,5 @@ def generation_kernels(lm: LoadedModel) -> str:
     return "KDA: " + ("flash-linear-attention" if fla else "transformers' pure-PyTorch recurrent fallback") + "; MLA: latent cache"
 
 
-KINDS = {"perplexity": perplexity_task, "lambada": lambada_task, "choice": choice_task, "generate": generate_task}
+KINDS = {"perplexity": perplexity_task, "lambada": lambada_task, "choice": choice_task, "generate": generate_task,
+         "recall": recall_task}

@@ -101,8 +101,9 @@ class LlamaCppModel:
                 progress(1, len(seq))
         return results
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, stop: tuple[str, ...] = ("\n\n", "Question:")) -> tuple[str, int]:
-        ids = self.encode(prompt)
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256,
+                 stop: tuple[str, ...] = ("\n\n", "Question:")) -> tuple[str, int]:
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         self.llm.reset()
         new, text = [], ""
         for token in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):

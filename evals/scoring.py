@@ -53,8 +53,13 @@ class LoadedModel:
     def score(self, sequences, starts, batch_tokens: int = 4096, max_length: int | None = None, progress=None):
         return score_tokens(self, sequences, starts, batch_tokens, max_length, progress)
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, stop: tuple[str, ...] = ("\n\n", "Question:")):
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, stop: tuple[str, ...] = ("\n\n", "Question:")):
         return generate(self, prompt, max_new_tokens, stop)
+
+    @property
+    def max_length(self) -> int:
+        """The longest context the model was built for (its position table / RoPE training length)."""
+        return getattr(self.model.config, "max_position_embeddings", None) or 4096
 
 
 def load_for_eval(model: str, device: str = "auto", chunk_size: int = 32) -> LoadedModel:
@@ -122,9 +127,12 @@ def score_tokens(lm: LoadedModel, sequences: list[list[int]], starts: list[int],
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 256, stop: tuple[str, ...] = ("\n\n", "Question:")) -> tuple[str, int]:
-    """Greedy generation with the stock model and its cache (what serving runs); returns (text, new tokens)."""
-    ids = torch.tensor([lm.encode(prompt)], device=lm.device)
+def generate(lm: LoadedModel, prompt: str | list[int], max_new_tokens: int = 256,
+             stop: tuple[str, ...] = ("\n\n", "Question:")) -> tuple[str, int]:
+    """Greedy generation with the stock model and its cache (what serving runs); returns (text, new tokens).
+
+    `prompt` is text, or token ids used as they are."""
+    ids = torch.tensor([prompt if isinstance(prompt, list) else lm.encode(prompt)], device=lm.device)
     out = lm.model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
         stop_strings=list(stop), tokenizer=lm.tokenizer,

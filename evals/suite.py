@@ -35,6 +35,8 @@ def run_eval(
     engine: str = "transformers",
     gguf_dtype: str = "f32",
     engine_settings: list | None = None,
+    recall_lengths: tuple[int, ...] | None = None,
+    recall_depths: tuple[float, ...] | None = None,
 ) -> dict:
     """Evaluate `models` ({role: model}) on the same task samples; write the report into `output` if given.
 
@@ -46,12 +48,15 @@ def run_eval(
     several, each model's fastest decode at each context is the headline and every measurement is kept. All models
     and settings are measured in lockstep (`evals/llamacpp_bench.py`), and a setting stops at the first context where
     it is clearly slower than another setting of its model and growing slower faster (`llamacpp.dominated`).
+    `recall_lengths` / `recall_depths`: the grid of the recall tasks (passkey, niah); None: 512–8k tokens on CPU,
+    1k–128k on CUDA (each model keeps the lengths it allows); depths 0, 0.5, 1 on CPU, 5 on CUDA.
     """
     import tempfile
 
     import torch
 
     from ling_surgery.evals import cost as cost_module
+    from ling_surgery.evals import recall
     from ling_surgery.evals.eval_report import eval_table, write_eval_report
     from ling_surgery.evals.evaluate import evaluate
     from ling_surgery.evals.scoring import load_for_eval
@@ -86,7 +91,10 @@ def run_eval(
     loaded = []
     for name in names:
         kind_limit = limit if limit is not None else (None if cuda else DEFAULT_LIMITS[get_spec(name).kind])
-        loaded.append(load_task(name, kind_limit, seed, (data or {}).get(name), _heldout_fraction(models)))
+        lengths = recall_lengths or (recall.GPU_LENGTHS if cuda else recall.CPU_LENGTHS)
+        depths = recall_depths or (recall.GPU_DEPTHS if cuda else recall.CPU_DEPTHS)
+        loaded.append(load_task(name, kind_limit, seed, (data or {}).get(name), _heldout_fraction(models), lengths,
+                                depths))
     results: dict[str, dict] = {task.spec.name: {} for task in loaded}
     described: dict[str, dict] = {}
     for role, model in models.items():
@@ -142,7 +150,8 @@ def run_eval(
                         os.replace(path, tmp / "gguf" / path.name)
 
             write_folder(out, fill, replace=out.exists())
-            console.print(f"report: {out} (report.md, report.json" + (", quality.png" if loaded else "")
+            recall_png = ", recall.png" if any(t.spec.kind == "recall" for t in loaded) else ""
+            console.print(f"report: {out} (report.md, report.json" + (", quality.png" + recall_png if loaded else "")
                           + (", inference.png" if inference else "") + ")")
     finally:
         shutil.rmtree(work, ignore_errors=True)

