@@ -39,6 +39,13 @@ def quality_rows(report: dict) -> list[list[str]]:
             rows.append(["  output tokens per correct answer", ""] + per_correct + ([""] if "ratio" in by_role else []))
             rows.append(["  correct per 1k output tokens", ""] + [f"{g['correct_per_1k_tokens']:.2f}" for g in generated]
                         + ([""] if "ratio" in by_role else []))
+        if first["kind"] == "choice" and "gen_acc" in first:
+            roles = [r for r in _roles(report) if r in by_role]
+            tail = [""] if "ratio" in by_role else []
+            rows.append(["  answered by generating the letter (acc)", ""]
+                        + [f"{by_role[r]['gen_acc']:.3f} ± {by_role[r]['gen_acc_stderr']:.3f}" for r in roles] + tail)
+            rows.append([f"  gap: {first['primary']} − generated", ""]
+                        + [f"{by_role[r]['value'] - by_role[r]['gen_acc']:+.3f}" for r in roles] + tail)
         if first["kind"] == "recall":
             rows += recall_rows(report, by_role, "ratio" in by_role)
         if first["kind"] == "lambada":

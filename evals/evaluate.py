@@ -7,6 +7,7 @@ Every result is a dict with stable keys: `kind`, `n` (documents scored), `primar
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import torch
@@ -90,9 +91,53 @@ def choice_task(lm: LoadedModel, task: Task, console: Console) -> dict:
     primary = task.spec.primary
     values = {"acc": acc / n, "acc_norm": acc_norm / n}
     errors = {"acc": binomial_stderr(acc, n), "acc_norm": binomial_stderr(acc_norm, n)}
-    return {"kind": "choice", "n": n, "tokens": sum(len(s) for s, _ in encoded), "acc": values["acc"],
-            "acc_stderr": errors["acc"], "acc_norm": values["acc_norm"], "acc_norm_stderr": errors["acc_norm"],
-            "chance": task.spec.chance, "primary": primary, "value": values[primary], "stderr": errors[primary]}
+    result = {"kind": "choice", "n": n, "tokens": sum(len(s) for s, _ in encoded), "acc": values["acc"],
+              "acc_stderr": errors["acc"], "acc_norm": values["acc_norm"], "acc_norm_stderr": errors["acc_norm"],
+              "chance": task.spec.chance, "primary": primary, "value": values[primary], "stderr": errors[primary]}
+    result.update(generated_choice(lm, task, console))
+    return result
+
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def lettered_prompt(doc: dict) -> str | None:
+    """The question with lettered options, to be answered by generating the letter (OLMES "MC" format):
+    "Question: …\n A. …\n B. …\nAnswer:". None when the choices live inside the contexts (Winogrande)."""
+    if len(set(doc["contexts"])) != 1 or len(doc["continuations"]) > len(LETTERS):
+        return None
+    stem = doc["contexts"][0].rstrip().removesuffix("Answer:").rstrip()
+    options = "".join(f"\n {LETTERS[i]}. {choice.strip()}" for i, choice in enumerate(doc["continuations"]))
+    return f"{stem}{options}\nAnswer:"
+
+
+def generated_letter(text: str, choices: int) -> int | None:
+    """The option a generated answer names: its first standalone letter among the options ("B", " (B)", "B. …")."""
+    found = re.search(rf"(?<![A-Za-z])([A-{LETTERS[choices - 1]}])(?![A-Za-z])", text)
+    return LETTERS.index(found.group(1)) if found else None
+
+
+def generated_choice(lm: LoadedModel, task: Task, console: Console, max_new_tokens: int = 4) -> dict:
+    """The same questions answered by generating the option's letter (greedy, with the cache, as served):
+    `gen_acc` beside the log-likelihood accuracies (lm-evaluation-harness's generative variants; GenDistill,
+    arXiv 2603.26556, found students within 0.2 points of their teacher by log-likelihood ~20 points behind here)."""
+    prompts = [lettered_prompt(doc) for doc in task.docs]
+    if not task.docs or any(p is None for p in prompts):
+        return {}
+    correct, answered, samples = 0, 0, []
+    with _progress(f"{task.spec.name}, lettered ({lm.name})", len(prompts), console, unit="docs") as bar:
+        for doc, prompt in zip(task.docs, prompts):
+            text, _ = lm.generate(prompt, max_new_tokens, stop=("\n",))
+            letter = generated_letter(text, len(doc["continuations"]))
+            answered += letter is not None
+            correct += letter == doc["gold"]
+            if len(samples) < 2:
+                samples.append({"output": text, "predicted": None if letter is None else LETTERS[letter],
+                                "gold": LETTERS[doc["gold"]]})
+            bar.advance(1)
+    n = len(task.docs)
+    return {"gen_acc": correct / n, "gen_acc_stderr": binomial_stderr(correct, n), "gen_answered": answered / n,
+            "gen_samples": samples}
 
 
 def generate_task(lm: LoadedModel, task: Task, console: Console, max_new_tokens: int = 256) -> dict:

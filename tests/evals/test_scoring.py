@@ -34,6 +34,13 @@ class BigramLM(torch.nn.Module):
 
         self.model = Body()
 
+    def generate(self, ids, max_new_tokens=4, **_):
+        """Greedy: the most likely next character after the last one."""
+        for _ in range(max_new_tokens):
+            nxt = self.lm_head(self.model(ids).last_hidden_state[:, -1]).argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+        return ids
+
 
 def _bigram():
     tok = char_tokenizer()
@@ -65,6 +72,43 @@ def test_choice_scorer_matches_a_hand_computed_example():
     result = choice_task(lm, Task(TASKS["arc_easy"], [doc], 1), console=_quiet())
     assert result["acc"] == 0.0 and result["acc_norm"] == 1.0 and result["n"] == 1
     assert result["value"] == result["acc_norm"]  # arc_easy's primary metric is the length-normalised one
+
+
+def test_generated_letters_match_log_likelihood_for_a_model_forced_to_one_answer():
+    """A model that always says " A" (log-likelihood and generation alike) scores the same in both formats."""
+    tok = char_tokenizer()
+    vocab = len(tok)
+    ids = {c: tok.convert_tokens_to_ids(c) for c in ": A\n"}
+    probs = torch.full((vocab, vocab), 1e-6)
+    probs[:, ids[" "]] = 1.0  # after anything else: a space
+    probs[ids[" "], ids["A"]] = 1000.0  # after a space: "A"
+    probs[ids["A"], ids["\n"]] = 1000.0  # after "A": end of line
+    probs = probs / probs.sum(-1, keepdim=True)
+    lm = LoadedModel("always-A", BigramLM(probs.log()), tok, torch.device("cpu"))
+    golds = [0, 1, 0, 2, 3, 0]
+    docs = [{"contexts": [f"Question: item {i}?\nAnswer:"] * 4, "continuations": [" A", " B", " C", " D"], "gold": g}
+            for i, g in enumerate(golds)]
+    result = choice_task(lm, Task(TASKS["arc_easy"], docs, len(docs)), console=_quiet())
+    assert result["acc"] == result["acc_norm"] == result["gen_acc"] == 0.5 and result["gen_answered"] == 1.0
+    assert result["gen_samples"][0] == {"output": " A", "predicted": "A", "gold": "A"}
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    (" B", 4, 1), (" (C) because", 4, 2), ("D. the end", 4, 3), (" The answer is A", 4, 0), (" E", 4, None),
+    (" AB", 4, None), ("", 2, None),
+])
+def test_generated_letter_extraction(text, choices, expected):
+    from ling_surgery.evals.evaluate import generated_letter
+
+    assert generated_letter(text, choices) == expected
+
+
+def test_lettered_prompt_format():
+    from ling_surgery.evals.evaluate import lettered_prompt
+
+    doc = {"contexts": ["Question: Which is a gas?\nAnswer:"] * 2, "continuations": [" helium", " iron"], "gold": 0}
+    assert lettered_prompt(doc) == "Question: Which is a gas?\n A. helium\n B. iron\nAnswer:"
+    assert lettered_prompt({"contexts": ["x Maria", "x Katrina"], "continuations": [" a", " b"], "gold": 0}) is None
 
 
 def test_context_trailing_space_moves_to_the_continuation():
