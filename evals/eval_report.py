@@ -160,6 +160,10 @@ def eval_markdown(report: dict) -> str:
         lines += ["", "| " + " | ".join(["measure", "", *[r for r in roles if r in report['inference']]] + (["ratio"] if compare else [])) + " |",
                   "|" + "---|" * (len(header) if compare else 3)]
         lines += ["| " + " | ".join(row) + " |" for row in inference]
+    if report.get("trajectory"):
+        from ling_surgery.evals.trajectory import trajectory_markdown
+
+        lines += trajectory_markdown(report["trajectory"])
     samples = [(name, r, by_role[r]["samples"]) for name, by_role in report["tasks"].items() for r in roles
                if by_role.get(r, {}).get("samples")]
     if samples:
@@ -281,3 +285,7 @@ def write_eval_report(folder: Path, report: dict) -> None:
         recall_plot(report, folder / "recall.png")
     if report.get("inference"):
         inference_plot(report, folder / "inference.png")
+    if report.get("trajectory"):
+        from ling_surgery.evals.trajectory import trajectory_plot
+
+        trajectory_plot(report["trajectory"], folder / "trajectory.png")

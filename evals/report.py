@@ -62,6 +62,10 @@ def report_table(report: dict) -> Table:
                 f"{name}: {stage['tokens']} tok, {stage['seconds']} s",
                 "", f"loss {stage['loss_first']:.4g} → {stage['loss_last']:.4g}", "",
             )
+    from ling_surgery.evals.trajectory import trajectory_rows
+
+    for row in trajectory_rows(report.get("trajectory") or {}):
+        table.add_row(*row)
     table.add_row("wall time (load, stages, eval)", "", f"{report['timings_seconds'].get('total', 0):.0f} s", "")
     return table
 
@@ -83,6 +87,10 @@ def report_markdown(report: dict) -> str:
         if st.get("steps"):
             lines.append(f"| {name} | {st['tokens']} | {st['steps']} | {st['seconds']} | {st['tokens_per_second']} | "
                          f"{st['loss_first']:.4g} → {st['loss_last']:.4g} |")
+    if report.get("trajectory"):
+        from ling_surgery.evals.trajectory import trajectory_markdown
+
+        lines += trajectory_markdown(report["trajectory"])
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_seconds"].items()), ""]
     return "\n".join(lines)
 
@@ -114,3 +122,7 @@ def write_report(folder: Path, report: dict) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "report.md").write_text(report_markdown(report))
     loss_plot(report["stages"], folder / "distill_losses.png")
+    if report.get("trajectory"):
+        from ling_surgery.evals.trajectory import trajectory_plot
+
+        trajectory_plot(report["trajectory"], folder / "trajectory.png")

@@ -138,7 +138,16 @@ def run_eval(
                      "engine_settings": [s.label for s in engine_settings or []] or None, "versions": _versions()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    from ling_surgery.evals.trajectory import read_trajectory, trajectory_table
+
+    for model in models.values():  # a run folder of an upgrade carries its scores after every stage
+        trajectory = read_trajectory(model) if Path(model).is_dir() else None
+        if trajectory:
+            report["trajectory"] = trajectory
+            break
     console.print(eval_table(report))
+    if report.get("trajectory"):
+        console.print(trajectory_table(report["trajectory"]))
     try:
         if out is not None:
             def fill(tmp: Path) -> None:

@@ -110,22 +110,44 @@ STAGE_KINDS = ("init", "attention_transfer", "logit_distill")
 DEFAULT_STAGES = [{"kind": kind} for kind in STAGE_KINDS]
 
 
+def _check_task_names(tasks: list[str]) -> None:
+    from ling_surgery.evals.tasks import TASKS
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(TASKS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(TASKS)}"
+        raise ValueError(f"unknown task {unknown[0]!r}; {hint}")
+
+
+class StageEvalConfig(Strict):
+    """Benchmarks run on every stage's model right after the stage (teacher once per run), with cheap budgets, so a
+    stage that loses recall or generation quality shows where it happens (report.json `trajectory`)."""
+
+    tasks: list[str] = Field([], description="tasks run after every stage, e.g. [passkey, niah, arc_easy]")
+    limit: int = Field(1, ge=1, description="documents per task (recall tasks: items per length × depth cell)")
+    recall_lengths: list[int] = Field([512, 2048], min_length=1, description="passkey/niah context lengths")
+    recall_depths: list[float] = Field([0.0, 0.5, 1.0], min_length=1, description="passkey/niah needle depths in [0, 1]")
+
+    @model_validator(mode="after")
+    def _known_tasks(self):
+        _check_task_names(self.tasks)
+        if not all(0 <= d <= 1 for d in self.recall_depths):
+            raise ValueError("recall_depths must lie in [0, 1] (0: start of the haystack, 1: its end)")
+        return self
+
+
 class EvalConfig(Strict):
     tokens: int = Field(16_384, ge=0, description="held-out tokens for teacher vs. upgraded perplexity (0: skip)")
     seq_len: int = Field(512, ge=8)
     tasks: list[str] = Field([], description="benchmarks run after export, teacher vs. upgraded (ling-surgery report)")
     limit: int | None = Field(None, ge=1, description="documents per benchmark (None: CPU defaults, all on CUDA)")
     inference: bool = Field(False, description="also benchmark prefill/decode speed and cache memory")
+    each_stage: StageEvalConfig = StageEvalConfig()
 
     @model_validator(mode="after")
     def _known_tasks(self):
-        from ling_surgery.evals.tasks import TASKS
-
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], list(TASKS), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(TASKS)}"
-            raise ValueError(f"unknown task {unknown[0]!r}; {hint}")
+        _check_task_names(self.tasks)
         return self
 
 

@@ -198,6 +198,12 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
                   f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
     timings = {"load": round(time.perf_counter() - t, 1)}
 
+    stage_eval = None
+    if recipe.eval.each_stage.tasks:
+        from ling_surgery.evals.trajectory import StageEvaluator
+
+        stage_eval = StageEvaluator(recipe.eval.each_stage, teacher, tokenizer, device, recipe.runtime.kda_chunk_size,
+                                    recipe.seed, recipe.data.heldout_fraction, console)
     if start == 0:
         model = teacher
     else:
@@ -218,6 +224,9 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
         t = time.perf_counter()
         model, metrics = STAGES[stage.kind](model, stage, ctx)
         seconds = round(time.perf_counter() - t, 1)
+        if stage_eval is not None:
+            console.print(f"eval.each_stage after {stage.name}: {', '.join(recipe.eval.each_stage.tasks)}")
+            metrics["evals"] = stage_eval(model, stage.name)
         parent = folder.stage_dir(i - 1, recipe.stages[i - 1]) if i else None
         manifest = {
             "fingerprint": status.fingerprint,
@@ -244,6 +253,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     """Held-out evaluation of teacher and upgraded model, then the model/ folder and the report."""
     from ling_surgery.evals.perplexity import perplexity
     from ling_surgery.evals.report import build_report, write_report
+    from ling_surgery.evals.trajectory import read_trajectory
     from ling_surgery.surgery.export import save_model, verify_export
     from ling_surgery.surgery.kda import student_logits
     from ling_surgery.surgery.plan import student_costs, teacher_costs
@@ -280,8 +290,12 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     probe = train.windows(min(64, recipe.data.seq_len))[:1]
     report: dict = {}
 
+    trajectory = read_trajectory(folder.root)
+
     def before_commit(tmp: Path) -> None:
         report.update(build_report(t_costs, s_costs, quality, summaries, timings, meta))
+        if trajectory:
+            report["trajectory"] = trajectory
         if recipe.export.verify:
             report["export_check"] = verify_export(tmp, model, probe)
         write_report(tmp, report)

@@ -41,6 +41,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
             problems += err.problems
         except SurgeryError as err:
             problems.append(f"source.model: {err}")
+        problems += recall_problems(recipe, shape)
     try:
         kind, _ = locate_documents(recipe.data.train)
         if kind == "hub":
@@ -63,6 +64,19 @@ def context_notes(recipe: Recipe, shape) -> list[str]:
     return [f"{key} {value} is longer than the source's max_position_embeddings {limit}: the teacher never saw such "
             "windows in training" for key, value in (("data.seq_len", recipe.data.seq_len), ("eval.seq_len", recipe.eval.seq_len))
             if value > limit]
+
+
+def recall_problems(recipe: Recipe, shape) -> list[str]:
+    """Recall tasks after every stage need prompts the source can hold (else the run would stop after its first stage)."""
+    each = recipe.eval.each_stage
+    limit = shape.max_position_embeddings
+    if not limit or not {"passkey", "niah"} & set(each.tasks):
+        return []
+    too_long = [n for n in each.recall_lengths if n > limit]
+    if not too_long:
+        return []
+    return [f"eval.each_stage.recall_lengths {too_long} exceed the source's max_position_embeddings {limit}; "
+            f"use lengths up to {limit}"]
 
 
 def validate_recipe(recipe=None, overrides=(), **flags) -> tuple[Recipe, list[str]]:

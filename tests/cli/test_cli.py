@@ -17,7 +17,7 @@ TINY_BUDGET = [
     "--set", "data.seq_len=32", "--set", "data.heldout_fraction=0.3", "--set", "stages.init.calibration_tokens=128",
     "--set", "stages.attention_transfer.tokens=256", "--set", "stages.attention_transfer.batch_size=2",
     "--set", "stages.logit_distill.tokens=256", "--set", "stages.logit_distill.batch_size=2",
-    "--set", "eval.tokens=128", "--set", "eval.seq_len=32",
+    "--set", "eval.tokens=128", "--set", "eval.seq_len=32", "--set", "eval.each_stage.tasks=[arc_easy]",
 ]
 
 
@@ -98,19 +98,24 @@ def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, t
 
 def test_validate_is_light_and_names_the_problem(source, tmp_path):
     model, data = source
-    ok = run_cli("validate", "ci-smoke", "smollm2-135m-cpu", "--set", f"source.model={model}", "--set", f"data.train={data}",
-                 "--set", "plan.layer_group_size=2", "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8")
+    tiny = ["--set", f"source.model={model}", "--set", f"data.train={data}", "--set", "plan.layer_group_size=2",
+            "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8"]
+    long_recall = run_cli("validate", "ci-smoke", *tiny)  # its passkey after every stage needs 512 positions
+    assert long_recall.returncode == 2 and "eval.each_stage.recall_lengths [512] exceed" in _error_line(long_recall)
+    ok = run_cli("validate", "ci-smoke", "smollm2-135m-cpu", *tiny, "--set", "eval.each_stage.tasks=[arc_easy]")
     assert ok.returncode == 0, ok.stderr
     assert ok.stderr.count("ok ") == 2
     # No weights and no torch: validate reads configs only, which is what keeps it well under 2 s.
     code = ("import sys; from ling_surgery.surgery.config import load_recipe; from ling_surgery.surgery.validate import "
             f"check_recipe; check_recipe(load_recipe('ci-smoke', ['source.model={model}', 'data.train={data}', "
-            "'plan.layer_group_size=2', 'plan.mla.kv_lora_rank=32', 'plan.mla.qk_rope_head_dim=8'])); "
+            "'plan.layer_group_size=2', 'plan.mla.kv_lora_rank=32', 'plan.mla.qk_rope_head_dim=8', "
+            "'eval.each_stage.tasks=[]'])); "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["False", "False"], probe.stderr
     bad = run_cli("validate", "ci-smoke", "--set", f"source.model={model}", "--set", "plan.layer_group_size=3",
-                  "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8")
+                  "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8",
+                  "--set", "eval.each_stage.tasks=[]")
     assert bad.returncode == 2 and "does not divide num_hidden_layers 4" in _error_line(bad)
     # Three independent mistakes (a typo, a bad value, a plan that does not fit the source) in one run, one line each.
     recipe = tmp_path / "three-mistakes.yaml"
@@ -162,7 +167,8 @@ def test_recipes_ls_show_cp(tmp_path):
         (["convert", "{model}", "--output", "o", "--set", "plan.layr_group_size=2"], "did you mean 'layer_group_size'"),
         (["run", "missing-recipe", "--output", "o"], "not a shipped recipe"),
         (["run", "ci-smoke", "--set", "source.model={model}", "--set", "plan.mla.kv_lora_rank=32",
-          "--set", "plan.mla.qk_rope_head_dim=8", "--set", "plan.layer_group_size=2", "--output", "{blocked}"], "is a file"),
+          "--set", "plan.mla.qk_rope_head_dim=8", "--set", "plan.layer_group_size=2", "--set", "eval.each_stage.tasks=[]",
+          "--output", "{blocked}"], "is a file"),
         (["convert", "{model}", "--output", "{exists}"], "already exists"),
         (["convert", "{model}", "--output", "{blocked}/sub"], "cannot create"),
         (["export", "{model}", "--format", "gguf", "--output", "{blocked}"], "already exists"),

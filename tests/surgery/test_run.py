@@ -136,3 +136,25 @@ def test_every_stage_runs_under_bf16(source, tmp_path):
         losses = manifests[name]["metrics"]["losses"]
         assert losses and all(math.isfinite(x) for x in losses), name
     assert math.isfinite(report["quality"]["student"]["perplexity"])
+
+
+def test_each_stage_evals_make_a_trajectory(source, tmp_path):
+    """eval.each_stage: every stage's model is scored (the teacher once); the report shows where quality moves."""
+    from ling_surgery.evals.suite import run_eval
+    from ling_surgery.evals.trajectory import read_trajectory
+
+    out = tmp_path / "run"
+    report = _run(source, out, "eval.each_stage.tasks=[arc_easy]", "eval.each_stage.limit=2")
+    manifests = _manifests(out)
+    teacher_scores = set()
+    for name, manifest in manifests.items():
+        pair = manifest["metrics"]["evals"]["arc_easy"]
+        assert pair["student"]["n"] == 2 and pair["student"]["primary"] == "acc_norm" and "gen_acc" in pair["student"]
+        teacher_scores.add(json.dumps(pair["teacher"], sort_keys=True))
+    assert len(teacher_scores) == 1  # the teacher is scored once and the same numbers go into every stage
+    assert list(report["trajectory"]) == ["init", "attention_transfer", "logit_distill"]
+    assert read_trajectory(out) == read_trajectory(out / "model") == report["trajectory"]
+    assert (out / "trajectory.png").is_file() and "## After every stage" in (out / "report.md").read_text()
+    evaluated = run_eval({"teacher": str(source[0]), "student": str(out)}, ["arc_easy"], limit=1, contexts=(),
+                         console=Console(quiet=True))
+    assert evaluated["trajectory"] == report["trajectory"]
