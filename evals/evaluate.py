@@ -117,7 +117,7 @@ def generated_letter(text: str, choices: int) -> int | None:
     return LETTERS.index(found.group(1)) if found else None
 
 
-def generated_choice(lm: LoadedModel, task: Task, console: Console, max_new_tokens: int = 4) -> dict:
+def generated_choice(lm: LoadedModel, task: Task, console: Console, max_new_tokens: int = 6) -> dict:
     """The same questions answered by generating the option's letter (greedy, with the cache, as served):
     `gen_acc` beside the log-likelihood accuracies (lm-evaluation-harness's generative variants; GenDistill,
     arXiv 2603.26556, found students within 0.2 points of their teacher by log-likelihood ~20 points behind here)."""
@@ -127,7 +127,9 @@ def generated_choice(lm: LoadedModel, task: Task, console: Console, max_new_toke
     correct, answered, samples = 0, 0, []
     with _progress(f"{task.spec.name}, lettered ({lm.name})", len(prompts), console, unit="docs") as bar:
         for doc, prompt in zip(task.docs, prompts):
-            text, _ = lm.generate(prompt, max_new_tokens, stop=("\n",))
+            # Until a blank line, as lm-evaluation-harness's generative variants: small models often put the letter
+            # on the next line ("Answer:\nB").
+            text, _ = lm.generate(prompt, max_new_tokens, stop=("\n\n",))
             letter = generated_letter(text, len(doc["continuations"]))
             answered += letter is not None
             correct += letter == doc["gold"]
