@@ -89,10 +89,10 @@ def run_eval(
             console.print(f"{role}: {model} as GGUF ({gguf_dtype}) …")
             refs[role] = str(ensure_gguf(model, work, role, gguf_dtype))
     loaded = []
+    lengths = recall_lengths or (recall.GPU_LENGTHS if cuda else recall.CPU_LENGTHS)
+    depths = recall_depths or (recall.GPU_DEPTHS if cuda else recall.CPU_DEPTHS)
     for name in names:
         kind_limit = limit if limit is not None else (None if cuda else DEFAULT_LIMITS[get_spec(name).kind])
-        lengths = recall_lengths or (recall.GPU_LENGTHS if cuda else recall.CPU_LENGTHS)
-        depths = recall_depths or (recall.GPU_DEPTHS if cuda else recall.CPU_DEPTHS)
         loaded.append(load_task(name, kind_limit, seed, (data or {}).get(name), _heldout_fraction(models), lengths,
                                 depths))
     results: dict[str, dict] = {task.spec.name: {} for task in loaded}

@@ -32,14 +32,29 @@ class LayerPlan:
         return [i for i in range(self.num_layers) if i not in self.full_attention]
 
 
+def layout_problems(num_layers: int, group_size: int | None, full_attention_layers: list[int] | None) -> list[str]:
+    """What is wrong with a layer layout for a model of `num_layers` layers, one line each with its fix."""
+    if full_attention_layers is not None:
+        bad = sorted({i for i in full_attention_layers if i >= num_layers})
+        return [f"plan.full_attention_layers {bad} out of range: the model has {num_layers} layers "
+                f"(0..{num_layers - 1})"] if bad else []
+    if group_size is None:
+        return ["plan: set plan.layer_group_size or plan.full_attention_layers"]
+    if group_size > num_layers or num_layers % group_size:
+        from ling_surgery.surgery.defaults import layer_group_size
+
+        fits = [g for g in range(2, num_layers + 1) if num_layers % g == 0]
+        return [f"plan.layer_group_size {group_size} does not divide num_hidden_layers {num_layers}; use one of {fits}, "
+                f"list layers in plan.full_attention_layers, or leave it unset (derived: {layer_group_size(num_layers)[0]})"]
+    return []
+
+
 def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers: list[int] | None = None) -> LayerPlan:
+    problems = layout_problems(num_layers, group_size, full_attention_layers)
+    if problems:
+        raise SurgeryError(problems[0])
     if full_attention_layers is not None:
         layers = tuple(sorted(set(full_attention_layers)))
-        bad = [i for i in layers if i >= num_layers]
-        if bad:
-            raise SurgeryError(
-                f"plan.full_attention_layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
-            )
         for g in range(1, num_layers + 1):
             if num_layers % g == 0 and layers == tuple(range(g - 1, num_layers, g)):
                 return LayerPlan(num_layers, layers, g)
@@ -49,14 +64,6 @@ def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers
             stacklevel=2,
         )
         return LayerPlan(num_layers, layers, None)
-    if group_size is None:
-        raise SurgeryError("plan: set plan.layer_group_size or plan.full_attention_layers")
-    if group_size > num_layers or num_layers % group_size:
-        fits = [g for g in range(2, num_layers + 1) if num_layers % g == 0]
-        raise SurgeryError(
-            f"plan.layer_group_size {group_size} does not divide num_hidden_layers {num_layers}; "
-            f"use one of {fits} or list layers in plan.full_attention_layers"
-        )
     return LayerPlan(num_layers, tuple(range(group_size - 1, num_layers, group_size)), group_size)
 
 

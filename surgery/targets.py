@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ling_surgery.surgery.errors import SurgeryError
-from ling_surgery.surgery.plan import LayerPlan, make_plan
+from ling_surgery.surgery.plan import LayerPlan, layout_problems, make_plan
 
 
 @dataclass(frozen=True)
@@ -62,24 +62,8 @@ def layer_plan(recipe, num_layers: int) -> LayerPlan:
 def shape_problems(recipe, shape) -> list[str]:
     """Every problem of a recipe (its plan values resolved) against the source (a `sources.SourceShape`)."""
     problems = []
-    layers = shape.num_layers
-    explicit = recipe.plan.full_attention_layers
     if get_target(recipe.target).linear_attention:
-        if explicit is not None:
-            bad = [i for i in explicit if i >= layers]
-            if bad:
-                problems.append(f"plan.full_attention_layers {bad} out of range: the model has {layers} layers "
-                                f"(0..{layers - 1})")
-        else:
-            group = recipe.plan.layer_group_size
-            if group > layers or layers % group:
-                from ling_surgery.surgery.defaults import layer_group_size
-
-                fits = [g for g in range(2, layers + 1) if layers % g == 0]
-                problems.append(
-                    f"plan.layer_group_size {group} does not divide num_hidden_layers {layers}; use one of {fits}, "
-                    f"list layers in plan.full_attention_layers, or leave it unset (derived: {layer_group_size(layers)[0]})"
-                )
+        problems += layout_problems(shape.num_layers, recipe.plan.layer_group_size, recipe.plan.full_attention_layers)
     dr, rank = recipe.plan.mla.qk_rope_head_dim, recipe.plan.mla.kv_lora_rank
     if dr > shape.head_dim:
         problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; "
