@@ -13,7 +13,15 @@ import time
 import torch
 from rich.console import Console
 
-from ling_surgery.evals.scoring import LoadedModel, binomial_stderr, extract_number, same_number, split_context
+from ling_surgery.evals.scoring import (
+    LoadedModel,
+    binomial_stderr,
+    extract_number,
+    greedy_continuation,
+    prefix_tree,
+    same_number,
+    split_context,
+)
 from ling_surgery.evals.tasks import Task
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.progress import training_progress
@@ -191,16 +199,36 @@ def recall_task(lm: LoadedModel, task: Task, console: Console, shown: int = 3) -
                            f"{lm.max_length} positions of {lm.name}; pass --recall-lengths up to {lm.max_length}")
     items = [builder.item(d) for d in fits]
     sequences, starts = [i.prompt + i.answer for i in items], [len(i.prompt) for i in items]
-    with _progress(f"{task.spec.name} ({lm.name})", sum(map(len, sequences)), console) as bar:
-        scored = lm.score(sequences, starts, max_length=lm.max_length, progress=lambda n, t: bar.advance(t))
+    shortest = min(i.length for i in items)
+    shown_items = [n for n, item in enumerate(items) if item.length == shortest][:shown]
+    decoded: dict[int, tuple[str, int]] = {}
+    shared = getattr(lm, "score_shared", None)  # the llama.cpp engine scores each prompt from scratch
+    if shared is not None:
+        # One cache per haystack: the items of a sample share their prefixes (recall.py), computed once. The shown
+        # items' prompts join the tree, so their real decoding continues from the cache at the question's end.
+        prompts = [items[n].prompt for n in shown_items]
+        owner = {len(sequences) + j: n for j, n in enumerate(shown_items)}
+
+        def decode(index, state, last_hidden):
+            if index in owner:
+                item = items[owner[index]]
+                decoded[owner[index]] = greedy_continuation(lm, state, last_hidden, len(item.answer) + 4, stop=("\n",))
+
+        everything = sequences + prompts
+        with _progress(f"{task.spec.name} ({lm.name})", prefix_tree(everything).size(), console) as bar:
+            scored = shared(everything, starts + [len(p) for p in prompts], progress=lambda n, t: bar.advance(t),
+                            at_end=decode)[: len(sequences)]
+    else:
+        with _progress(f"{task.spec.name} ({lm.name})", sum(map(len, sequences)), console) as bar:
+            scored = lm.score(sequences, starts, max_length=lm.max_length, progress=lambda n, t: bar.advance(t))
+        for n in shown_items:
+            decoded[n] = lm.generate(items[n].prompt, max_new_tokens=len(items[n].answer) + 4, stop=("\n",))
     correct = [bool(s.greedy.all()) for s in scored]
     samples = []
-    shortest = min((i.length for i in items), default=0)
-    for item, ok in zip(items, correct):
-        if item.length == shortest and len(samples) < shown:
-            text, _ = lm.generate(item.prompt, max_new_tokens=len(item.answer) + 4, stop=("\n",))
-            samples.append({"question": f"{item.variant}, {item.length} tokens, depth {item.depth:g}", "output": text,
-                            "predicted": extract_number(text), "gold": item.gold, "correct": ok})
+    for n in shown_items:
+        item, (text, _) = items[n], decoded[n]
+        samples.append({"question": f"{item.variant}, {item.length} tokens, depth {item.depth:g}", "output": text,
+                        "predicted": extract_number(text), "gold": item.gold, "correct": correct[n]})
     return recall_result(items, correct, samples, skipped)
 
 

@@ -87,19 +87,38 @@ class LlamaCppModel:
         return self.tokenizer(text)["input_ids"]
 
     def score(self, sequences, starts, batch_tokens: int = 0, max_length: int | None = None, progress=None) -> list[Scored]:
-        results = []
-        for full, start in zip(sequences, starts):
-            seq = full[-self.max_length :]  # left-truncate over-long contexts, as the transformers path does
-            start = max(1, start - (len(full) - len(seq)))
-            self.llm.reset()
-            self.llm.eval(seq)
+        """Per sequence, as `scoring.score_tokens`. Sequences run in sorted order and each continues the KV cache of
+        the prefix it shares with the one before (a question's options, a haystack's questions): in sorted order that
+        runs every shared prefix once. A recurrent state (the upgraded models' KDA) cannot be rolled back to a prefix,
+        so for those every sequence starts over."""
+        results: list[Scored | None] = [None] * len(sequences)
+        kept_sequences = [full[-self.max_length :] for full in sequences]  # left-truncate, as the transformers path
+        for index in sorted(range(len(sequences)), key=lambda i: kept_sequences[i]):
+            full, seq = sequences[index], kept_sequences[index]
+            start = max(1, starts[index] - (len(full) - len(seq)))
+            reused = self._cached_prefix(seq)
+            self.llm.n_tokens = reused  # `eval` drops the cache from here on
+            if reused < len(seq):
+                self.llm.eval(seq[reused:])
             logits = torch.from_numpy(np.asarray(self.llm.scores[start - 1 : len(seq) - 1], dtype=np.float32))
             targets = torch.tensor(seq[start:])
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-            results.append(Scored(logprobs, logits.argmax(-1) == targets))
+            results[index] = Scored(logprobs, logits.argmax(-1) == targets)
             if progress is not None:
                 progress(1, len(seq))
         return results
+
+    def _cached_prefix(self, seq: list[int]) -> int:
+        """How many leading tokens of `seq` the context already holds (0 for recurrent and hybrid models)."""
+        import llama_cpp
+
+        model = self.llm.model
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            self.llm.reset()  # clears the recurrent state too
+            return 0
+        held = self.llm.input_ids[: min(self.llm.n_tokens, len(seq))]
+        differs = np.flatnonzero(held != np.asarray(seq[: len(held)]))
+        return int(differs[0]) if len(differs) else len(held)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256,
                  stop: tuple[str, ...] = ("\n\n", "Question:")) -> tuple[str, int]:

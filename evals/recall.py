@@ -4,7 +4,8 @@
 |-----------|--------------------------------------------|--------------------------------------------------------|------------------|
 | `passkey` | the classic repeated filler sentences      | "The pass key is 71520. Remember it. 71520 is …"        | the pass key     |
 | `niah`    | packaged prose (held-out Wikipedia leads)  | single: one "special magic number" for a key           | that number      |
-|           |                                            | multikey: the same plus 3 distractor keys and numbers  | the target's     |
+|           |                                            | multikey: every depth's needle in one haystack (the    | each in turn     |
+|           |                                            | others its distractors), at least 1 + 3 needles        |                  |
 
 `passkey` is the test of Mohtashami & Jaggi (2023, "Landmark Attention", §4.2) with their prompt; `niah` follows RULER
 (Hsieh et al. 2024, `niah_single_2` / `niah_multikey_1`): 7-digit values, "adjective-noun" keys. Every item is a
@@ -14,8 +15,11 @@ tokenizer, so a teacher and its upgraded model see the very same tokens.
 
 Scoring is greedy decoding, computed teacher-forced: an item counts when every token of the answer is the argmax
 given the prompt and the answer's earlier tokens, which is exactly when greedy generation emits the answer first.
-That takes one forward pass per item (the fast exact KDA path for upgraded models) instead of a cached prefill plus a
-decode loop, and a few items per model are also decoded for real so the report shows what the model says.
+The cells of one sample are built to share prefixes (one haystack stream read from its start at every length, one
+key per depth, a multikey haystack asked once per depth), and the items are scored as a prefix tree: each shared
+prefix runs once and every branch continues its cache or recurrent state (`scoring.score_shared`). That halves the
+tokens run for `passkey` and `niah/single` and cuts `niah/multikey` to a third. A few items per model are also
+decoded for real, from the cache at the end of their question, so the report shows what the model says.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ling_surgery.surgery.errors import SurgeryError
 
 CPU_LENGTHS = (512, 1024, 2048, 4096, 8192)
 GPU_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)  # each model keeps those it allows
-# Measured on 2 cores (one item, SmolLM2-135M): 512 → 8k tokens cost 1 → 44 s for the teacher, 3 → 32 s upgraded.
+# One 8k-token forward on 2 cores: 38 s for SmolLM2-135M (30 softmax layers: half of it attention), ~30 s upgraded.
 CPU_DEPTHS = (0.0, 0.5, 1.0)
 GPU_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -54,26 +58,39 @@ class RecallItem:
 
 
 def grid_docs(task: str, lengths, depths, per_cell: int, seed: int) -> list[dict]:
-    """The task's documents: one per (variant, length, depth, sample), each with its own seed."""
+    """The task's documents: one per (variant, sample, length, depth). The cells of one sample share its haystack
+    and its keys (one per depth), so their prompts share prefixes that a cache computes once (see `HaystackBuilder`)."""
     variants = ("passkey",) if task == "passkey" else ("single", "multikey")
     rng = random.Random(f"{task}-{seed}")
-    return [{"variant": v, "length": int(n), "depth": float(d), "seed": rng.randrange(2**31)}
-            for v in variants for n in lengths for d in depths for _ in range(per_cell)]
+    lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
+    # niah's two variants of a sample share the prose, keys and numbers: a multikey prompt then starts as the
+    # single-needle prompt with the same first needle, and continues its cache up to the next needle.
+    samples = [rng.randrange(2**31) for _ in range(per_cell)]
+    return [{"variant": v, "length": n, "depth": d, "seed": sample_seed, "depths": depths, "longest": max(lengths)}
+            for v in variants for sample_seed in samples for n in lengths for d in depths]
 
 
 class HaystackBuilder:
-    """Builds recall prompts for one tokenizer; the prose haystack is tokenised once and sliced per item."""
+    """Builds recall prompts for one tokenizer; the prose haystack is tokenised once and sliced per item.
+
+    Items of one sample are built to share as much prefix as the task allows, so asking them costs far less than
+    one forward pass each: every length reads the same haystack stream from its start, and a depth's key is the same
+    at every length. Depth-0 items of all lengths then share intro + needle + haystack, items at other depths share
+    intro + the haystack up to their needle, and a multikey haystack (every depth's needle in one text) is asked once
+    per depth from one cache.
+    """
 
     def __init__(self, encode, token_texts, prose: list[str] | None = None):
         self.encode = encode  # text → ids, no special tokens
         self.token_texts = token_texts  # ids → their text pieces (to find sentence ends)
         self._prose_docs = prose
-        self._prose_ids: list[int] | None = None
+        self._prose_ids: dict[int, list[int]] = {}
         self._filler_ids = encode(PASSKEY_FILLER)
 
     def prose_ids(self, at_least: int) -> list[int]:
-        if self._prose_ids is None or len(self._prose_ids) < at_least:
-            docs, text, ids = self._prose_docs or [], "", []
+        """The prose stream, the same for every item that asks for the same size."""
+        if at_least not in self._prose_ids:
+            docs, text = self._prose_docs or [], ""
             for doc in docs:
                 text += "\n" + doc
                 if len(text) > 6 * at_least:  # > 1 token per 6 characters for any real tokenizer
@@ -81,46 +98,63 @@ class HaystackBuilder:
             ids = self.encode(text)
             if len(ids) < at_least:
                 ids = ids * (at_least // max(1, len(ids)) + 1)  # a tiny corpus repeats (user text, tests)
-            self._prose_ids = ids
-        return self._prose_ids
+            self._prose_ids[at_least] = ids
+        return self._prose_ids[at_least]
 
     def item(self, doc: dict) -> RecallItem:
         rng = random.Random(doc["seed"])
+        depths = doc.get("depths") or [doc["depth"]]
+        target = depths.index(doc["depth"])
         if doc["variant"] == "passkey":
-            key = str(rng.randint(10000, 99999))
+            keys = [str(rng.randint(10000, 99999)) for _ in depths]
+            key = keys[target]
             intro = self.encode(PASSKEY_INTRO)
             needles = [(self.encode(f" The pass key is {key}. Remember it. {key} is the pass key."), doc["depth"])]
             question = self.encode(" What is the pass key? The pass key is")
             answer = self.encode(f" {key}")
-            filler = self._filler_ids
-            repeats = doc["length"] // max(1, len(filler)) + 2
-            haystack_pool, offset = filler * repeats, 0
+            haystack_pool, offset = self._filler_ids * (doc["length"] // max(1, len(self._filler_ids)) + 2), 0
+            placing = 0
         else:
-            keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], 1 + NIAH_DISTRACTORS)
-            values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-            count = 1 if doc["variant"] == "single" else len(keys)
+            distractors = max(0, 1 + NIAH_DISTRACTORS - len(depths)) if doc["variant"] == "multikey" else 0
+            names = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], len(depths) + NIAH_DISTRACTORS)
+            values = [str(rng.randint(1_000_000, 9_999_999)) for _ in names]
+            pool = self.prose_ids(4 * doc.get("longest", doc["length"]))
+            offset = self._sentence_end(pool, rng.randrange(max(1, len(pool) - 2 * doc.get("longest", doc["length"]))))
+            haystack_pool = pool
+            # multikey: every depth's needle in one haystack (each the others' distractor), topped up to RULER's
+            # 1 + 3 needles; single: the target's needle alone.
+            placed = list(range(len(depths))) if doc["variant"] == "multikey" else [target]
+            # Top-up needles go after the middle (drawn per length), so the prompt shares its first half with the
+            # single-needle one.
+            extra = random.Random(f"{doc['seed']}-{doc['length']}")
+            spots = [(i, depths[i]) for i in placed] + [(len(depths) + j, extra.uniform(0.5, 1.0))
+                                                        for j in range(distractors)]
             intro = self.encode(NIAH_INTRO)
-            needles = [(self.encode(f" One of the special magic numbers for {keys[0]} is: {values[0]}."), doc["depth"])]
-            needles += [(self.encode(f" One of the special magic numbers for {k} is: {v}."), rng.random())
-                        for k, v in zip(keys[1:count], values[1:count])]
-            question = self.encode(f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
-                                   f"The special magic number for {keys[0]} mentioned in the provided text is")
-            answer = self.encode(f" {values[0]}")
-            key = values[0]
-            pool = self.prose_ids(4 * doc["length"])
-            start = rng.randrange(max(1, len(pool) - 2 * doc["length"]))
-            haystack_pool, offset = pool, self._sentence_end(pool, start)  # start on a sentence
+            needles = [(self.encode(f" One of the special magic numbers for {names[i]} is: {values[i]}."), depth)
+                       for i, depth in spots]
+            asked = [(self._niah_question(names[i]), self.encode(f" {values[i]}")) for i in placed]
+            question, answer = asked[placed.index(target)]
+            key = values[target]
+            # The needles are placed as for the longest question asked of this haystack, so every question of a
+            # multikey prompt follows the very same haystack (a shorter one gets a few more tokens at its end).
+            placing = max(len(q) + len(a) for q, a in asked) - len(question) - len(answer)
         budget = doc["length"] - len(intro) - sum(len(n) for n, _ in needles) - len(question) - len(answer)
         if budget < doc["length"] // 4:
             fixed = doc["length"] - budget
             raise SurgeryError(f"recall length {doc['length']}: the {doc['variant']} prompt's {fixed} tokens of intro, "
                                f"needles and question leave too little haystack; use lengths of at least {-(-4 * fixed // 3)}")
         haystack = haystack_pool[offset : offset + budget]
-        # Insert needles deepest first so earlier insertion points stay valid.
-        for ids, depth in sorted(needles, key=lambda n: -n[1]):
-            at = self._sentence_end(haystack, round(depth * len(haystack)))
+        # Insertion points are found on the bare haystack, then filled from the deepest so the others stay valid.
+        placed_on = haystack[: len(haystack) - placing]
+        points = sorted(((self._sentence_end(placed_on, round(depth * len(placed_on))), ids) for ids, depth in needles),
+                        key=lambda point: -point[0])
+        for at, ids in points:
             haystack = haystack[:at] + ids + haystack[at:]
         return RecallItem(intro + haystack + question, answer, key, doc["length"], doc["depth"], doc["variant"])
+
+    def _niah_question(self, name: str) -> list[int]:
+        return self.encode(f"\nWhat is the special magic number for {name} mentioned in the provided text? "
+                           f"The special magic number for {name} mentioned in the provided text is")
 
     def _sentence_end(self, ids: list[int], target: int) -> int:
         """The insertion point nearest `target` that follows a token ending a sentence (or the haystack's ends)."""

@@ -22,6 +22,8 @@ exactly what is exported. Parity against the reference lives in ``tests/surgery/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -111,10 +113,22 @@ def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, outpu
     return out.transpose(1, 2).to(in_dtype), (state if output_final_state else None)
 
 
-def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
-    """`BailingHybridDeltaAttention.forward` without cache or padding mask, using `chunk_kda`.
+@dataclass(frozen=True)
+class KDAState:
+    """What a KDA layer carries from one segment to the next: the last K−1 inputs of its causal depthwise
+    convolution (pre-activation, ``[B, 3·H·dk, K−1]``) and the delta-rule state S (fp32, ``[B, H, dk, dv]``)."""
 
-    Reads the stock module's parameters, so training through this path trains the exported weights.
+    conv_tail: torch.Tensor
+    recurrent: torch.Tensor
+
+
+def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16, state: KDAState | None = None,
+                      return_state: bool = False):
+    """`BailingHybridDeltaAttention.forward` without padding mask, using `chunk_kda`.
+
+    Reads the stock module's parameters, so training through this path trains the exported weights. With `state`
+    the segment continues an earlier one exactly (the convolution sees the previous inputs, the recurrence starts
+    from S); `return_state` also returns the state at the segment's end.
     """
     batch, seq_len = hidden_states.shape[:2]
     head_shape = (batch, seq_len, -1, attn.head_dim)
@@ -122,16 +136,38 @@ def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16) -
         [attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)], dim=-1
     ).transpose(1, 2)
     weight = attn.conv1d.weight  # (3·H·dk, 1, K), depthwise causal
-    mixed = F.conv1d(mixed.to(weight.dtype), weight, padding=weight.shape[-1] - 1, groups=mixed.shape[1])
-    mixed = ACT2FN[attn.activation](mixed[..., :seq_len])
+    width = weight.shape[-1] - 1
+    mixed = mixed.to(weight.dtype)
+    # Causal: the K−1 inputs before the segment (zeros at the sequence start) are prepended, no padding after.
+    tail = mixed.new_zeros(batch, mixed.shape[1], width) if state is None else state.conv_tail.to(mixed.dtype)
+    padded = torch.cat([tail, mixed], dim=-1)
+    mixed = ACT2FN[attn.activation](F.conv1d(padded, weight, groups=mixed.shape[1]))
     query, key, value = mixed.transpose(1, 2).to(hidden_states.dtype).split([attn.qkv_dim] * 3, dim=-1)
     query, key, value = (x.reshape(head_shape) for x in (query, key, value))
     decay = attn.forget_gate(hidden_states)
     beta = torch.sigmoid(attn.b_proj(hidden_states))
-    out, _ = chunk_kda(query, key, value, decay, beta, chunk_size=chunk_size)
+    out, recurrent = chunk_kda(query, key, value, decay, beta, chunk_size=chunk_size,
+                               initial_state=None if state is None else state.recurrent, output_final_state=return_state)
     gate = attn.g_proj(hidden_states).reshape(head_shape)
-    out = attn.o_norm(out, gate).reshape(batch, seq_len, -1)
-    return attn.o_proj(out)
+    out = attn.o_proj(attn.o_norm(out, gate).reshape(batch, seq_len, -1))
+    if not return_state:
+        return out
+    return out, KDAState(padded[..., padded.shape[-1] - width :], recurrent)
+
+
+class LatentPast:
+    """The MLA layer's cache for one segment: the latents (normed ``c_kv`` and the shared RoPE key) of every earlier
+    position. `update` is the call the stock attention makes on a cache; it returns the concatenation and keeps the
+    old tensors untouched, so one prefix can be continued by several segments."""
+
+    def __init__(self, kv_nope: torch.Tensor | None = None, k_rot: torch.Tensor | None = None):
+        self.kv_nope, self.k_rot = kv_nope, k_rot
+
+    def update(self, kv_nope: torch.Tensor, k_rot: torch.Tensor, layer_idx: int):
+        if self.kv_nope is not None:
+            kv_nope, k_rot = torch.cat([self.kv_nope, kv_nope], dim=-2), torch.cat([self.k_rot, k_rot], dim=-2)
+        self.kv_nope, self.k_rot = kv_nope, k_rot
+        return kv_nope, k_rot
 
 
 def mixer_forward(layer, hidden_states: torch.Tensor, position_embeddings, chunk_size: int = 16) -> torch.Tensor:
@@ -142,8 +178,8 @@ def mixer_forward(layer, hidden_states: torch.Tensor, position_embeddings, chunk
     return layer.self_attn(hidden_states, position_embeddings=position_embeddings, attention_mask=None)[0]
 
 
-def position_embeddings(model, hidden_states: torch.Tensor):
-    positions = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+def position_embeddings(model, hidden_states: torch.Tensor, offset: int = 0):
+    positions = torch.arange(offset, offset + hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
     return model.model.rotary_emb(hidden_states, positions)
 
 
@@ -159,6 +195,50 @@ def student_hidden(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torc
         hidden = hidden + mixer_forward(layer, layer.input_layernorm(hidden), rope, chunk_size)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return inner.norm(hidden)
+
+
+@dataclass(frozen=True)
+class StudentState:
+    """An upgraded model after `length` tokens: per layer a `KDAState` or the MLA latents. Immutable, so one prefix
+    state can be continued by several segments (recall questions asked of the same haystack)."""
+
+    length: int
+    layers: tuple
+
+
+def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = None, chunk_size: int = 16):
+    """(final normed hidden states of the segment, the state after it): `input_ids` continue the tokens `state`
+    summarises, exactly as if the whole sequence were run at once (one sequence, no padding)."""
+    inner = model.model
+    offset = 0 if state is None else state.length
+    hidden = inner.embed_tokens(input_ids)
+    rope = position_embeddings(model, hidden, offset)
+    layers = []
+    for index, layer in enumerate(inner.layers):
+        normed = layer.input_layernorm(hidden)
+        previous = None if state is None else state.layers[index]
+        if getattr(layer, "block_type", None) == "linear_attention":
+            mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True)
+        else:
+            past = LatentPast(*(previous or (None, None)))
+            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=_causal_after(offset, normed),
+                                    past_key_values=past)[0]
+            carried = (past.kv_nope, past.k_rot)
+        layers.append(carried)
+        hidden = hidden + mixed
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return inner.norm(hidden), StudentState(offset + input_ids.shape[1], tuple(layers))
+
+
+def _causal_after(offset: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The boolean mask of a segment after `offset` cached positions (query t sees keys ≤ offset + t); None at the
+    start, where SDPA's own causal mask is exact and skips the masked blocks."""
+    if offset == 0:
+        return None
+    length = hidden.shape[1]
+    keys = torch.arange(offset + length, device=hidden.device)
+    queries = torch.arange(offset, offset + length, device=hidden.device)
+    return (keys[None, :] <= queries[:, None])[None, None]
 
 
 def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:

@@ -180,3 +180,31 @@ def test_an_inference_only_report_names_each_setting_and_why_one_stopped(tmp_pat
     assert "| decode ms/token @ 16384 |  | 96.0 (fa off, f16 cache) | 27.0 (fa on, f16 cache) | 0.28× |" in text
     write_eval_report(tmp_path, report)
     assert (tmp_path / "inference.png").is_file() and not (tmp_path / "quality.png").exists()
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_llama_cpp_scoring_reuses_shared_prefixes_without_changing_scores(tmp_path, role):
+    """Sequences sharing a prefix continue its KV cache (the teacher); the hybrid's recurrent state cannot be rolled
+    back and starts over. Either way every score equals that sequence scored alone."""
+    pytest.importorskip("llama_cpp")
+    from ling_surgery.evals.llamacpp import LlamaCppModel
+    from ling_surgery.surgery.gguf_export import write_gguf
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = gguf_ready_teacher(tok) if role == "teacher" else gguf_ready_student(tok)
+    write_gguf(model, tok, tmp_path / "model.gguf", "f32")
+    lm = LlamaCppModel(tmp_path / "model.gguf", n_ctx=256)
+    stem = lm.encode("the quick brown fox jumps over the lazy dog and the cat sleeps in the sun all day")
+    sequences = [stem + lm.encode(" where is the fox"), stem[:9], stem + lm.encode(" where is the dog"), stem,
+                 lm.encode("a different start entirely"), stem + lm.encode(" where is the fox")]
+    starts = [len(stem), 2, len(stem) - 4, 1, 1, 3]
+    together = lm.score(sequences, starts)
+    for sequence, start, shared in zip(sequences, starts, together):
+        lm.llm.reset()  # from an empty context
+        alone = lm.score([sequence], [start])[0]
+        torch.testing.assert_close(shared.logprobs, alone.logprobs, atol=1e-4, rtol=1e-4)
+        assert torch.equal(shared.greedy, alone.greedy)
+    if role == "teacher":  # the last sequence scored alone continued the previous one's cache
+        lm.score([stem], [1])
+        assert lm._cached_prefix(sequences[0]) == len(stem)

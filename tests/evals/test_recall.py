@@ -93,6 +93,30 @@ def test_items_have_the_requested_length_and_needle_depth(task):
             assert sum(p in text for p in PROSE[:4]) >= 1  # the haystack is the given prose, from a sentence start
 
 
+@pytest.mark.parametrize("variant, shared_at_most", [("passkey", 0.6), ("single", 0.6), ("multikey", 0.4)])
+def test_the_cells_of_a_sample_share_their_prefixes(variant, shared_at_most):
+    """What makes the grid cheap: a sample's items run as a prefix tree of about half their tokens (a third for
+    multikey, one haystack per length asked once per depth); the keys of one depth are the same at every length."""
+    from ling_surgery.evals.scoring import prefix_tree
+
+    tok = char_tokenizer()
+    builder = _builder(tok)
+    docs = [d for d in grid_docs("passkey" if variant == "passkey" else "niah", (800, 1600, 3200), (0.0, 0.5, 1.0), 2,
+                                 seed=1) if d["variant"] == variant]
+    items = [builder.item(d) for d in docs]
+    sequences = [i.prompt + i.answer for i in items]
+    assert prefix_tree(sequences).size() < shared_at_most * sum(map(len, sequences))
+    for depth in (0.0, 0.5, 1.0):
+        golds = {(d["seed"], i.gold) for d, i in zip(docs, items) if d["depth"] == depth}
+        assert len(golds) == 2  # one key per (sample, depth), whatever the length
+    if variant == "multikey":  # one haystack per length: the items differ only in the question (and its key)
+        import os
+
+        same_length = [tok.decode(i.prompt) for i in items if i.length == 1600][:3]
+        question = len(same_length[0]) - same_length[0].rindex("\nWhat is")
+        assert len(os.path.commonprefix(same_length)) > len(same_length[0]) - question - 60
+
+
 def test_a_copying_model_finds_every_pass_key_and_a_random_one_none():
     tok = char_tokenizer()
     task = load_task("passkey", 2, seed=0, lengths=(400, 800, 1600), depths=(0.0, 0.25, 0.5, 0.75, 1.0))

@@ -11,7 +11,10 @@ from ling_surgery.evals.scoring import (
     LoadedModel,
     binomial_stderr,
     extract_number,
+    greedy_continuation,
+    prefix_tree,
     same_number,
+    score_shared,
     score_tokens,
     split_context,
 )
@@ -124,10 +127,8 @@ def _quiet():
     return Console(quiet=True)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "bailing"])
-def test_right_padded_batches_equal_one_at_a_time(model_type):
-    """Causal models: right padding without a mask leaves every real position exact (softmax and KDA alike)."""
-    tok = char_tokenizer()
+def _scoring_model(model_type: str) -> LoadedModel:
+    """A tiny teacher (llama) or a tiny upgraded model (KDA + MLA, weights perturbed off the lossless init)."""
     if model_type == "llama":
         model = tiny_model("llama")
     else:
@@ -145,7 +146,13 @@ def test_right_padded_batches_equal_one_at_a_time(model_type):
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.05 * torch.randn_like(param))
-    lm = LoadedModel(model_type, model, tok, torch.device("cpu"), chunk_size=8)
+    return LoadedModel(model_type, model, char_tokenizer(), torch.device("cpu"), chunk_size=8)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bailing"])
+def test_right_padded_batches_equal_one_at_a_time(model_type):
+    """Causal models: right padding without a mask leaves every real position exact (softmax and KDA alike)."""
+    lm = _scoring_model(model_type)
     texts = ["the quick brown fox jumps", "a", "linear attention keeps a fixed-size state", "mla caches"]
     seqs = [lm.encode(t) for t in texts]
     together = score_tokens(lm, seqs, [1] * 4, batch_tokens=10_000)
@@ -153,6 +160,52 @@ def test_right_padded_batches_equal_one_at_a_time(model_type):
     for a, b in zip(together, alone):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
         assert torch.equal(a.greedy, b.greedy)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bailing", "bigram"])
+def test_shared_prefix_scoring_equals_scoring_each_sequence(model_type):
+    """The prefix tree reuses a cache (KV, KDA state, MLA latents) across branches: the scores must not change.
+    Pieces of 7 tokens make every branch continue a cache across several segments."""
+    lm = _bigram()[0] if model_type == "bigram" else _scoring_model(model_type)
+    haystack = "the quick brown fox jumps over the lazy dog while the cat sleeps"
+    texts = [haystack + " where is the fox", haystack + " where is the dog", haystack[:30] + " where",
+             haystack, "a different start", haystack + " where is the fox"]  # a duplicate and a strict prefix
+    seqs = [lm.encode(t) for t in texts]
+    starts = [len(lm.encode(haystack)) - 3, 40, 5, 1, 2, 20]
+    expected = score_tokens(lm, seqs, starts, batch_tokens=1)
+    original_extend = lm.extend
+    lm.extend = lambda ids, state=None: original_extend(ids, state, piece=7)
+    seen = []
+    shared = score_shared(lm, seqs, starts, progress=lambda n, tokens: seen.append(tokens))
+    for a, b in zip(shared, expected):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
+        assert torch.equal(a.greedy, b.greedy)
+    assert sum(seen) < sum(map(len, seqs)) - 2 * len(seqs[0])  # the haystack ran once, not four times
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bailing"])
+def test_greedy_decoding_from_a_shared_state_equals_generate(model_type):
+    """Decoding continued from `extend`'s state (what recall's shown samples use) is the stock model's cached greedy
+    generation, token for token."""
+    lm = _scoring_model(model_type)
+    prompt = lm.encode("linear attention keeps a fixed-size state while mla caches latents")
+    expected_text, expected_new = lm.generate(prompt, max_new_tokens=12, stop=("\n",))
+    hidden, state = lm.extend(prompt[:20])
+    hidden, state = lm.extend(prompt[20:], state)
+    text, new = greedy_continuation(lm, state, hidden[-1], 12, stop=("\n",))
+    assert (text, new) == (expected_text, expected_new)
+    assert greedy_continuation(lm, state, hidden[-1], 12, stop=("\n",)) == (text, new)  # the state was not consumed
+
+
+def test_prefix_tree_splits_where_sequences_differ():
+    tree = prefix_tree([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3], [7]])
+    assert (tree.start, tree.end) == (0, 0)
+    other, first = sorted(tree.children, key=lambda n: n.end)
+    assert (other.start, other.end, other.members) == (0, 1, [3])
+    assert (first.start, first.end, sorted(first.members)) == (0, 2, [0, 1, 2])
+    spans = sorted((c.start, c.end, c.members) for c in first.children)
+    assert spans == [(2, 3, [0, 2]), (2, 3, [1])]
+    assert [(c.start, c.end, c.members) for c in next(c for c in first.children if c.members == [0, 2]).children] == [(3, 4, [0])]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.bailing_hybrid import modeling_bailing_hybrid as ref
 
-from ling_surgery.surgery.kda import chunk_kda, kda_mixer_forward, student_logits
+from ling_surgery.surgery.kda import chunk_kda, kda_mixer_forward, student_extend, student_hidden, student_logits
 
 
 def _inputs(batch=2, seq=45, heads=3, dk=8, gate_scale=3.0, seed=0):
@@ -73,6 +73,36 @@ def test_kda_mixer_forward_matches_module():
     x = torch.randn(2, 21, 32)
     with torch.no_grad():
         torch.testing.assert_close(kda_mixer_forward(attn, x, chunk_size=4), attn(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cuts", [(37,), (5, 37), (1, 2, 19, 37), (8, 16, 37)])
+def test_student_continued_in_segments_equals_one_pass(cuts):
+    """A prefix's state continued segment by segment (KDA conv tail and delta-rule state, MLA latents) gives the
+    hidden states of one uncached pass."""
+    model = _tiny_hybrid()
+    ids = torch.randint(0, 64, (1, 37))
+    with torch.no_grad():
+        whole = student_hidden(model, ids, chunk_size=8)
+        state, pieces = None, []
+        for start, end in zip((0,) + cuts[:-1], cuts):
+            hidden, state = student_extend(model, ids[:, start:end], state, chunk_size=8)
+            pieces.append(hidden)
+    assert state.length == 37
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_a_student_state_is_reusable_by_several_continuations():
+    model = _tiny_hybrid()
+    ids = torch.randint(0, 64, (1, 30))
+    with torch.no_grad():
+        _, prefix = student_extend(model, ids[:, :20], chunk_size=8)
+        first, _ = student_extend(model, ids[:, 20:], prefix, chunk_size=8)
+        other = torch.randint(0, 64, (1, 6))
+        student_extend(model, other, prefix, chunk_size=8)  # a sibling branch must not disturb the prefix state
+        again, _ = student_extend(model, ids[:, 20:], prefix, chunk_size=8)
+        whole = student_hidden(model, ids, chunk_size=8)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, whole[:, 20:], atol=1e-5, rtol=1e-4)
 
 
 def test_chunk_kda_runs_in_fp32_inside_bf16_autocast():
