@@ -83,6 +83,10 @@ class LoadedModel:
 
             return student_extend(self.model, ids, state, self.chunk_size)  # immutable states: nothing to fork
         if isinstance(self.model, PreTrainedModel):
+            if self.model.config._attn_implementation == "sdpa" and self.device.type == "cpu":
+                from ling_surgery.evals import prefix_attention
+
+                self.model.set_attn_implementation(prefix_attention.register())  # SDPA, masks split where exact
             cache = state if state is None or forked else fork_cache(state)
             out = self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
             return out.last_hidden_state, out.past_key_values
