@@ -55,8 +55,9 @@ def _lower_right_causal(mask, q_len: int, kv_len: int) -> bool:
     Compared in full every call (a few ms against the ~100 ms the call saves)."""
     if mask is None or mask.dtype != torch.bool or mask.shape[-2:] != (q_len, kv_len) or mask.numel() != q_len * kv_len:
         return False
-    keys = torch.arange(kv_len, device=mask.device)
-    expected = keys[None, :] <= torch.arange(kv_len - q_len, kv_len, device=mask.device)[:, None]
+    from ling_surgery.surgery.kda import lower_right_causal_mask
+
+    expected = lower_right_causal_mask(kv_len - q_len, q_len, mask.device)
     return bool(torch.equal(mask.reshape(q_len, kv_len), expected))
 
 

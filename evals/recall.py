@@ -118,8 +118,9 @@ class HaystackBuilder:
             distractors = max(0, 1 + NIAH_DISTRACTORS - len(depths)) if doc["variant"] == "multikey" else 0
             names = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], len(depths) + NIAH_DISTRACTORS)
             values = [str(rng.randint(1_000_000, 9_999_999)) for _ in names]
-            pool = self.prose_ids(4 * doc.get("longest", doc["length"]))
-            offset = self._sentence_end(pool, rng.randrange(max(1, len(pool) - 2 * doc.get("longest", doc["length"]))))
+            longest = doc.get("longest", doc["length"])
+            pool = self.prose_ids(4 * longest)
+            offset = self._sentence_end(pool, rng.randrange(max(1, len(pool) - 2 * longest)))
             haystack_pool = pool
             # multikey: every depth's needle in one haystack (each the others' distractor), topped up to RULER's
             # 1 + 3 needles; single: the target's needle alone.

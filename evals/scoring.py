@@ -63,8 +63,9 @@ class LoadedModel:
 
         A segment after a cached prefix runs in pieces of `piece` tokens: its attention needs an explicit mask, and
         SDPA computes every masked-out pair of a mask, so one long segment would pay for its causal half twice (at
-        the start of a sequence SDPA's own causal mask skips them). Measured on 2 cores, 4k tokens after 4k: pieces of
-        512 / 1k / 2k / 4k took 35 / 32 / 27 / 36 s (SmolLM2-135M).
+        the start of a sequence SDPA's own causal mask skips them). Measured on 2 cores with masked SDPA, 4k tokens
+        after 4k: pieces of 512 / 1k / 2k / 4k took 35 / 32 / 27 / 36 s (SmolLM2-135M). Teachers on CPU now attend
+        without a mask (`prefix_attention`); upgraded models' MLA layers and other devices still use one.
         """
         hidden, begin = [], 0
         while begin < len(input_ids):

@@ -188,13 +188,7 @@ def student_hidden(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torc
 
     Causal everywhere, so right-padding a batch leaves every real position exact without a mask.
     """
-    inner = model.model
-    hidden = inner.embed_tokens(input_ids)
-    rope = position_embeddings(model, hidden)
-    for layer in inner.layers:
-        hidden = hidden + mixer_forward(layer, layer.input_layernorm(hidden), rope, chunk_size)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return inner.norm(hidden)
+    return student_extend(model, input_ids, None, chunk_size)[0]
 
 
 @dataclass(frozen=True)
@@ -231,14 +225,17 @@ def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = 
 
 
 def _causal_after(offset: int, hidden: torch.Tensor) -> torch.Tensor | None:
-    """The boolean mask of a segment after `offset` cached positions (query t sees keys ≤ offset + t); None at the
-    start, where SDPA's own causal mask is exact and skips the masked blocks."""
+    """The boolean mask of a segment after `offset` cached positions; None at the start, where SDPA's own causal
+    mask is exact and skips the masked blocks."""
     if offset == 0:
         return None
-    length = hidden.shape[1]
-    keys = torch.arange(offset + length, device=hidden.device)
-    queries = torch.arange(offset, offset + length, device=hidden.device)
-    return (keys[None, :] <= queries[:, None])[None, None]
+    return lower_right_causal_mask(offset, hidden.shape[1], hidden.device)[None, None]
+
+
+def lower_right_causal_mask(past: int, length: int, device) -> torch.Tensor:
+    """(length, past + length) booleans: query t of a segment after `past` cached positions sees keys ≤ past + t."""
+    keys = torch.arange(past + length, device=device)
+    return keys[None, :] <= torch.arange(past, past + length, device=device)[:, None]
 
 
 def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
