@@ -74,13 +74,19 @@ def validate(
 
 
 @app.command()
-def plan(recipe: str = RECIPE, overrides: list[str] = SET, output: Optional[Path] = OUTPUT) -> None:
+def plan(recipe: str = RECIPE, overrides: list[str] = SET, output: Optional[Path] = OUTPUT,
+         measure: bool = typer.Option(False, "--measure", help="load the teacher: where it retrieves, per layer "
+                                      "(copying heads, KL if made KDA), and the layouts ranked by it")) -> None:
     """Show a recipe's stages (with their status in the run folder), layer plan, parameters and KV-cache costs."""
     from ling_surgery.surgery.convert import plan_conversion
     from ling_surgery.surgery.run import RunFolder, stage_statuses, stages_table
     from ling_surgery.surgery.validate import validate_recipe
 
     conversion = plan_conversion(validate_recipe(recipe, overrides, output=str(output) if output else None)[0])
+    if measure:
+        from ling_surgery.surgery.placement import measure_plan
+
+        _, conversion = measure_plan(conversion, console)
     resolved = conversion.recipe
     console.print(conversion.table())
     folder = RunFolder(Path(resolved.export.output or ".does-not-exist").expanduser().resolve())

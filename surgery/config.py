@@ -47,7 +47,19 @@ class PlanConfig(Strict):
         "divisor of the layer count closest to Ling's 1 in 6-8"
     )
     full_attention_layers: list[int] | None = Field(
-        None, description="explicit MLA layer indices (non-periodic layouts are not served by vLLM/llama.cpp)"
+        None, description="explicit MLA layer indices (non-periodic layouts run in transformers and in ling-surgery's "
+        "GGUF for llama.cpp, not in vLLM)"
+    )
+    placement: Literal["periodic", "measured"] = Field(
+        "periodic", description="measured: keep as MLA the layers where the teacher retrieves (`plan --measure`)"
+    )
+    full_attention_count: int | None = Field(
+        None, ge=1, description="with placement: measured, how many layers stay MLA (unset: as many as the derived "
+        "periodic layout has)"
+    )
+    measure_by: Literal["retrieval", "kl"] = Field(
+        "retrieval", description="placement: measured ranks layers by their best copying head (retrieval) or by the "
+        "teacher's KL when that layer alone becomes KDA (kl)"
     )
     mla: MLAShape = MLAShape()
 
@@ -72,6 +84,10 @@ class InitStage(Strict):
     svd: Literal["activation", "weight"] = Field(
         "activation", description="MLA: activation-aware SVD (calibration whitening) or plain weight SVD"
     )
+    latent_norm: Literal["linear", "per_token"] = Field(
+        "linear", description="MLA latent RMSNorm at init: in its linear regime (keeps each token's key/value "
+        "magnitudes) or normalising every token (the old init: far from the teacher)"
+    )
     kda_half_life_min: float = Field(2.0, gt=0, description="shortest KDA forget-gate half-life at init (tokens)")
     kda_half_life_max: float = Field(2048.0, gt=0, description="longest KDA forget-gate half-life at init (tokens)")
 
@@ -82,6 +98,8 @@ class TrainingStage(Strict):
     lr: float = Field(gt=0)
     warmup_steps: int = Field(5, ge=0)
     trainable: list[Trainable] = Field(min_length=1, description="parameter groups that train; the rest stay frozen")
+    recall_mix: float = Field(0.0, ge=0, le=1, description="share of training windows in which a span is written twice "
+                              "(text or random tokens), so distillation trains copying (surgery/synthetic.py)")
 
 
 class AttentionTransferStage(TrainingStage):
@@ -211,9 +229,18 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
     if recipe.plan.full_attention_layers is not None and any(i < 0 for i in recipe.plan.full_attention_layers):
         problems.append("plan.full_attention_layers must be non-negative layer indices")
     if recipe.target == "all-mla":
-        explicit = sorted(k for k in ("layer_group_size", "full_attention_layers") if getattr(recipe.plan, k) is not None)
+        explicit = sorted(k for k in ("layer_group_size", "full_attention_layers", "full_attention_count")
+                          if getattr(recipe.plan, k) is not None)
         if explicit:
             problems.append(f"target all-mla turns every layer into MLA; remove plan.{explicit[0]}")
+    if recipe.plan.placement == "measured":
+        explicit = sorted(k for k in ("layer_group_size", "full_attention_layers") if getattr(recipe.plan, k) is not None)
+        if explicit:
+            problems.append(f"plan.placement measured chooses the MLA layers itself; remove plan.{explicit[0]} (set "
+                            "plan.full_attention_count for how many)")
+    elif recipe.plan.full_attention_count is not None:
+        problems.append("plan.full_attention_count is for plan.placement: measured; set plan.placement: measured, or "
+                        "use plan.layer_group_size / plan.full_attention_layers")
     names = [s.name for s in recipe.stages]
     if not recipe.stages or recipe.stages[0].kind != "init":
         problems.append("stages: the first stage must be `kind: init` (it builds the upgraded model)")

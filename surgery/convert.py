@@ -15,7 +15,7 @@ from ling_surgery.surgery import sources
 from ling_surgery.surgery.architectures import ArchSpec, check_source_config
 from ling_surgery.surgery.config import Recipe
 from ling_surgery.surgery.defaults import Derived
-from ling_surgery.surgery.plan import MLA, LayerPlan, student_costs, teacher_costs
+from ling_surgery.surgery.plan import MLA, NON_PERIODIC, LayerPlan, student_costs, teacher_costs
 from ling_surgery.surgery.targets import TargetSpec, check_shapes, get_target, target_config
 
 
@@ -61,10 +61,16 @@ class ConversionPlan:
         grid.add_row(costs)
         if not self.target.linear_attention:
             layout = "every layer MLA"
+        elif self.plan.provisional:
+            layout = (f"measured: the {len(self.plan.full_attention)} layers where the teacher retrieves most, chosen "
+                      "when the teacher loads (`ling-surgery plan --measure` shows them now); rows above are provisional")
+        elif self.plan.measured:
+            periodic = f"periodic, layer_group_size={self.plan.group_size}" if self.plan.group_size else NON_PERIODIC
+            layout = f"measured ({self.recipe.plan.measure_by}): {periodic}"
         elif self.plan.group_size:
             layout = f"periodic, layer_group_size={self.plan.group_size}"
         else:
-            layout = "NOT periodic: transformers only, not vLLM/llama.cpp"
+            layout = f"not periodic: {NON_PERIODIC}"
         grid.add_row(f"layout: {layout}")
         if self.derived:
             derived = Table(title="derived from the source (unset in the recipe; set them to override)")

@@ -7,6 +7,7 @@ what it was derived from.
 | key                        | rule                                                        | from                  |
 |----------------------------|-------------------------------------------------------------|-----------------------|
 | `plan.layer_group_size`    | the divisor g of L closest (in ratio) to 6–8, ties to fewer | `num_hidden_layers` L |
+| `plan.full_attention_count` | (placement: measured) L / that g                            | `num_hidden_layers` L |
 | `plan.mla.qk_rope_head_dim`| d/2, at most 64, even                                       | `head_dim` d          |
 | `plan.mla.kv_lora_rank`    | G·d/2, at most 512 and D, a multiple of 32 once ≥ 32        | KV heads G, d, hidden D |
 
@@ -81,7 +82,14 @@ def resolve_defaults(recipe, shape):
 
     derived: list[Derived] = []
     plan = recipe.plan.model_dump()
-    if get_target(recipe.target).linear_attention and plan["layer_group_size"] is None and plan["full_attention_layers"] is None:
+    linear = get_target(recipe.target).linear_attention
+    if linear and plan["placement"] == "measured":
+        if plan["full_attention_count"] is None:
+            group, reason = layer_group_size(shape.num_layers)
+            plan["full_attention_count"] = shape.num_layers // group
+            derived.append(Derived("plan.full_attention_count", shape.num_layers // group,
+                                   f"as many as the derived periodic layout (1 in {group}): {reason}"))
+    elif linear and plan["layer_group_size"] is None and plan["full_attention_layers"] is None:
         value, reason = layer_group_size(shape.num_layers)
         plan["layer_group_size"] = value
         derived.append(Derived("plan.layer_group_size", value, reason))

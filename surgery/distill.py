@@ -22,6 +22,7 @@ from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.kda import mixer_forward, position_embeddings, student_logits
 from ling_surgery.surgery.progress import training_progress
+from ling_surgery.surgery.synthetic import mix_copy_windows
 from ling_surgery.surgery.taps import attention_taps
 
 TRAINABLE_GROUPS = {
@@ -72,6 +73,45 @@ def select_trainable(model: torch.nn.Module, groups: list[str]) -> list[torch.nn
     return chosen
 
 
+def latent_row_rates(student, input_ids: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
+    """Per-row learning-rate multipliers for MLA down-projections whose latent RMSNorm works in its linear regime.
+
+    There (`init_maps.latent_norm_init`) the latent rows of `kv_a_proj_with_mqa` are ~1e-5 of the map they carry
+    and the norm's weight scales them back: AdamW's steps, ~lr per element whatever the weight's size, would throw
+    them out of the regime in one step. Scaling each row's step by sqrt(ε + ms)/w — the ratio between the row and
+    the map it carries — gives it the relative step any other weight gets. Measured once per stage on its first
+    window with the stage's starting weights, so a resumed stage gets the same rates. Layers whose latent mean square
+    is above ε normalise as usual and train as usual.
+    """
+    from ling_surgery.surgery.init_maps import LATENT_NORM_EPS
+
+    norms = {f"model.layers.{i}.self_attn": layer.self_attn.kv_a_layernorm for i, layer in enumerate(student.model.layers)
+             if hasattr(layer.self_attn, "kv_a_layernorm")}
+    if not norms:
+        return {}
+    mean_square: dict[str, float] = {}
+
+    def record(name):
+        def hook(module, args):
+            mean_square[name] = args[0].float().pow(2).mean().item()
+        return hook
+
+    handles = [norm.register_forward_pre_hook(record(name)) for name, norm in norms.items()]
+    try:
+        with torch.no_grad():
+            student_logits(student, input_ids, chunk_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rates = {}
+    for name, norm in norms.items():
+        if mean_square[name] < LATENT_NORM_EPS:
+            latent = ((LATENT_NORM_EPS + mean_square[name]) ** 0.5 / norm.weight.detach().float().abs()).clamp(max=1.0)
+            rows = student.get_submodule(f"{name}.kv_a_proj_with_mqa").weight.shape[0]
+            rates[f"{name}.kv_a_proj_with_mqa.weight"] = torch.cat([latent, latent.new_ones(rows - len(latent))])
+    return rates
+
+
 def _optimizer(params, lr: float, warmup: int, total: int):
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -99,6 +139,9 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     result.trainable_params = sum(p.numel() for p in params)
     optimizer, scheduler = _optimizer(params, stage.lr, stage.warmup_steps, steps)
+    first = ctx.train.windows(ctx.seq_len)[ctx.window_start : ctx.window_start + 1].to(ctx.device)
+    row_rates = {trainable[n]: r.to(ctx.device)[:, None] for n, r in latent_row_rates(student, first, ctx.chunk_size).items()
+                 if n in trainable}
     done = 0
     saved = ctx.state.load(map_location=ctx.device) if ctx.state is not None else None
     if saved is not None:
@@ -117,14 +160,22 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
     start = time.perf_counter() - result.seconds
     with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
         for step in range(done, steps):
-            input_ids = next(batches).to(ctx.device)
+            input_ids = next(batches)
+            if stage.recall_mix:
+                first_index = ctx.window_start + step * stage.batch_size
+                input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train.tokens, first_index)
+            input_ids = input_ids.to(ctx.device)
             with _autocast(ctx):
                 loss = loss_fn(input_ids)
             if not torch.isfinite(loss):
                 raise SurgeryError(f"stage {name}: loss became {loss.item()}; lower stages.{name}.lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            before = {p: p.detach().clone() for p in row_rates}
             optimizer.step()
+            with torch.no_grad():
+                for p, rate in row_rates.items():
+                    p.copy_(before[p] + (p - before[p]) * rate)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss.item())

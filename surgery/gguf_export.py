@@ -29,6 +29,7 @@ from ling_surgery.surgery.export import user_mode
 from ling_surgery.surgery.init_maps import Ledger
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
+F16_TINY = 127 * 2.0**-14  # a q8_0 block with this max has the smallest normal f16 scale
 GGUF_ARCH = {"bailing_hybrid": "bailingmoe3", "llama": "llama", "mistral": "llama"}
 EXPERT_GATING_SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -276,12 +277,15 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
 def _file_type(name: str, array: np.ndarray, dtype: str, output_name: str) -> str:
     """f32 for what llama.cpp uses as f32 operands: 1-D tensors, norms, biases, KDA conv taps and ssm_a.
 
-    At 4 bits the output matrix (`output.weight`, or the tied `token_embd.weight` that doubles as it) stays q8_0, as
+    An MLA down-projection with a row whose largest value is below `F16_TINY` stays f32 (it is small): f16 would store
+    the row as subnormals, and q8_0/q4_0 blocks carry an f16 scale (block max / 127) that would underflow. At 4 bits the output matrix (`output.weight`, or the tied `token_embd.weight` that doubles as it) stays q8_0, as
     llama.cpp's own quantizer keeps it at higher precision (it picks Q6_K, which the `gguf` package cannot pack):
     on the converted embedded default this halves q4_0's perplexity cost (teacher +37% → +25%, student +28% → +16%).
     """
     if array.ndim <= 1 or name.endswith("_norm.weight") or ".ssm_conv1d_" in name or not name.endswith(".weight"):
         return "f32"
+    if dtype != "f32" and name.endswith(".attn_kv_a_mqa.weight") and np.abs(array).max(axis=-1).min() < F16_TINY:
+        return "f32"  # MLA latent rows scaled into their norm's linear regime (init_maps): f16 cannot hold them
     if dtype == "q4_0" and name == output_name:
         return "q8_0"
     return dtype

@@ -21,7 +21,9 @@ def mixer_types(config) -> list[str]:
 class LayerPlan:
     num_layers: int
     full_attention: tuple[int, ...]
-    group_size: int | None  # set when the layout is periodic, as vLLM and llama.cpp require
+    group_size: int | None  # set when the layout is periodic, as vLLM and llama.cpp's converter require
+    measured: bool = False  # placement: measured — the layers are chosen once the teacher is loaded (`placement`)
+    provisional: bool = False  # measured, not yet resolved: only the count of MLA layers is known
 
     @property
     def layer_types(self) -> list[str]:
@@ -49,7 +51,12 @@ def layout_problems(num_layers: int, group_size: int | None, full_attention_laye
     return []
 
 
-def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers: list[int] | None = None) -> LayerPlan:
+NON_PERIODIC = ("transformers and ling-surgery's GGUF (llama.cpp reads the layout per layer) run it; vLLM and "
+                "llama.cpp's own converter read only periodic layouts (plan.layer_group_size)")
+
+
+def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers: list[int] | None = None,
+              warn_non_periodic: bool = True) -> LayerPlan:
     problems = layout_problems(num_layers, group_size, full_attention_layers)
     if problems:
         raise SurgeryError(problems[0])
@@ -58,11 +65,8 @@ def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers
         for g in range(1, num_layers + 1):
             if num_layers % g == 0 and layers == tuple(range(g - 1, num_layers, g)):
                 return LayerPlan(num_layers, layers, g)
-        warnings.warn(
-            f"layers {list(layers)} are not periodic: transformers loads the result, but vLLM and llama.cpp serve "
-            "only periodic layouts (plan.layer_group_size)",
-            stacklevel=2,
-        )
+        if warn_non_periodic:
+            warnings.warn(f"layers {list(layers)} are not periodic: {NON_PERIODIC}", stacklevel=2)
         return LayerPlan(num_layers, layers, None)
     return LayerPlan(num_layers, tuple(range(group_size - 1, num_layers, group_size)), group_size)
 

@@ -197,6 +197,8 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     console.print(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents of {recipe.data.train!r}; "
                   f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
     timings = {"load": round(time.perf_counter() - t, 1)}
+    if conversion.plan.measured:
+        conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)
 
     stage_eval = None
     if recipe.eval.each_stage.tasks:
@@ -279,7 +281,8 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         "source": conversion.source.name,
         "source_kind": conversion.source.kind,
         "target": f"{conversion.target.model_type} ({conversion.target.architecture})",
-        "plan": {"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size},
+        "plan": {"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size,
+                 "placement": recipe.plan.placement},
         "device": str(device),
         "seed": recipe.seed,
         "versions": versions(),
@@ -329,6 +332,23 @@ def _print_report(console: Console, report: dict, folder: RunFolder) -> None:
         console.print(f"export check: reloaded in a fresh process, max |Δlogit| = {check['max_abs_diff']:.3g}, "
                       f"cached greedy = uncached argmax: {check['greedy_cache_matches']}")
     console.print(f"upgraded model: {folder.model}  (AutoModelForCausalLM.from_pretrained({str(folder.model)!r}))")
+
+
+def measured_placement(recipe: Recipe, conversion, teacher, tokenizer, train, folder: RunFolder, console: Console):
+    """`plan.placement: measured`: the teacher's measures (kept in the run folder's placement.json) choose the MLA
+    layers before the init stage builds the upgraded model."""
+    from ling_surgery.surgery.placement import layouts_table, measure_for, measures_table, resolve_measured
+
+    windows = train.windows(recipe.data.seq_len)[:4] if recipe.plan.measure_by == "kl" else None
+    t = time.perf_counter()
+    measures = measure_for(conversion, teacher, tokenizer, windows, recipe.runtime.kda_chunk_size,
+                           folder.root / "placement.json", recipe.seed)
+    conversion = resolve_measured(conversion, measures)
+    console.print(measures_table(measures, conversion.plan.full_attention))
+    console.print(layouts_table(measures, conversion.plan.full_attention, recipe.plan.measure_by))
+    console.print(f"placement measured by {recipe.plan.measure_by} ({time.perf_counter() - t:.0f} s): MLA layers "
+                  f"{list(conversion.plan.full_attention)}", highlight=False)
+    return conversion
 
 
 def load_checkpoint(path: Path, device):

@@ -9,7 +9,7 @@ import torch
 
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.distill import attention_transfer, logit_distill
-from ling_surgery.surgery.init_maps import build_student, init_student_state
+from ling_surgery.surgery.init_maps import build_student, init_student_state, mla_energy_kept
 from ling_surgery.surgery.kda import student_logits
 from ling_surgery.surgery.taps import collect_stats
 
@@ -25,9 +25,13 @@ def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     teacher_state = {name: tensor.detach().cpu() for name, tensor in teacher.state_dict().items()}
     state = init_student_state(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage)
     student = build_student(state, ctx.target_config).to(ctx.device)
+    energy = mla_energy_kept(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats)
     del state, teacher_state
     metrics = {"calibration_tokens": int(windows.numel()) if n_windows else 0,
-               "parameters": sum(p.numel() for p in student.parameters())}
+               "parameters": sum(p.numel() for p in student.parameters()),
+               "mla_energy_kept": {str(i): kept for i, kept in energy.items()}}
+    if ctx.console is not None and energy:
+        ctx.console.print(energy_table(energy))
     if ctx.eval_windows is not None:
         from ling_surgery.evals.perplexity import perplexity
 
@@ -38,6 +42,18 @@ def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
         if ctx.console is not None:
             ctx.console.print(f"upgraded model straight after init: perplexity {metrics['perplexity_after_init']['perplexity']:.4g}")
     return student, metrics
+
+
+def energy_table(energy: dict[int, dict]):
+    """Per MLA layer, the worst and mean KV head's share of key/value energy that the init keeps."""
+    from rich.table import Table
+
+    table = Table(title="MLA init: share of each KV head's energy kept (worst head / mean)")
+    for col in ("layer", "NoPE keys (latent)", "values (latent)", "RoPE keys (shared key)"):
+        table.add_column(col, justify="right")
+    for i, kept in energy.items():
+        table.add_row(str(i), *(f"{min(kept[k]):.1%} / {sum(kept[k]) / len(kept[k]):.1%}" for k in ("k_nope", "v", "k_rope")))
+    return table
 
 
 STAGES = {

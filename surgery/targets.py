@@ -11,7 +11,7 @@ implementations; the serving-engine config rules are in DESIGN.md ("Export targe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.plan import LayerPlan, layout_problems, make_plan
@@ -51,6 +51,12 @@ def layer_plan(recipe, num_layers: int) -> LayerPlan:
     """The recipe's layer plan for a source with `num_layers` layers (an unset group size is derived from it)."""
     if not get_target(recipe.target).linear_attention:
         return make_plan(num_layers, 1)
+    if recipe.plan.placement == "measured":
+        # Provisional: as many MLA layers as measured placement will keep, evenly spread, for costs and validation;
+        # `placement.resolve_measured` picks the real ones once the teacher is loaded.
+        count = recipe.plan.full_attention_count or 1
+        spread = sorted({min(num_layers - 1, (k + 1) * num_layers // count - 1) for k in range(count)})
+        return replace(make_plan(num_layers, None, spread, warn_non_periodic=False), measured=True, provisional=True)
     group, layers = recipe.plan.layer_group_size, recipe.plan.full_attention_layers
     if group is None and layers is None:
         from ling_surgery.surgery.defaults import layer_group_size
@@ -62,7 +68,12 @@ def layer_plan(recipe, num_layers: int) -> LayerPlan:
 def shape_problems(recipe, shape) -> list[str]:
     """Every problem of a recipe (its plan values resolved) against the source (a `sources.SourceShape`)."""
     problems = []
-    if get_target(recipe.target).linear_attention:
+    count = recipe.plan.full_attention_count
+    if get_target(recipe.target).linear_attention and recipe.plan.placement == "measured":
+        if count is not None and count > shape.num_layers:
+            problems.append(f"plan.full_attention_count {count} exceeds the source's {shape.num_layers} layers; pick at "
+                            f"most {shape.num_layers}")
+    elif get_target(recipe.target).linear_attention:
         problems += layout_problems(shape.num_layers, recipe.plan.layer_group_size, recipe.plan.full_attention_layers)
     dr, rank = recipe.plan.mla.qk_rope_head_dim, recipe.plan.mla.kv_lora_rank
     if dr > shape.head_dim:
@@ -97,6 +108,7 @@ def target_config(source_config, plan: LayerPlan, recipe):
     highest-frequency pairs under θ' = θ^(dr/d) (θ'^(-2j/dr) = θ^(-2j/d)), embeddings untied.
     """
     from ling_surgery.surgery.architectures import check_source_config, head_dim
+    from ling_surgery.surgery.init_maps import LATENT_NORM_EPS
     from ling_surgery.surgery.sources import SourceShape
 
     check_source_config(source_config)
@@ -124,7 +136,9 @@ def target_config(source_config, plan: LayerPlan, recipe):
         v_head_dim=d,
         hidden_act=source_config.hidden_act,
         max_position_embeddings=getattr(source_config, "max_position_embeddings", 4096),
-        rms_norm_eps=source_config.rms_norm_eps,
+        # The MLA latent norm's ε, which transformers fixes at 1e-6 and the engines read from here (init_maps); every
+        # other norm sees mean squares ≫ 1e-5, so the source's ε would change nothing (SmolLM2: perplexity ±3e-5).
+        rms_norm_eps=LATENT_NORM_EPS,
         rope_parameters=rope,
         first_k_dense_replace=layers,  # all MLPs dense
         num_mtp_layers=0,

@@ -130,6 +130,9 @@ def gguf_ready_student(tok):
     state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, config, None, recipe.stages[0])
     model = build_student(state, config)
     with torch.no_grad():  # random gates, decays and conv taps exercise every transform
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
+        for name, param in model.named_parameters():
+            if "kv_a_proj_with_mqa" in name:  # relative noise: the latent rows stay in their norm's linear regime
+                param.mul_(1 + 0.5 * torch.randn_like(param))
+            else:
+                param.add_(0.05 * torch.randn_like(param))
     return model

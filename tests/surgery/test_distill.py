@@ -1,5 +1,7 @@
 """Both distillation stages lower their loss on a tiny model, train only what they declare, and resume exactly."""
 
+import math
+
 import pytest
 import torch
 from helpers import tiny_model, tiny_recipe
@@ -10,7 +12,7 @@ from ling_surgery.surgery.config import AttentionTransferStage, LogitDistillStag
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.data import TokenStream
 from ling_surgery.surgery.distill import attention_transfer, logit_distill
-from ling_surgery.surgery.init_maps import build_student, init_student_state
+from ling_surgery.surgery.init_maps import LATENT_NORM_EPS, build_student, init_student_state
 from ling_surgery.surgery.plan import make_plan
 from ling_surgery.surgery.taps import collect_stats
 from ling_surgery.surgery.targets import target_config
@@ -50,8 +52,9 @@ def test_logit_distill_lowers_the_kl():
 
 
 def test_resuming_from_the_training_state_gives_the_same_weights(tmp_path):
-    """Die right after the step-4 save of a 10-step stage, resume in a fresh student: bit-equal to an unbroken run."""
-    stage = LogitDistillStage(tokens=10 * 64, batch_size=2, lr=3e-3, trainable=["mixers", "norms"])
+    """Die right after the step-4 save of a 10-step stage, resume in a fresh student: bit-equal to an unbroken run
+    (copy windows included: they are seeded by window index)."""
+    stage = LogitDistillStage(tokens=10 * 64, batch_size=2, lr=3e-3, trainable=["mixers", "norms"], recall_mix=0.5)
     _, unbroken, ctx = _setup()
     unbroken, full = logit_distill(unbroken, stage, ctx)
 
@@ -103,3 +106,53 @@ def test_training_steps_run_under_bf16_autocast(stage_fn, stage):
     assert bf16["losses"][0] == pytest.approx(fp32["losses"][0], rel=0.05)
     assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
     assert all(p.dtype == torch.float32 for p in student.parameters())  # fp32 master weights
+
+
+def _all_mla_setup(latent_norm: str, **ctx_fields):
+    teacher = tiny_model("llama")
+    recipe = tiny_recipe(target="all-mla", plan={"mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}},
+                         stages=[{"kind": "init", "latent_norm": latent_norm}])
+    target = target_config(teacher.config, make_plan(4, 1), recipe)
+    g = torch.Generator().manual_seed(0)
+    stream = TokenStream(torch.randint(3, 40, (64,), generator=g).repeat(40))
+    stats = collect_stats(teacher, get_arch("llama"), [stream.windows(32)[:4]])
+    state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, target, stats, recipe.stages[0])
+    return teacher, build_student(state, target), RunContext(teacher, get_arch("llama"), stream, 32, torch.device("cpu"), 8,
+                                                             **ctx_fields)
+
+
+def _latent_mean_squares(student, ids):
+    seen = []
+    hooks = [layer.self_attn.kv_a_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].pow(2).mean().item()))
+             for layer in student.model.layers]
+    with torch.no_grad():
+        student(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_keeps_the_latent_norm_in_its_linear_regime(bf16):
+    """Per-row learning rates scale AdamW's steps on the tiny latent rows: training lowers the loss and the latent
+    stays far below the norm's ε (without them, one step of ~lr per element would be ~1000× the rows' size)."""
+    from ling_surgery.surgery.distill import latent_row_rates
+
+    teacher, student, ctx = _all_mla_setup("linear", bf16_autocast=bf16)
+    ids = ctx.train.windows(32)[:2]
+    assert max(_latent_mean_squares(student, ids)) < 1e-2 * LATENT_NORM_EPS
+    rates = latent_row_rates(student, ids[:1], 8)
+    assert len(rates) == 4
+    for rate in rates.values():
+        assert rate.shape == (24 + 8,) and rate[:24].max() < 1e-2 and torch.equal(rate[24:], torch.ones(8))
+    student, result = attention_transfer(student, AttentionTransferStage(tokens=30 * 64, batch_size=2, lr=3e-3), ctx)
+    losses = result["losses"]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert max(_latent_mean_squares(student, ids)) < 0.1 * LATENT_NORM_EPS
+
+
+def test_normalising_latents_train_with_plain_rates():
+    from ling_surgery.surgery.distill import latent_row_rates
+
+    _, student, ctx = _all_mla_setup("per_token")
+    assert latent_row_rates(student, ctx.train.windows(32)[:1], 8) == {}

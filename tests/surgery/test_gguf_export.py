@@ -61,7 +61,8 @@ def test_quantized_file_keeps_f32_where_llama_cpp_needs_it(tmp_path):
     write_gguf(gguf_ready_student(tok), tok, tmp_path / "q.gguf", "q8_0")
     types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "q.gguf").tensors}
     for name in ("blk.0.ssm_a", "blk.0.ssm_conv1d_v.weight", "blk.0.ssm_dt.bias", "blk.0.ssm_norm.weight",
-                 "blk.1.attn_kv_a_norm.weight", "output_norm.weight"):
+                 "blk.1.attn_kv_a_norm.weight", "output_norm.weight",
+                 "blk.1.attn_kv_a_mqa.weight"):  # latent rows in the norm's linear regime are too small for f16
         assert types[name] == GGMLQuantizationType.F32, name
     for name in ("token_embd.weight", "output.weight", "blk.0.ssm_f_a.weight", "blk.1.attn_k_b.weight"):
         assert types[name] == GGMLQuantizationType.Q8_0, name

@@ -12,6 +12,7 @@ from ling_surgery.surgery.init_maps import (
     absorb_bias,
     build_student,
     init_student_state,
+    mla_energy_kept,
     shared_rope_key,
 )
 from ling_surgery.surgery.plan import make_plan
@@ -79,6 +80,42 @@ def test_lossless_mla_init_matches_teacher(target):
     ids = torch.randint(3, 128, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("latent_norm", ["linear", "per_token"])
+def test_latent_norm_in_its_linear_regime_keeps_every_tokens_scale(latent_norm):
+    """Lossless MLA (MQA, full rank, all RoPE dims) with per-token input norms that vary, as in real models: the
+    linear-regime latent norm still matches the teacher; normalising every token's latent does not."""
+    teacher = tiny_model("llama", num_key_value_heads=1)
+    mla = {"mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 16}}
+    recipe = tiny_recipe(target="all-mla", plan=mla, stages=[{"kind": "init", "svd": "weight", "latent_norm": latent_norm}])
+    student, config = _convert(teacher, recipe)
+    assert config.rms_norm_eps == 1e-6  # what transformers' latent norm uses, and what the engines will read
+    ids = torch.randint(3, 128, (2, 40))
+    with torch.no_grad():
+        error = (student(input_ids=ids).logits - teacher(input_ids=ids).logits).abs().max().item()
+    if latent_norm == "linear":
+        assert error < 1e-3
+        norm = student.model.layers[0].self_attn.kv_a_layernorm
+        latent = student.model.layers[0].self_attn.kv_a_proj_with_mqa.weight[:32]
+        assert norm.weight.min() > 10 and latent.abs().max() < 1e-3  # scaled into the regime, and back out
+    else:
+        assert error > 1e-2
+
+
+def test_energy_kept_is_one_when_lossless_and_falls_with_the_rank():
+    teacher = tiny_model("llama")  # GQA: 2 KV heads, so the shared RoPE key is lossy
+    for rank, expect_lossless in ((64, True), (8, False)):
+        recipe = tiny_recipe(target="all-mla", plan={"mla": {"kv_lora_rank": rank, "qk_rope_head_dim": 8}})
+        target = target_config(teacher.config, layer_plan(recipe, 4), recipe)
+        kept = mla_energy_kept(teacher.state_dict(), get_arch("llama"), teacher.config, target, None)
+        assert sorted(kept) == [0, 1, 2, 3]
+        v = torch.tensor([kept[i]["v"] for i in kept])
+        assert v.shape == (4, 2) and (v <= 1 + 1e-9).all()
+        assert torch.allclose(v, torch.ones_like(v)) == expect_lossless
+        rope = torch.tensor([kept[i]["k_rope"] for i in kept])
+        # The best rank one of two heads keeps at least half the total energy, so some head keeps half of its own.
+        assert (rope < 1 - 1e-3).any() and (rope.max(1).values >= 0.5).all()
 
 
 def test_shared_rope_key_is_exact_for_one_group_and_best_rank_one_otherwise():
