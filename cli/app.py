@@ -271,6 +271,35 @@ def bench_inference(
              engine, gguf_dtype, _engine_settings(flash_attn, cache_type))
 
 
+@bench_app.command("tradeoff")
+def bench_tradeoff(
+    teacher: str = typer.Argument(..., help="the original model (e.g. smollm2-135m), or its .gguf"),
+    layouts: list[str] = typer.Argument(..., help="upgraded models of the same source, each NAME=MODEL or MODEL (a run "
+                                        "folder, its model/ folder, or a .gguf)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for report.json/md, tradeoff.json and tradeoff.png"),
+    tasks: str = typer.Option("passkey", "--tasks", help="recall tasks, the first one plotted (passkey, niah)"),
+    engine: str = typer.Option("llamacpp", "--engine", help="llamacpp (needs the llamacpp extra) or transformers"),
+    contexts: Optional[str] = CONTEXTS,
+    gguf_dtype: str = GGUF_DTYPE,
+    recall_lengths: Optional[str] = RECALL_LENGTHS,
+    recall_depths: Optional[str] = RECALL_DEPTHS,
+    limit: Optional[int] = LIMIT,
+) -> None:
+    """Recall against decode speed and cache size for several layouts of one source, one PNG: choose by numbers."""
+    from ling_surgery.evals.tradeoff import bench_tradeoff as run_tradeoff
+
+    named = {}
+    for item in layouts:
+        name, _, model = item.partition("=") if "=" in item else (Path(item.rstrip("/")).name, "", item)
+        if name in named:
+            raise SurgeryError(f"layout name {name!r} is used twice; name them NAME=MODEL")
+        named[name] = model
+    task_list, context_list, _ = _eval_args(tasks, contexts, [])
+    lengths, depths = _recall_grid(recall_lengths, recall_depths)
+    run_tradeoff(teacher, named, output, context_list, tuple(task_list), engine, console, limit=limit,
+                 gguf_dtype=gguf_dtype, recall_lengths=lengths, recall_depths=depths)
+
+
 @recipes_app.command("ls")
 def recipes_ls() -> None:
     """The shipped recipes with what they do and how to launch them."""

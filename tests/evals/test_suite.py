@@ -103,3 +103,33 @@ def test_bad_eval_inputs_are_one_line_errors(pair, tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and message in lines[-1], (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr
+
+
+def test_tradeoff_plots_recall_against_speed_and_cache_for_each_layout(pair, tmp_path):
+    """Real inference numbers for three models; the recall results are set by hand (the character tokenizer's passkey
+    prompt does not fit the tiny models' 256 positions), so which point is where can be checked."""
+    from ling_surgery.evals.tradeoff import bench_tradeoff, tradeoff_plot, tradeoff_points, tradeoff_table
+
+    teacher, student, _ = pair
+    report = run_eval({"teacher": str(teacher), "run": str(student), "model": str(student / "model")}, [],
+                      contexts=(16, 48), console=Console(quiet=True))
+    report["tasks"]["passkey"] = {
+        role: {"value": value, "variants": {"passkey": {"by_length": {"512": value, "2048": value / 2}}}}
+        for role, value in (("teacher", 1.0), ("run", 0.5), ("model", 0.25))
+    }
+    points = tradeoff_points(report)
+    assert [p["model"] for p in points] == ["teacher", "run", "model"]
+    assert [p["recall"] for p in points] == [1.0, 0.5, 0.25] and points[2]["recall_by_length"] == {"512": 0.25, "2048": 0.125}
+    for p in points:
+        row = report["inference"][p["model"]]["contexts"][-1]
+        assert p["context"] == 48 and p["decode_ms_per_token"] == row["decode_ms_per_token"]
+        assert p["cache_bytes"] == row["cache_bytes_computed"]
+    assert points[0]["speedup"] == 1.0
+    assert points[1]["speedup"] == pytest.approx(points[0]["decode_ms_per_token"] / points[1]["decode_ms_per_token"])
+    assert points[1]["cache_bytes"] == points[2]["cache_bytes"] != points[0]["cache_bytes"]
+    tradeoff_plot(points, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0 and tradeoff_table(points).row_count == 3
+    with pytest.raises(SurgeryError, match="no 'niah' results"):
+        tradeoff_points(report, "niah")
+    with pytest.raises(SurgeryError, match="teacher"):
+        bench_tradeoff(str(teacher), {"teacher": str(student)}, tmp_path / "x", (16,))
