@@ -62,8 +62,9 @@ class ConversionPlan:
         if not self.target.linear_attention:
             layout = "every layer MLA"
         elif self.plan.provisional:
-            layout = (f"measured: the {len(self.plan.full_attention)} layers where the teacher retrieves most, chosen "
-                      "when the teacher loads (`ling-surgery plan --measure` shows them now); rows above are provisional")
+            layout = (f"measured by {self.recipe.plan.measure_by}: the {len(self.plan.full_attention)} layers ranked "
+                      "first, chosen when the teacher loads (`ling-surgery plan --measure` shows them now); rows above "
+                      "are provisional")
         elif self.plan.measured:
             periodic = f"periodic, layer_group_size={self.plan.group_size}" if self.plan.group_size else NON_PERIODIC
             layout = f"measured ({self.recipe.plan.measure_by}): {periodic}"

@@ -278,7 +278,9 @@ def _file_type(name: str, array: np.ndarray, dtype: str, output_name: str) -> st
     """f32 for what llama.cpp uses as f32 operands: 1-D tensors, norms, biases, KDA conv taps and ssm_a.
 
     An MLA down-projection with a row whose largest value is below `F16_TINY` stays f32 (it is small): f16 would store
-    the row as subnormals, and q8_0/q4_0 blocks carry an f16 scale (block max / 127) that would underflow. At 4 bits the output matrix (`output.weight`, or the tied `token_embd.weight` that doubles as it) stays q8_0, as
+    the row as subnormals, and q8_0/q4_0 blocks carry an f16 scale (block max / 127) that would underflow.
+
+    At 4 bits the output matrix (`output.weight`, or the tied `token_embd.weight` that doubles as it) stays q8_0, as
     llama.cpp's own quantizer keeps it at higher precision (it picks Q6_K, which the `gguf` package cannot pack):
     on the converted embedded default this halves q4_0's perplexity cost (teacher +37% → +25%, student +28% → +16%).
     """

@@ -288,12 +288,13 @@ def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     return mixer
 
 
-def mla_energy_kept(teacher_state, arch: ArchSpec, source_config, target_config, stats) -> dict[int, dict]:
+def mla_energy_kept(teacher_state, arch: ArchSpec, source_config, target_config, stats,
+                    svd: str = "activation") -> dict[int, dict]:
     """Per MLA layer and KV head, the fraction of the teacher's key/value energy the MLA init keeps.
 
     `k_nope` and `v`: what the rank-r joint latent keeps of the NoPE key channels and of the values; `k_rope`: what
-    the one shared RoPE key keeps of the head's RoPE'd key channels. Energies are E‖·x‖² over calibration inputs
-    (‖·‖_F² without them), the quantities the activation-aware SVDs of `init_mla` maximise. 1.0 is lossless.
+    the one shared RoPE key keeps of the head's RoPE'd key channels. Energies are measured as `init_mla` fits them:
+    E‖·x‖² over calibration inputs with activation-aware SVD, ‖·‖_F² otherwise. 1.0 is lossless.
     """
     from ling_surgery.surgery.plan import MLA, mixer_types
 
@@ -307,21 +308,20 @@ def mla_energy_kept(teacher_state, arch: ArchSpec, source_config, target_config,
             continue
         layer_stats = None if stats is None else stats[i]
         _, wk, wv, _ = teacher_attention(Ledger(teacher_state), f"{arch.layers}.{i}.{arch.attention}", arch, layer_stats, d)
-        moment = torch.eye(hidden, dtype=torch.float64) if layer_stats is None else layer_stats.x_moment
-        sqrt_c, _ = _sqrt_and_inv_sqrt(moment)
+        eye = torch.eye(hidden, dtype=torch.float64)
+        sqrt_c = _sqrt_and_inv_sqrt(layer_stats.x_moment)[0] if layer_stats is not None and svd == "activation" else eye
         wk_g, wv_g = wk.view(groups, d, hidden), wv.view(groups, d, hidden)
         dn = len(nope)
         u, sv, _ = torch.linalg.svd(torch.cat([wk_g[:, nope], wv_g], dim=1).reshape(-1, hidden) @ sqrt_c,
                                     full_matrices=False)
         rows = (u * sv).view(groups, dn + d, -1).pow(2)  # energy of each row along each singular direction
-        kept = rows[..., :r].sum(-1) / rows.sum(-1).clamp_min(1e-30)
-        weight = rows.sum(-1)
+        kept, total = rows[..., :r].sum(-1), rows.sum(-1)
         rope = torch.complex(wk_g[:, first], wk_g[:, second]).permute(1, 0, 2) @ sqrt_c.to(torch.complex128)  # (P, G, D)
         ur, sr, _ = torch.linalg.svd(rope, full_matrices=False)
         rope_kept = (ur[..., 0].abs() * sr[..., :1]).pow(2).sum(0) / rope.abs().pow(2).sum((0, 2)).clamp_min(1e-30)
 
-        def share(part):  # energy-weighted mean over the channels of each KV head
-            return ((kept * weight)[:, part].sum(1) / weight[:, part].sum(1).clamp_min(1e-30)).tolist()
+        def share(part):  # kept over total energy of a KV head's channels
+            return (kept[:, part].sum(1) / total[:, part].sum(1).clamp_min(1e-30)).tolist()
 
         out[i] = {"k_nope": share(slice(0, dn)) if dn else [1.0] * groups, "v": share(slice(dn, dn + d)),
                   "k_rope": rope_kept.tolist()}

@@ -26,9 +26,6 @@ import torch
 
 from ling_surgery.surgery.errors import SurgeryError
 
-MEASURES = ("retrieval", "kl")
-
-
 def copy_prompts(vocab_size: int, count: int, period: int, seed: int = 0, avoid: tuple[int, ...] = ()) -> torch.Tensor:
     """`count` prompts of 2·period tokens: a random sequence of distinct tokens, then the same sequence again."""
     g = torch.Generator().manual_seed(seed)
@@ -267,9 +264,14 @@ def measure_plan(conversion, console=None, kl_windows: int = 2):
     windows = TokenStream.from_documents(docs, tokenizer, max_tokens=seq_len * (kl_windows + 1)).windows(seq_len)
     measures = measure_for(conversion, teacher, tokenizer, windows[:kl_windows], recipe.runtime.kda_chunk_size,
                            seed=recipe.seed)
-    by = recipe.plan.measure_by
     resolved = resolve_measured(conversion, measures) if conversion.plan.measured else conversion
     if console is not None:
-        console.print(measures_table(measures, resolved.plan.full_attention))
-        console.print(layouts_table(measures, resolved.plan.full_attention if resolved.plan.measured else None, by))
+        print_measures(console, measures, resolved)
     return measures, resolved
+
+
+def print_measures(console, measures: LayerMeasures, conversion) -> None:
+    """The per-layer table and the layouts table; a measured plan's layers are marked and ranked with the rest."""
+    layers = conversion.plan.full_attention if conversion.plan.measured else None
+    console.print(measures_table(measures, layers or ()))
+    console.print(layouts_table(measures, layers, conversion.recipe.plan.measure_by))

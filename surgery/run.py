@@ -337,15 +337,14 @@ def _print_report(console: Console, report: dict, folder: RunFolder) -> None:
 def measured_placement(recipe: Recipe, conversion, teacher, tokenizer, train, folder: RunFolder, console: Console):
     """`plan.placement: measured`: the teacher's measures (kept in the run folder's placement.json) choose the MLA
     layers before the init stage builds the upgraded model."""
-    from ling_surgery.surgery.placement import layouts_table, measure_for, measures_table, resolve_measured
+    from ling_surgery.surgery.placement import measure_for, print_measures, resolve_measured
 
     windows = train.windows(recipe.data.seq_len)[:4] if recipe.plan.measure_by == "kl" else None
     t = time.perf_counter()
     measures = measure_for(conversion, teacher, tokenizer, windows, recipe.runtime.kda_chunk_size,
                            folder.root / "placement.json", recipe.seed)
     conversion = resolve_measured(conversion, measures)
-    console.print(measures_table(measures, conversion.plan.full_attention))
-    console.print(layouts_table(measures, conversion.plan.full_attention, recipe.plan.measure_by))
+    print_measures(console, measures, conversion)
     console.print(f"placement measured by {recipe.plan.measure_by} ({time.perf_counter() - t:.0f} s): MLA layers "
                   f"{list(conversion.plan.full_attention)}", highlight=False)
     return conversion

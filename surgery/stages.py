@@ -25,7 +25,7 @@ def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     teacher_state = {name: tensor.detach().cpu() for name, tensor in teacher.state_dict().items()}
     state = init_student_state(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage)
     student = build_student(state, ctx.target_config).to(ctx.device)
-    energy = mla_energy_kept(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats)
+    energy = mla_energy_kept(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage.svd)
     del state, teacher_state
     metrics = {"calibration_tokens": int(windows.numel()) if n_windows else 0,
                "parameters": sum(p.numel() for p in student.parameters()),

@@ -134,3 +134,19 @@ def test_a_measured_run_keeps_the_layers_its_measures_rank_first(source, tmp_pat
 
     again = measure_for(plan_conversion(recipe), None, None, None, cache=out / "placement.json", seed=recipe.seed)
     assert again == measures
+
+
+def test_plan_measure_prints_both_measures_and_resolves_the_layers(source):
+    """`ling-surgery plan --measure` as a Python call: the teacher is loaded from the recipe's source, both measures
+    are computed (the KL on the recipe's own data), and the measured plan's layers are those ranked first."""
+    from ling_surgery.surgery.convert import plan_conversion
+    from ling_surgery.surgery.placement import measure_plan
+
+    recipe = load_recipe("ci-smoke", tiny_overrides(*source) + ["plan.layer_group_size=null", "plan.placement=measured",
+                                                                "plan.full_attention_count=2"])
+    console = Console(record=True, width=160)
+    measures, resolved = measure_plan(plan_conversion(recipe), console)
+    assert measures.kl is not None and len(measures.kl) == 4 and all(v > 0 for v in measures.kl)
+    assert list(resolved.plan.full_attention) == measures.choose(2) and not resolved.plan.provisional
+    text = console.export_text()
+    assert "where the teacher retrieves" in text and "KL if KDA" in text and "periodic g=2" in text
