@@ -55,6 +55,26 @@ NON_PERIODIC = ("transformers and ling-surgery's GGUF (llama.cpp reads the layou
                 "llama.cpp's own converter read only periodic layouts (plan.layer_group_size)")
 
 
+def engine_layer_types(num_layers: int, group_size: int) -> list[str]:
+    """The layout vLLM (`_is_kda_layer`) and llama.cpp's own converter derive from `layer_group_size` alone: every
+    g-th layer and the trailing remainder are full attention (research/llamacpp.md, moe.md §4); `layer_types` is ignored."""
+    tail = num_layers // group_size * group_size
+    return [MLA if (i + 1) % group_size == 0 or i >= tail else KDA for i in range(num_layers)]
+
+
+def vllm_refusal(config) -> str | None:
+    """Why vLLM would not serve this exported config as transformers runs it (None: it would)."""
+    if config.model_type != "bailing_hybrid":
+        return None
+    group = getattr(config, "layer_group_size", None)
+    if group and engine_layer_types(config.num_hidden_layers, group) == mixer_types(config):
+        return None
+    layers = [i for i, t in enumerate(mixer_types(config)) if t == MLA]
+    return (f"not for vLLM: its MLA layers {layers} are not periodic and vLLM reads the layout from layer_group_size "
+            "alone, so it would build the wrong layers; serve it with llama.cpp (`ling-surgery export --format gguf`) or "
+            "transformers, or convert with plan.layer_group_size for vLLM")
+
+
 def make_plan(num_layers: int, group_size: int | None = 6, full_attention_layers: list[int] | None = None,
               warn_non_periodic: bool = True) -> LayerPlan:
     problems = layout_problems(num_layers, group_size, full_attention_layers)

@@ -117,15 +117,16 @@ def gguf_ready_teacher(tok):
     return tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, **GGUF_READY_SHAPE)
 
 
-def gguf_ready_student(tok):
-    """Its bailing_hybrid upgrade (layers 1 and 3 MLA), moved off the init so every transform is exercised."""
+def gguf_ready_student(tok, plan: dict | None = None):
+    """Its bailing_hybrid upgrade (layers 1 and 3 MLA unless `plan` says otherwise), moved off the init so every
+    transform is exercised."""
     from ling_surgery.surgery.architectures import get_arch
     from ling_surgery.surgery.config import Recipe
     from ling_surgery.surgery.init_maps import build_student, init_student_state
     from ling_surgery.surgery.targets import layer_plan, target_config
 
     teacher = gguf_ready_teacher(tok)
-    recipe = Recipe.model_validate({"plan": GGUF_READY_PLAN})
+    recipe = Recipe.model_validate({"plan": plan or GGUF_READY_PLAN})
     config = target_config(teacher.config, layer_plan(recipe, 4), recipe)
     state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, config, None, recipe.stages[0])
     model = build_student(state, config)

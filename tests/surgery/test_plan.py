@@ -2,7 +2,7 @@ import pytest
 from helpers import tiny_model, tiny_recipe
 
 from ling_surgery.surgery.errors import SurgeryError
-from ling_surgery.surgery.plan import make_plan, student_costs, teacher_costs
+from ling_surgery.surgery.plan import engine_layer_types, make_plan, student_costs, teacher_costs, vllm_refusal
 from ling_surgery.surgery.targets import target_config
 
 
@@ -27,6 +27,22 @@ def test_explicit_periodic_list_is_recognised_and_irregular_warns():
     with pytest.warns(UserWarning, match="not periodic"):
         plan = make_plan(6, None, [0, 5])
     assert plan.group_size is None and plan.full_attention == (0, 5)
+
+
+def test_engines_read_the_layout_from_the_group_size_alone():
+    # every g-th layer and the trailing remainder (llama.cpp's converter and vLLM's _is_kda_layer)
+    assert [i for i, t in enumerate(engine_layer_types(7, 3)) if t == "full_attention"] == [2, 5, 6]
+
+
+def test_vllm_refuses_a_non_periodic_export_with_the_reason():
+    teacher = tiny_model("llama")
+    recipe = tiny_recipe(plan={"layer_group_size": 2, "mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}})
+    assert vllm_refusal(target_config(teacher.config, make_plan(4, 2), recipe)) is None
+    with pytest.warns(UserWarning, match="not periodic"):
+        measured = make_plan(4, None, [1, 2])
+    reason = vllm_refusal(target_config(teacher.config, measured, recipe))
+    assert "MLA layers [1, 2] are not periodic" in reason and "plan.layer_group_size" in reason
+    assert "export --format gguf" in reason and "\n" not in reason
 
 
 def test_target_config_and_costs():
