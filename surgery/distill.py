@@ -112,6 +112,21 @@ def latent_row_rates(student, input_ids: torch.Tensor, chunk_size: int) -> dict[
     return rates
 
 
+def clip_gradients(params, row_rates: dict, max_norm: float) -> None:
+    """Clip the global gradient norm, with latent rows in their linear regime measured at their natural scale.
+
+    Those rows are ~1e-5 of the map they carry (`latent_row_rates`), so their gradients are ~1e5 too large: left
+    as they are they set the global norm alone, and clipping to it scaled every other gradient to ~nothing (KDA
+    mixers trained beside such MLA layers moved 10-20x less in attention transfer). Their gradients are multiplied
+    by the row rates first: AdamW's step does not depend on a constant per-element scale of the gradient, and the
+    rates scale the step afterwards as before."""
+    with torch.no_grad():
+        for p, rate in row_rates.items():
+            if p.grad is not None:
+                p.grad.mul_(rate)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def _optimizer(params, lr: float, warmup: int, total: int):
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -170,7 +185,7 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
             if not torch.isfinite(loss):
                 raise SurgeryError(f"stage {name}: loss became {loss.item()}; lower stages.{name}.lr")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            clip_gradients(params, row_rates, 1.0)
             before = {p: p.detach().clone() for p in row_rates}
             optimizer.step()
             with torch.no_grad():

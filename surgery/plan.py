@@ -37,6 +37,10 @@ class LayerPlan:
 def layout_problems(num_layers: int, group_size: int | None, full_attention_layers: list[int] | None) -> list[str]:
     """What is wrong with a layer layout for a model of `num_layers` layers, one line each with its fix."""
     if full_attention_layers is not None:
+        if not full_attention_layers:
+            # transformers' bailing_hybrid reads the sequence length from a full-attention layer's cache
+            return ["plan.full_attention_layers is empty: the hybrid needs at least one MLA layer; list one or more, "
+                    "or set plan.layer_group_size"]
         bad = sorted({i for i in full_attention_layers if i >= num_layers})
         return [f"plan.full_attention_layers {bad} out of range: the model has {num_layers} layers "
                 f"(0..{num_layers - 1})"] if bad else []

@@ -156,3 +156,26 @@ def test_normalising_latents_train_with_plain_rates():
 
     _, student, ctx = _all_mla_setup("per_token")
     assert latent_row_rates(student, ctx.train.windows(32)[:1], 8) == {}
+
+
+def test_gradient_clipping_measures_latent_rows_at_their_natural_scale():
+    """Rows scaled by s (the linear-regime latent) get gradients scaled by 1/s; with their rate s the clipped
+    gradients of every other weight are what they would be without the reparametrisation (a plain global clip
+    scaled them by ~s, so KDA mixers trained beside MLA layers barely moved)."""
+    from ling_surgery.surgery.distill import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    other_grad, row_grad = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g)
+    scale = torch.tensor([1e-5, 1e-5, 1e-5, 1.0, 1.0])[:, None]  # three latent rows, two rope rows as they are
+
+    def clipped(rows_scaled: bool):
+        other, rows = torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5, 3))
+        other.grad = other_grad.clone()
+        rows.grad = row_grad / scale if rows_scaled else row_grad.clone()
+        clip_gradients([other, rows], {rows: scale} if rows_scaled else {}, 1.0)
+        return other.grad, rows.grad  # scaled rows: their gradient times the rate, the natural one
+
+    natural, reparametrised = clipped(False), clipped(True)
+    assert torch.allclose(reparametrised[0], natural[0], rtol=1e-5)
+    assert torch.allclose(reparametrised[1], natural[1], rtol=1e-4)
+    assert natural[0].norm() > 0.1  # the clip did not squash the other weight

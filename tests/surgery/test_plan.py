@@ -22,6 +22,11 @@ def test_explicit_layers_out_of_range():
         make_plan(4, None, [1, 4])
 
 
+def test_a_layout_without_mla_layers_is_refused():
+    with pytest.raises(SurgeryError, match="at least one MLA layer"):
+        make_plan(4, None, [])
+
+
 def test_explicit_periodic_list_is_recognised_and_irregular_warns():
     assert make_plan(6, None, [2, 5]).group_size == 3
     with pytest.warns(UserWarning, match="not periodic"):
