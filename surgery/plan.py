@@ -70,10 +70,10 @@ def vllm_refusal(config) -> str | None:
     """Why vLLM would not serve this exported config as transformers runs it (None: it would)."""
     if config.model_type != "bailing_hybrid":
         return None
-    group = getattr(config, "layer_group_size", None)
-    if group and engine_layer_types(config.num_hidden_layers, group) == mixer_types(config):
+    group, types = getattr(config, "layer_group_size", None), mixer_types(config)
+    if group and engine_layer_types(config.num_hidden_layers, group) == types:
         return None
-    layers = [i for i, t in enumerate(mixer_types(config)) if t == MLA]
+    layers = [i for i, t in enumerate(types) if t == MLA]
     return (f"not for vLLM: its MLA layers {layers} are not periodic and vLLM reads the layout from layer_group_size "
             "alone, so it would build the wrong layers; serve it with llama.cpp (`ling-surgery export --format gguf`) or "
             "transformers, or convert with plan.layer_group_size for vLLM")

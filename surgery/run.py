@@ -261,6 +261,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     from ling_surgery.surgery.plan import student_costs, teacher_costs, vllm_refusal
 
     t = time.perf_counter()
+    refusal = vllm_refusal(conversion.target_config)
     stages = {s.name: (read_manifest(folder.stage_dir(i, s)) or {}) for i, s in enumerate(recipe.stages)}
     quality: dict = {}
     if eval_windows is not None:
@@ -283,7 +284,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         "target": f"{conversion.target.model_type} ({conversion.target.architecture})",
         "plan": {"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size,
                  "placement": recipe.plan.placement},
-        "vllm": vllm_refusal(conversion.target_config) or "serves it",
+        "vllm": refusal or "serves it",
         "device": str(device),
         "seed": recipe.seed,
         "versions": versions(),
@@ -311,7 +312,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     save_model(model, tokenizer, folder.model, manifest, before_commit=before_commit, replace=True)
     write_report(folder.root, report)
     _print_report(console, report, folder)
-    if refusal := vllm_refusal(model.config):
+    if refusal:
         console.print(f"[yellow]warning:[/] {folder.model}: {refusal}", highlight=False)
     if recipe.eval.tasks:
         from ling_surgery.evals.suite import run_eval
