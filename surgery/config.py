@@ -72,7 +72,7 @@ class DataConfig(Strict):
     seq_len: int = Field(256, ge=8, description="training window length (tokens)")
 
 
-Trainable = Literal["mixers", "mlp", "norms", "embeddings", "all"]
+Trainable = Literal["mixers", "kda_mixers", "mla_mixers", "mlp", "norms", "embeddings", "all"]
 
 
 class InitStage(Strict):

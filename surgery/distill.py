@@ -11,6 +11,7 @@ the teacher frozen, through the student's own (fast, exact) forward.
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,16 +22,27 @@ import torch.nn.functional as F
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.kda import mixer_forward, position_embeddings, student_logits
+from ling_surgery.surgery.plan import KDA, MLA, mixer_types
 from ling_surgery.surgery.progress import training_progress
 from ling_surgery.surgery.synthetic import mix_copy_windows
 from ling_surgery.surgery.taps import attention_taps
 
+def _mixer_of(name: str, types: list[str], kind: str | None) -> bool:
+    """Whether a parameter belongs to a token mixer (of one kind — KDA or MLA — when `kind` is given)."""
+    match = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
+    return match is not None and (kind is None or types[int(match.group(1))] == kind)
+
+
+# Predicates on (parameter name, per-layer mixer kinds). The per-kind mixer groups let a stage train the KDA layers
+# while the MLA layers keep what attention transfer gave them (or the reverse).
 TRAINABLE_GROUPS = {
-    "mixers": lambda n: ".self_attn." in n,
-    "mlp": lambda n: ".mlp." in n,
-    "norms": lambda n: "layernorm" in n or n == "model.norm.weight",
-    "embeddings": lambda n: n in ("model.embed_tokens.weight", "lm_head.weight"),
-    "all": lambda n: True,
+    "mixers": lambda n, types: _mixer_of(n, types, None),
+    "kda_mixers": lambda n, types: _mixer_of(n, types, KDA),
+    "mla_mixers": lambda n, types: _mixer_of(n, types, MLA),
+    "mlp": lambda n, types: ".mlp." in n,
+    "norms": lambda n, types: "layernorm" in n or n == "model.norm.weight",
+    "embeddings": lambda n, types: n in ("model.embed_tokens.weight", "lm_head.weight"),
+    "all": lambda n, types: True,
 }
 
 
@@ -60,13 +72,12 @@ class StageResult:
 
 def select_trainable(model: torch.nn.Module, groups: list[str]) -> list[torch.nn.Parameter]:
     """Freeze everything but the named groups; every group must match at least one parameter."""
-    chosen = []
+    chosen, types = [], mixer_types(model.config)
     for group in groups:
-        matched = [p for n, p in model.named_parameters() if TRAINABLE_GROUPS[group](n)]
-        if not matched:
+        if not any(TRAINABLE_GROUPS[group](n, types) for n, _ in model.named_parameters()):
             raise SurgeryError(f"trainable group {group!r} matches no parameter of the student")
     for name, param in model.named_parameters():
-        keep = any(TRAINABLE_GROUPS[g](name) for g in groups)
+        keep = any(TRAINABLE_GROUPS[g](name, types) for g in groups)
         param.requires_grad_(keep)
         if keep:
             chosen.append(param)

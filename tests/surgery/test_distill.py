@@ -13,7 +13,7 @@ from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.data import TokenStream
 from ling_surgery.surgery.distill import attention_transfer, logit_distill
 from ling_surgery.surgery.init_maps import LATENT_NORM_EPS, build_student, init_student_state
-from ling_surgery.surgery.plan import make_plan
+from ling_surgery.surgery.plan import KDA, MLA, make_plan, mixer_types
 from ling_surgery.surgery.taps import collect_stats
 from ling_surgery.surgery.targets import target_config
 
@@ -41,6 +41,18 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_mixers():
     for name, p in student.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == (".self_attn." in name) or (".self_attn." in name and p.numel() == 0), name
+
+
+@pytest.mark.parametrize("group, trained_kind", [("kda_mixers", KDA), ("mla_mixers", MLA)])
+def test_a_per_kind_mixer_group_trains_only_that_kind_of_layer(group, trained_kind):
+    teacher, student, ctx = _setup()
+    kinds = mixer_types(student.config)
+    assert set(kinds) == {KDA, MLA}
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    student, _ = logit_distill(student, LogitDistillStage(tokens=3 * 64, batch_size=2, lr=1e-3, trainable=[group]), ctx)
+    for name, p in student.named_parameters():
+        in_group = name.startswith("model.layers.") and ".self_attn." in name and kinds[int(name.split(".")[2])] == trained_kind
+        assert (not torch.equal(p, before[name])) == (in_group and p.numel() > 0), name
 
 
 def test_logit_distill_lowers_the_kl():
