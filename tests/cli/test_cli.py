@@ -102,9 +102,16 @@ def test_validate_is_light_and_names_the_problem(source, tmp_path):
             "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8"]
     long_recall = run_cli("validate", "ci-smoke", *tiny)  # its passkey after every stage needs 512 positions
     assert long_recall.returncode == 2 and "eval.each_stage.recall_lengths [512] exceed" in _error_line(long_recall)
-    ok = run_cli("validate", "ci-smoke", "smollm2-135m-cpu", *tiny, "--set", "eval.each_stage.tasks=[arc_easy]")
+    ok = run_cli("validate", "ci-smoke", *tiny, "--set", "eval.each_stage.tasks=[arc_easy]")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stderr.count("ok ") == 2
+    # The CPU demo measures its placement (no layer group) and trains on 1024-token windows: longer than the tiny
+    # model's 256 positions, which validate points out (allowed: RoPE extrapolates).
+    demo = ["--set", f"source.model={model}", "--set", f"data.train={data}", "--set", "plan.full_attention_count=1",
+            "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8", "--set", "eval.each_stage.tasks=[]"]
+    long_windows = run_cli("validate", "smollm2-135m-cpu", *demo)
+    assert long_windows.returncode == 0 and "data.seq_len 1024 is longer than" in long_windows.stderr, long_windows.stderr
+    ok = run_cli("validate", "smollm2-135m-cpu", *demo, "--set", "data.seq_len=64", "--set", "eval.seq_len=64")
+    assert ok.returncode == 0 and ok.stderr.count("ok ") == 1 and "longer than" not in ok.stderr, ok.stderr
     # No weights and no torch: validate reads configs only, which is what keeps it well under 2 s.
     code = ("import sys; from ling_surgery.surgery.config import load_recipe; from ling_surgery.surgery.validate import "
             f"check_recipe; check_recipe(load_recipe('ci-smoke', ['source.model={model}', 'data.train={data}', "
