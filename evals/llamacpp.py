@@ -18,7 +18,12 @@ import torch
 from ling_surgery.evals.scoring import Scored
 from ling_surgery.surgery.errors import SurgeryError
 
-INSTALL = "pip install 'ling-surgery[llamacpp]' (it compiles llama.cpp: about 5 minutes on 2 cores)"
+# llama.cpp's AMX kernels, compiled in wherever the compiler targets a CPU with AMX (-march=native on Sapphire Rapids
+# and later), crash llama-cpp-python 0.3.36 on quantized weights: ggml_backend_amx_mul_mat loads a half-initialised
+# tile config (general protection fault in `ldtilecfg`; ggml-org/llama.cpp#20824, fix proposed in #26954). The other
+# kernels (AVX-512, repacking) are unaffected, so the engine is built without AMX.
+NO_AMX_BUILD = 'CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"'
+INSTALL = f"{NO_AMX_BUILD} pip install 'ling-surgery[llamacpp]' (it compiles llama.cpp: about 5 minutes on 2 cores)"
 
 
 def require_llama_cpp():
@@ -26,6 +31,10 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError:
         raise SurgeryError(f"the llama.cpp engine needs llama-cpp-python; run: {INSTALL}") from None
+    if "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace"):
+        raise SurgeryError("this llama-cpp-python was built with llama.cpp's AMX kernels, which crash on quantized models "
+                           "(ggml-org/llama.cpp#20824); rebuild it without them: "
+                           f"{NO_AMX_BUILD} pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36")
     return llama_cpp
 
 

@@ -80,75 +80,76 @@ def run_eval(
     cuda = engine == "transformers" and (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".ling-surgery-gguf-", dir=out.parent if out else None))
-    refs = dict(models)
-    if engine == "llamacpp":
-        from ling_surgery.evals.llamacpp import ensure_gguf, require_llama_cpp
-
-        require_llama_cpp()
-        for role, model in models.items():
-            console.print(f"{role}: {model} as GGUF ({gguf_dtype}) …")
-            refs[role] = str(ensure_gguf(model, work, role, gguf_dtype))
-    loaded = []
-    lengths = recall_lengths or (recall.GPU_LENGTHS if cuda else recall.CPU_LENGTHS)
-    depths = recall_depths or (recall.GPU_DEPTHS if cuda else recall.CPU_DEPTHS)
-    for name in names:
-        kind_limit = limit if limit is not None else (None if cuda else DEFAULT_LIMITS[get_spec(name).kind])
-        loaded.append(load_task(name, kind_limit, seed, (data or {}).get(name), _heldout_fraction(models), lengths,
-                                depths))
-    results: dict[str, dict] = {task.spec.name: {} for task in loaded}
-    described: dict[str, dict] = {}
-    for role, model in models.items():
-        if not loaded:
-            described[role] = {"ref": model, "engine": engine}
-            continue
-        console.rule(f"{role}: {model}")
-        if engine == "llamacpp":
-            from ling_surgery.evals.llamacpp import LlamaCppModel
-
-            lm = LlamaCppModel(refs[role], setting=(engine_settings or [None])[0])  # quality under the first setting
-        else:
-            lm = load_for_eval(model, device)
-        described[role] = {"ref": model, "name": lm.name, "model_type": lm.model_type, "engine": engine,
-                           "parameters": lm.parameters(), "scoring_kernels": lm.scoring_kernels}
-        for task_name, result in evaluate(lm, loaded, console).items():
-            results[task_name][role] = result
-        del lm
-        gc.collect()
-    inference = {}
-    if contexts is None:
-        contexts = cost_module.default_contexts(engine, cuda)
-    if contexts and engine == "llamacpp":
-        from ling_surgery.evals.llamacpp_bench import benchmark
-
-        console.print(f"inference benchmark (llama.cpp): {', '.join(models)} interleaved, each setting in a process of "
-                      f"its own; contexts {', '.join(map(str, contexts))} …")
-        inference = benchmark(refs, tuple(contexts), engine_settings, console=console)
-    elif contexts:
-        for role in models:
-            console.print(f"inference benchmark ({role}, {engine}): contexts {', '.join(map(str, contexts))} in a fresh process …")
-            inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, console=console,
-                                                           role=role)
-    report = {
-        "kind": REPORT_KIND,
-        "models": described,
-        "tasks": {name: {**by_role, **_ratios(by_role)} for name, by_role in results.items()},
-        "inference": inference,
-        "settings": {"limit": limit, "seed": seed, "device": "cuda" if cuda else "cpu", "contexts": list(contexts),
-                     "engine": engine, "gguf_dtype": gguf_dtype if engine == "llamacpp" else None,
-                     "engine_settings": [s.label for s in engine_settings or []] or None, "versions": _versions()},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    from ling_surgery.evals.trajectory import read_trajectory, trajectory_table
-
-    for model in models.values():  # a run folder of an upgrade carries its scores after every stage
-        trajectory = read_trajectory(model) if Path(model).is_dir() else None
-        if trajectory:
-            report["trajectory"] = trajectory
-            break
-    console.print(eval_table(report))
-    if report.get("trajectory"):
-        console.print(trajectory_table(report["trajectory"]))
+    # The scratch folder holds the exported GGUFs (hundreds of MB): removed however the evaluation ends.
     try:
+        refs = dict(models)
+        if engine == "llamacpp":
+            from ling_surgery.evals.llamacpp import ensure_gguf, require_llama_cpp
+
+            require_llama_cpp()
+            for role, model in models.items():
+                console.print(f"{role}: {model} as GGUF ({gguf_dtype}) …")
+                refs[role] = str(ensure_gguf(model, work, role, gguf_dtype))
+        loaded = []
+        lengths = recall_lengths or (recall.GPU_LENGTHS if cuda else recall.CPU_LENGTHS)
+        depths = recall_depths or (recall.GPU_DEPTHS if cuda else recall.CPU_DEPTHS)
+        for name in names:
+            kind_limit = limit if limit is not None else (None if cuda else DEFAULT_LIMITS[get_spec(name).kind])
+            loaded.append(load_task(name, kind_limit, seed, (data or {}).get(name), _heldout_fraction(models), lengths,
+                                    depths))
+        results: dict[str, dict] = {task.spec.name: {} for task in loaded}
+        described: dict[str, dict] = {}
+        for role, model in models.items():
+            if not loaded:
+                described[role] = {"ref": model, "engine": engine}
+                continue
+            console.rule(f"{role}: {model}")
+            if engine == "llamacpp":
+                from ling_surgery.evals.llamacpp import LlamaCppModel
+
+                lm = LlamaCppModel(refs[role], setting=(engine_settings or [None])[0])  # quality under the first setting
+            else:
+                lm = load_for_eval(model, device)
+            described[role] = {"ref": model, "name": lm.name, "model_type": lm.model_type, "engine": engine,
+                               "parameters": lm.parameters(), "scoring_kernels": lm.scoring_kernels}
+            for task_name, result in evaluate(lm, loaded, console).items():
+                results[task_name][role] = result
+            del lm
+            gc.collect()
+        inference = {}
+        if contexts is None:
+            contexts = cost_module.default_contexts(engine, cuda)
+        if contexts and engine == "llamacpp":
+            from ling_surgery.evals.llamacpp_bench import benchmark
+
+            console.print(f"inference benchmark (llama.cpp): {', '.join(models)} interleaved, each setting in a process of "
+                          f"its own; contexts {', '.join(map(str, contexts))} …")
+            inference = benchmark(refs, tuple(contexts), engine_settings, console=console)
+        elif contexts:
+            for role in models:
+                console.print(f"inference benchmark ({role}, {engine}): contexts {', '.join(map(str, contexts))} in a fresh process …")
+                inference[role] = cost_module.measure_in_child(refs[role], tuple(contexts), device=device, console=console,
+                                                               role=role)
+        report = {
+            "kind": REPORT_KIND,
+            "models": described,
+            "tasks": {name: {**by_role, **_ratios(by_role)} for name, by_role in results.items()},
+            "inference": inference,
+            "settings": {"limit": limit, "seed": seed, "device": "cuda" if cuda else "cpu", "contexts": list(contexts),
+                         "engine": engine, "gguf_dtype": gguf_dtype if engine == "llamacpp" else None,
+                         "engine_settings": [s.label for s in engine_settings or []] or None, "versions": _versions()},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        from ling_surgery.evals.trajectory import read_trajectory, trajectory_table
+
+        for model in models.values():  # a run folder of an upgrade carries its scores after every stage
+            trajectory = read_trajectory(model) if Path(model).is_dir() else None
+            if trajectory:
+                report["trajectory"] = trajectory
+                break
+        console.print(eval_table(report))
+        if report.get("trajectory"):
+            console.print(trajectory_table(report["trajectory"]))
         if out is not None:
             def fill(tmp: Path) -> None:
                 write_eval_report(tmp, report)

@@ -24,7 +24,8 @@ def stage_fingerprints(recipe) -> list[str]:
     parent = fingerprint(recipe.model_dump(include={"source", "target", "plan", "data", "seed"}))
     out = []
     for stage in recipe.stages:
-        parent = fingerprint({"parent": parent, "stage": stage.model_dump()})
+        # Unset optional fields (None) are left out, so a field added later keeps older runs' fingerprints.
+        parent = fingerprint({"parent": parent, "stage": stage.model_dump(exclude_none=True)})
         out.append(parent)
     return out
 

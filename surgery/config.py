@@ -93,8 +93,10 @@ class InitStage(Strict):
 
 
 class TrainingStage(Strict):
-    tokens: int = Field(ge=1, description="training tokens (steps = tokens // (batch_size × data.seq_len))")
+    tokens: int = Field(ge=1, description="training tokens (steps = tokens // (batch_size × seq_len))")
     batch_size: int = Field(4, ge=1)
+    seq_len: int | None = Field(None, ge=8, description="this stage's training window length (None: data.seq_len); "
+                                "e.g. short windows while the mixers learn, longer ones after, as context extension does")
     lr: float = Field(gt=0)
     warmup_steps: int = Field(5, ge=0)
     trainable: list[Trainable] = Field(min_length=1, description="parameter groups that train; the rest stay frozen")
@@ -252,16 +254,22 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
         if stage.kind == "init" and stage.kda_half_life_min > stage.kda_half_life_max:
             problems.append(f"stages.{stage.name}: kda_half_life_min must not exceed kda_half_life_max")
         if isinstance(stage, TrainingStage):
-            step = stage.batch_size * recipe.data.seq_len
+            step = stage.batch_size * stage_seq_len(stage, recipe)
             if stage.tokens < step:
+                where = f"stages.{stage.name}.seq_len" if stage.seq_len else "data.seq_len"
                 problems.append(
                     f"stages.{stage.name}.tokens {stage.tokens} buys no optimizer step: one step is batch_size × "
-                    f"data.seq_len = {step} tokens; raise tokens or lower batch_size"
+                    f"{where} = {step} tokens; raise tokens or lower batch_size"
                 )
     if 0 < recipe.eval.tokens < recipe.eval.seq_len:
         problems.append(f"eval.tokens {recipe.eval.tokens} is less than one eval.seq_len window ({recipe.eval.seq_len}); "
                         "raise eval.tokens or set it to 0 to skip")
     return problems
+
+
+def stage_seq_len(stage, recipe) -> int:
+    """The window length a stage trains (and calibrates) on: its own `seq_len`, else `data.seq_len`."""
+    return getattr(stage, "seq_len", None) or recipe.data.seq_len
 
 
 def parse_value(text: str) -> Any:

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ling_surgery.surgery.checkpoint import TrainingState, export_fingerprint, stage_fingerprints
-from ling_surgery.surgery.config import Recipe, TrainingStage
+from ling_surgery.surgery.config import Recipe, TrainingStage, stage_seq_len
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.export import MANIFEST, check_output_dir, check_parent_writable, read_manifest
 
@@ -110,22 +110,24 @@ def start_index(statuses: list[StageStatus], resume: bool, from_stage: str | Non
     return first
 
 
-def stage_windows(recipe: Recipe) -> list[int]:
-    """Each stage's first training window: calibration, then every training stage, on disjoint text."""
+def stage_offsets(recipe: Recipe) -> list[int]:
+    """Each stage's first training token, and the end of the last: calibration, then every training stage, on
+    disjoint text (stages may read windows of different lengths, so offsets are in tokens)."""
     starts, position = [], 0
     for stage in recipe.stages:
         starts.append(position)
+        seq_len = stage_seq_len(stage, recipe)
         if stage.kind == "init":
-            position += stage.calibration_tokens // recipe.data.seq_len
+            position += stage.calibration_tokens // seq_len * seq_len
         elif isinstance(stage, TrainingStage):
-            position += stage.tokens // (stage.batch_size * recipe.data.seq_len) * stage.batch_size
+            position += stage.tokens // (stage.batch_size * seq_len) * stage.batch_size * seq_len
     return starts + [position]
 
 
 def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None = None) -> Table:
     table = Table(title="stages")
-    for col in ("#", "stage", "kind", "tokens", "lr", "trainable", "status"):
-        table.add_column(col, justify="right" if col in ("#", "tokens", "lr") else "left")
+    for col in ("#", "stage", "kind", "tokens", "window", "lr", "trainable", "status"):
+        table.add_column(col, justify="right" if col in ("#", "tokens", "window", "lr") else "left")
     for s in statuses:
         stage = s.stage
         training = isinstance(stage, TrainingStage)
@@ -134,7 +136,8 @@ def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None 
             status = f"{s.state} {s.detail}".strip()
         else:
             status = "skip (up to date)" if s.index < start else ("resume " + s.detail if s.state == "interrupted" else "run")
-        table.add_row(str(s.index + 1), stage.name, stage.kind, f"{tokens:,}", f"{stage.lr:g}" if training else "",
+        table.add_row(str(s.index + 1), stage.name, stage.kind, f"{tokens:,}", str(stage_seq_len(stage, recipe)),
+                      f"{stage.lr:g}" if training else "",
                       ", ".join(stage.trainable) if training else "", status)
     return table
 
@@ -184,8 +187,8 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     if use_bf16 and device.type == "cpu":
         console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
     teacher, tokenizer = sources.load_model(conversion.source, torch.bfloat16 if use_bf16 else torch.float32, str(device))
-    windows = stage_windows(recipe)
-    train_tokens = (windows[-1] + 4) * recipe.data.seq_len
+    offsets = stage_offsets(recipe)
+    train_tokens = offsets[-1] + 4 * max(stage_seq_len(stage, recipe) for stage in recipe.stages)
     fraction = recipe.data.heldout_fraction
     # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any tokenizer).
     max_chars = 8 * max(int(train_tokens / (1 - fraction)), int(recipe.eval.tokens / fraction))
@@ -215,9 +218,10 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
         state = folder.training_state(i, stage, status.fingerprint)
         if stage.name == from_stage or not state.matches():
             state.clear()  # --from starts the stage over; a state from another recipe is useless
+        seq_len = stage_seq_len(stage, recipe)
         ctx = RunContext(
-            teacher=teacher, arch=conversion.arch, train=train, seq_len=recipe.data.seq_len, device=device,
-            chunk_size=recipe.runtime.kda_chunk_size, window_start=windows[i], console=console,
+            teacher=teacher, arch=conversion.arch, train=train, seq_len=seq_len, device=device,
+            chunk_size=recipe.runtime.kda_chunk_size, window_start=-(-offsets[i] // seq_len), console=console,
             state=state if isinstance(stage, TrainingStage) else None, save_every=recipe.runtime.save_every,
             source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
             bf16_autocast=use_bf16,

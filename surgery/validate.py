@@ -61,9 +61,10 @@ def context_notes(recipe: Recipe, shape) -> list[str]:
     limit = shape.max_position_embeddings
     if not limit:
         return []
+    windows = [("data.seq_len", recipe.data.seq_len), ("eval.seq_len", recipe.eval.seq_len)]
+    windows += [(f"stages.{stage.name}.seq_len", stage.seq_len) for stage in recipe.stages if getattr(stage, "seq_len", None)]
     return [f"{key} {value} is longer than the source's max_position_embeddings {limit}: the teacher never saw such "
-            "windows in training" for key, value in (("data.seq_len", recipe.data.seq_len), ("eval.seq_len", recipe.eval.seq_len))
-            if value > limit]
+            "windows in training" for key, value in windows if value > limit]
 
 
 def recall_problems(recipe: Recipe, shape) -> list[str]:

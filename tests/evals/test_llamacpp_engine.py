@@ -14,10 +14,27 @@ from ling_surgery.surgery.errors import SurgeryError
 
 def test_missing_llama_cpp_is_a_one_line_error_with_the_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if the extra were absent
-    with pytest.raises(SurgeryError, match=r"needs llama-cpp-python; run: pip install 'ling-surgery\[llamacpp\]'"):
+    with pytest.raises(SurgeryError, match=r"needs llama-cpp-python; run: CMAKE_ARGS=.*-mno-amx-int8.* pip install "
+                                           r"'ling-surgery\[llamacpp\]'"):
         run_eval({"model": str(tmp_path / "m.gguf")}, ["wikipedia"], engine="llamacpp", console=Console(quiet=True))
     with pytest.raises(SurgeryError, match="--engine 'vllm' is not supported; supported: transformers, llamacpp"):
         run_eval({"model": "x"}, [], engine="vllm", console=Console(quiet=True))
+
+
+def test_a_llama_cpp_build_with_the_crashing_amx_kernels_is_refused_with_the_rebuild_command(monkeypatch):
+    from types import SimpleNamespace
+
+    from ling_surgery.evals.llamacpp import require_llama_cpp
+
+    def build(features):
+        return SimpleNamespace(llama_print_system_info=lambda: f"CPU : AVX512 = 1 | {features} | REPACK = 1 |".encode())
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", build("AMX_INT8 = 1"))
+    with pytest.raises(SurgeryError, match=r"built with llama.cpp's AMX kernels.*-mno-amx-int8.* pip install "
+                                           r"--force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36$"):
+        require_llama_cpp()
+    monkeypatch.setitem(sys.modules, "llama_cpp", build("AVX512_VNNI = 1"))
+    assert require_llama_cpp() is sys.modules["llama_cpp"]
 
 
 def test_engine_settings_are_llama_bench_style_grids_with_one_line_errors():

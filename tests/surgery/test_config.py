@@ -52,6 +52,11 @@ def test_bad_values_name_the_key_path_in_one_line(override, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_stage_window_that_buys_no_step_names_the_stage_window():
+    with pytest.raises(SurgeryError, match=r"one step is batch_size × stages.logit_distill.seq_len = 8192 tokens"):
+        load_recipe("ci-smoke", ["stages.logit_distill.seq_len=4096"])
+
+
 @pytest.mark.parametrize(
     "stages, message",
     [

@@ -60,6 +60,24 @@ def test_rerun_skips_matching_stages_and_reruns_from_the_changed_one(source, tmp
     assert second["3-logit_distill"]["fingerprint"] != first["3-logit_distill"]["fingerprint"]
 
 
+def test_a_stage_trains_on_its_own_window_length_after_the_text_of_the_stages_before(source, tmp_path):
+    from ling_surgery.surgery.checkpoint import stage_fingerprints
+    from ling_surgery.surgery.run import stage_offsets
+
+    short = load_recipe("ci-smoke", tiny_overrides(*source))
+    longer = load_recipe("ci-smoke", tiny_overrides(*source) + ["stages.logit_distill.seq_len=64"])
+    # Offsets are tokens: calibration 128, attention transfer 256 (windows of 32), then windows of 64 from token 384.
+    assert stage_offsets(short) == [0, 128, 384, 640] and stage_offsets(longer) == [0, 128, 384, 640]
+    assert stage_fingerprints(longer)[:2] == stage_fingerprints(short)[:2]
+    assert stage_fingerprints(longer)[2] != stage_fingerprints(short)[2]
+    out = tmp_path / "run"
+    _run(source, out, "stages.logit_distill.seq_len=64")
+    manifests = _manifests(out)
+    assert manifests["3-logit_distill"]["config"]["seq_len"] == 64
+    assert manifests["3-logit_distill"]["metrics"]["steps"] == 2  # 256 tokens in batches of 2 windows of 64
+    assert manifests["2-attention_transfer"]["metrics"]["steps"] == 4  # 256 tokens in batches of 2 windows of 32
+
+
 def test_from_reruns_the_named_stage_and_later_ones(source, tmp_path):
     out = tmp_path / "run"
     _run(source, out)
