@@ -3,7 +3,8 @@ stage manifests and shown as a trajectory, so a stage that loses recall or gener
 
 A run folder's trajectory is `{stage name: {task: {"teacher": summary, "student": summary}}}` in stage order; a
 summary keeps the primary metric, its standard error and n, plus `gen_acc` (multiple choice answered by generating
-the letter) and per-length recall accuracy when the task has them.
+the letter) and, for recall tasks, accuracy per length and per (length, depth) cell, so a stage's recall can be read
+against the teacher's cell by cell.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def summary(result: dict) -> dict:
     keep = {k: result[k] for k in ("primary", "value", "stderr", "n", "gen_acc") if k in result}
     if result.get("kind") == "recall":
         keep["by_length"] = {variant: v["by_length"] for variant, v in result["variants"].items()}
+        keep["grid"] = {variant: v["grid"] for variant, v in result["variants"].items()}
     return keep
 
 
