@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ling_surgery.surgery import sources
@@ -78,7 +79,7 @@ class ConversionPlan:
             for col in ("key", "value", "why"):
                 derived.add_column(col, justify="right" if col == "value" else "left")
             for item in self.derived:
-                derived.add_row(item.key, str(item.value), item.reason)
+                derived.add_row(item.key, escape(str(item.value)), item.reason)
             grid.add_row(derived)
         return grid
 

@@ -10,6 +10,7 @@ what it was derived from.
 | `plan.full_attention_count` | (placement: measured) L / that g                            | `num_hidden_layers` L |
 | `plan.mla.qk_rope_head_dim`| d/2, at most 64, even                                       | `head_dim` d          |
 | `plan.mla.kv_lora_rank`    | G·d/2, at most 512 and D, a multiple of 32 once ≥ 32        | KV heads G, d, hidden D |
+| `stages.<logit_distill>.trainable` | hybrids: [kda_mixers, mlp, norms]; all-MLA: [mixers, mlp, norms] | `target` |
 
 Why these numbers (research/anchors-methods.md):
 - Layer group: Ling 3.0 keeps one full-attention (MLA) layer in 6 (KDA : MLA = 5 : 1), Ling 2.5 one in 8 (7 : 1).
@@ -20,6 +21,10 @@ Why these numbers (research/anchors-methods.md):
 - Latent rank: half the teacher's value width per layer, so an MLA layer caches (r + dr) ≈ 1/4–3/8 of the teacher's
   K+V (TransMLA's 512 + 64 on Llama-3-8B's 2 × 1024), at most 512 (DeepSeek-V3 / Ling 2.5 / TransMLA, FlashMLA's
   size). A multiple of 32 so every llama.cpp quantisation block fits the latent rows.
+- Logit distillation leaves a hybrid's MLA layers frozen: they are the only layers that retrieve, attention transfer
+  (on windows with copied spans) teaches them the teacher's copying, and end-to-end KL on them erased it — the CPU
+  demo's model found 0% of pass keys with MLA trainable in LD and 6/6, 4/6, 3/6 at 512/2k/4k without. An all-MLA
+  model has nothing else to recover with, so all its mixers train.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class Derived:
     """One plan value the recipe left unset: its key path, the value and where it came from."""
 
     key: str
-    value: int
+    value: object
     reason: str
 
 
@@ -73,6 +78,15 @@ def kv_lora_rank(num_kv_heads: int, head_dim: int, hidden_size: int) -> tuple[in
                   f"width {width}, at most {MAX_KV_LORA_RANK} (TransMLA / DeepSeek-V3 sizing)")
 
 
+def logit_distill_trainable(linear_attention: bool) -> tuple[list[str], str]:
+    """What logit distillation trains when the recipe does not say: a hybrid's MLA layers stay as attention transfer
+    left them (they hold the copying), an all-MLA model trains every mixer."""
+    if linear_attention:
+        return ["kda_mixers", "mlp", "norms"], ("hybrid target: the MLA layers keep the copying attention transfer "
+                                                "taught them (trained here, the CPU demo's recall fell to 0%)")
+    return ["mixers", "mlp", "norms"], "all-MLA target: every mixer is MLA and recovers here"
+
+
 def resolve_defaults(recipe, shape):
     """The recipe with every unset plan value derived from the source (a `sources.SourceShape`), and what was derived.
 
@@ -101,6 +115,12 @@ def resolve_defaults(recipe, shape):
         value, reason = kv_lora_rank(shape.num_kv_heads, shape.head_dim, shape.hidden_size)
         plan["mla"]["kv_lora_rank"] = value
         derived.append(Derived("plan.mla.kv_lora_rank", value, reason))
+    stages = list(recipe.stages)
+    for i, stage in enumerate(stages):
+        if stage.kind == "logit_distill" and stage.trainable is None:
+            groups, reason = logit_distill_trainable(linear)
+            stages[i] = stage.model_copy(update={"trainable": groups})
+            derived.append(Derived(f"stages.{stage.name}.trainable", "[" + ", ".join(groups) + "]", reason))
     if not derived:
         return recipe, derived
-    return recipe.model_copy(update={"plan": type(recipe.plan).model_validate(plan)}), derived
+    return recipe.model_copy(update={"plan": type(recipe.plan).model_validate(plan), "stages": stages}), derived

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ling_surgery.surgery.context import RunContext
+from ling_surgery.surgery.defaults import logit_distill_trainable
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.kda import mixer_forward, position_embeddings, student_logits
 from ling_surgery.surgery.plan import KDA, MLA, mixer_types
@@ -161,7 +162,8 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
     result = StageResult(name)
     tokens_per_step = stage.batch_size * ctx.seq_len
     steps = stage.tokens // tokens_per_step
-    params = select_trainable(student, stage.trainable)
+    params = select_trainable(student, stage.trainable if stage.trainable is not None
+                              else logit_distill_trainable(KDA in mixer_types(student.config))[0])
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     result.trainable_params = sum(p.numel() for p in params)
     optimizer, scheduler = _optimizer(params, stage.lr, stage.warmup_steps, steps)

@@ -287,7 +287,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         "source_kind": conversion.source.kind,
         "target": f"{conversion.target.model_type} ({conversion.target.architecture})",
         "plan": {"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size,
-                 "placement": recipe.plan.placement},
+                 "placement": recipe.plan.placement if conversion.target.linear_attention else None},
         "vllm": refusal or "serves it",
         "device": str(device),
         "seed": recipe.seed,

@@ -82,6 +82,11 @@ def shape_problems(recipe, shape) -> list[str]:
     if rank > shape.hidden_size:
         problems.append(f"plan.mla.kv_lora_rank {rank} exceeds hidden_size {shape.hidden_size}; pick a smaller rank or "
                         "leave it unset")
+    if not get_target(recipe.target).linear_attention:
+        for stage in recipe.stages:
+            if "kda_mixers" in (getattr(stage, "trainable", None) or []):
+                problems.append(f"stages.{stage.name}.trainable names kda_mixers, but target {recipe.target} has no KDA "
+                                "layers; use mixers (or mla_mixers)")
     return problems
 
 

@@ -41,16 +41,35 @@ def test_latent_rank_is_half_the_value_width(kv_heads, head_dim, hidden, rank):
 
 def test_explicit_values_win_and_resolution_is_idempotent():
     shape = SourceShape("llama", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128)
-    recipe, derived = resolve_defaults(Recipe(), shape)
-    assert (recipe.plan.layer_group_size, recipe.plan.mla.kv_lora_rank, recipe.plan.mla.qk_rope_head_dim) == (8, 512, 64)
-    assert [d.key for d in derived] == ["plan.layer_group_size", "plan.mla.qk_rope_head_dim", "plan.mla.kv_lora_rank"]
+    recipe, derived = resolve_defaults(Recipe(), shape)  # measured placement: as many MLA layers as 1 in 8 keeps
+    assert recipe.plan.placement == "measured" and recipe.plan.layer_group_size is None
+    assert (recipe.plan.full_attention_count, recipe.plan.mla.kv_lora_rank, recipe.plan.mla.qk_rope_head_dim) == (4, 512, 64)
+    assert [d.key for d in derived] == ["plan.full_attention_count", "plan.mla.qk_rope_head_dim", "plan.mla.kv_lora_rank",
+                                        "stages.logit_distill.trainable"]
     assert resolve_defaults(recipe, shape) == (recipe, [])
+    periodic, derived = resolve_defaults(Recipe.model_validate({"plan": {"placement": "periodic"}}), shape)
+    assert (periodic.plan.layer_group_size, periodic.plan.full_attention_count) == (8, None)
+    assert derived[0].key == "plan.layer_group_size"
     explicit = Recipe.model_validate({"plan": {"layer_group_size": 4, "mla": {"kv_lora_rank": 128}}})
-    recipe, derived = resolve_defaults(explicit, shape)
+    recipe, derived = resolve_defaults(explicit, shape)  # a group size alone means a periodic plan
+    assert recipe.plan.placement == "periodic"
     assert (recipe.plan.layer_group_size, recipe.plan.mla.kv_lora_rank, recipe.plan.mla.qk_rope_head_dim) == (4, 128, 64)
-    assert [d.key for d in derived] == ["plan.mla.qk_rope_head_dim"]
+    assert [d.key for d in derived] == ["plan.mla.qk_rope_head_dim", "stages.logit_distill.trainable"]
     mla, derived = resolve_defaults(Recipe(target="all-mla"), shape)
-    assert mla.plan.layer_group_size is None and "plan.layer_group_size" not in [d.key for d in derived]
+    assert mla.plan.layer_group_size is None and mla.plan.full_attention_count is None
+    assert not {"plan.layer_group_size", "plan.full_attention_count"} & {d.key for d in derived}
+
+
+def test_logit_distillation_trains_what_the_target_can_recover_with():
+    # A hybrid's MLA layers keep what attention transfer taught them; an all-MLA model has only MLA mixers to train.
+    shape = SourceShape("llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    hybrid, _ = resolve_defaults(Recipe(), shape)
+    mla, _ = resolve_defaults(Recipe(target="all-mla"), shape)
+    assert hybrid.stages[2].trainable == ["kda_mixers", "mlp", "norms"]
+    assert mla.stages[2].trainable == ["mixers", "mlp", "norms"]
+    assert hybrid.stages[1].trainable == ["mixers"]  # attention transfer is not derived: it has a fixed default
+    explicit = Recipe.model_validate({"stages": [{"kind": "init"}, {"kind": "logit_distill", "trainable": ["all"]}]})
+    assert resolve_defaults(explicit, shape)[0].stages[1].trainable == ["all"]
 
 
 # Published configs (their config.json numbers), built in-process: nothing is downloaded.
@@ -107,10 +126,17 @@ def test_published_configs_dry_run_with_defaults(name, tmp_path):
     shown = " ".join(result.output.split())
     group, rank, dr = EXPECTED[name]
     layers = numbers["num_hidden_layers"]
-    assert f"plan.layer_group_size │ {group} │ derived from num_hidden_layers={layers}" in shown, shown
+    assert f"plan.full_attention_count │ {layers // group} │ as many as the derived periodic layout (1 in {group})" in shown
     assert f"plan.mla.kv_lora_rank │ {rank} │ derived from num_key_value_heads={numbers['num_key_value_heads']}" in shown
     assert f"plan.mla.qk_rope_head_dim │ {dr} │ derived from head_dim=" in shown
-    assert f"layout: periodic, layer_group_size={group}" in shown and f"r={rank}, RoPE {dr}/" in shown
+    assert "stages.logit_distill.trainable │ [kda_mixers, mlp, norms] │ hybrid target" in shown
+    assert f"layout: measured by retrieval: the {layers // group} layers ranked first" in shown
+    assert f"r={rank}, RoPE {dr}/" in shown
+    periodic = CliRunner().invoke(app, ["convert", str(tmp_path / name), "--dry-run", "--set", "plan.placement=periodic"],
+                                  terminal_width=200)
+    shown = " ".join(periodic.output.split())
+    assert f"plan.layer_group_size │ {group} │ derived from num_hidden_layers={layers}" in shown, shown
+    assert f"layout: periodic, layer_group_size={group}" in shown
 
 
 # Tiny random sources of every supported model_type, sized so the derived plan differs from case to case.
@@ -141,13 +167,16 @@ def test_tiny_sources_convert_with_defaults_and_reload_exactly(case, tmp_path):
               "stages.attention_transfer.tokens=128", "stages.attention_transfer.batch_size=2",
               "stages.logit_distill.tokens=64", "stages.logit_distill.batch_size=2", "eval.tokens=64", "eval.seq_len=32"]
     recipe = load_recipe(None, budget, model=str(source), output=str(tmp_path / "run"))
-    assert recipe.plan.layer_group_size is None and recipe.plan.mla.kv_lora_rank is None
+    assert recipe.plan.placement == "measured" and recipe.plan.full_attention_count is None
+    assert recipe.plan.mla.kv_lora_rank is None
     report = convert(recipe, Console(quiet=True))
     assert report["export_check"]["bit_exact"] and report["export_check"]["greedy_cache_matches"], report["export_check"]
     layers = overrides["num_hidden_layers"]
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     group = layer_group_size(layers)[0]
-    assert config["layer_group_size"] == group and config["num_hidden_layers"] == layers
-    assert config["layer_types"].count("full_attention") == layers // group
+    assert config["num_hidden_layers"] == layers
+    assert config["layer_types"].count("full_attention") == layers // group  # measured: as many as 1 in `group`
     written = load_recipe(tmp_path / "run" / "recipe.yaml")  # the run records the values it derived
-    assert written.plan.layer_group_size == group and written.plan.mla.kv_lora_rank == config["kv_lora_rank"]
+    assert written.plan.full_attention_count == layers // group and written.plan.mla.kv_lora_rank == config["kv_lora_rank"]
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())  # the measures that chose the layers
+    assert placement and (tmp_path / "run" / "recipe.yaml").read_text().count("placement: measured") == 1

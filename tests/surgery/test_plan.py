@@ -72,6 +72,14 @@ def test_rope_dims_larger_than_head_dim_rejected():
         target_config(teacher.config, make_plan(4, 2), recipe)
 
 
+def test_kda_mixers_on_an_all_mla_target_rejected():
+    teacher = tiny_model("llama")
+    stages = [{"kind": "init"}, {"kind": "logit_distill", "trainable": ["kda_mixers", "mlp"]}]
+    recipe = tiny_recipe(target="all-mla", plan={"mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}}, stages=stages)
+    with pytest.raises(SurgeryError, match="stages.logit_distill.trainable names kda_mixers, but target all-mla has no KDA"):
+        target_config(teacher.config, make_plan(4, 1), recipe)
+
+
 def test_all_mla_target_config_and_costs():
     teacher = tiny_model("llama")
     recipe = tiny_recipe(target="all-mla", plan={"mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}})
