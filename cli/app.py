@@ -58,6 +58,34 @@ def convert(
 
 
 @app.command()
+def align(
+    model: Optional[str] = typer.Argument(None, help="model folder (upgraded or stock), run folder, hub id or embedded "
+                                          "name (default smollm2-135m)"),
+    output: Optional[Path] = OUTPUT,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="recipe YAML file or shipped recipe name"),
+    overrides: list[str] = SET,
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="a .jinja chat template to build the "
+                                                 "modes from (for a model without a usable one): stages.sft.chat_template"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the stages and their data; load no weights"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted align into the same --output"),
+) -> None:
+    """Teach MODEL a fast and a thinking mode (decoupled SFT through TRL); `run` of an `[sft]` recipe."""
+    from ling_surgery.surgery.align import align as run_align
+    from ling_surgery.surgery.align import plan_recipe
+    from ling_surgery.surgery.config import ALIGN_STAGES
+    from ling_surgery.surgery.validate import validate_recipe
+
+    if chat_template is not None:
+        overrides = [*overrides, f"stages.sft.chat_template={chat_template}"]
+    recipe, _ = validate_recipe(config, overrides, base={"stages": ALIGN_STAGES}, model=model,
+                                output=str(output) if output else None)
+    if dry_run:
+        console.print(plan_recipe(recipe).table())
+        return
+    run_align(recipe, console, resume=resume)
+
+
+@app.command()
 def validate(
     recipes: list[str] = typer.Argument(..., help="recipe YAML files or shipped recipe names"),
     overrides: list[str] = SET,
@@ -78,11 +106,11 @@ def plan(recipe: str = RECIPE, overrides: list[str] = SET, output: Optional[Path
          measure: bool = typer.Option(False, "--measure", help="load the teacher: where it retrieves, per layer "
                                       "(copying heads, KL if made KDA), and the layouts ranked by it")) -> None:
     """Show a recipe's stages (with their status in the run folder), layer plan, parameters and KV-cache costs."""
-    from ling_surgery.surgery.convert import plan_conversion
+    from ling_surgery.surgery.align import plan_recipe
     from ling_surgery.surgery.run import RunFolder, stage_statuses, stages_table
     from ling_surgery.surgery.validate import validate_recipe
 
-    conversion = plan_conversion(validate_recipe(recipe, overrides, output=str(output) if output else None)[0])
+    conversion = plan_recipe(validate_recipe(recipe, overrides, output=str(output) if output else None)[0])
     if measure:
         from ling_surgery.surgery.placement import measure_plan
 

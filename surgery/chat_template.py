@@ -31,7 +31,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MODES = ("fast", "think")
 
 _PROBE = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01"}
-_MARK = "\x01MODEFUL\x01"  # marks where ling-surgery's templates start (to recognise one and re-synthesise safely)
+_MARK = "ling-surgery thinking modes"  # opens every template written here, so one is recognised and kept
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ def read_format(tokenizer, template: str | None = None) -> ChatFormat:
     """
     template = template or tokenizer.chat_template
     if not template:
-        raise SurgeryError("the model has no chat template; pass one with --chat-template FILE.jinja (or set "
-                           "align.chat_template in the recipe)")
+        raise SurgeryError("the model has no chat template; pass one with --chat-template FILE.jinja (in a recipe: "
+                           "stages.sft.chat_template)")
     if isinstance(template, dict):  # several named templates: the default one
         template = template.get("default") or next(iter(template.values()))
     if _MARK in template:
@@ -143,7 +143,7 @@ def thinking_template(fmt: ChatFormat) -> str:
     lit = json.dumps  # jinja string literals: JSON's escaping is valid jinja
     (sp, ss), (up, us), (ap, as_) = fmt.turns["system"], fmt.turns["user"], fmt.turns["assistant"]
     return (
-        f"{{#- {_MARK} thinking modes: enable_thinking=true|false or a system prompt '{THINK_ON}'/'{THINK_OFF}' "
+        f"{{#- {_MARK}: enable_thinking=true|false, or a system prompt that starts '{THINK_ON}' or '{THINK_OFF}' "
         "(fast by default) -#}\n"
         "{%- set ns = namespace(think=false, system='') -%}\n"
         "{%- set turns = messages -%}\n"

@@ -88,5 +88,9 @@ class TrainingState:
             raise SurgeryError(f"saving the training state to {str(self.path)!r} failed: {reason}") from None
 
     def clear(self) -> None:
+        import shutil
+
         for path in (self.path, self.path.with_suffix(".json")):
             path.unlink(missing_ok=True)
+        # Stages trained by TRL keep its checkpoints beside the state (surgery/sft.py).
+        shutil.rmtree(self.path.with_name(self.path.name.removesuffix(".resume.pt") + ".trainer"), ignore_errors=True)

@@ -145,9 +145,56 @@ class LogitDistillStage(TrainingStage):
                               "twice, so the KL is also taken where the teacher copies (surgery/synthetic.py)")
 
 
-Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage], Field(discriminator="kind")]
-STAGE_KINDS = ("init", "attention_transfer", "logit_distill")
-DEFAULT_STAGES = [{"kind": kind} for kind in STAGE_KINDS]
+Mode = Literal["fast", "think"]
+
+
+class SFTData(Strict):
+    """One source of SFT conversations (surgery/sft_data.py has the table of sources)."""
+
+    source: str = Field(description="reasoning-gym, chitchat, a .jsonl/.json file of {messages: [...]} rows, or a hub "
+                        "dataset name (org/name, streamed)")
+    examples: int = Field(ge=1, description="conversations drawn from it (reasoning-gym: each problem once per mode)")
+    modes: list[Mode] = Field(["fast", "think"], min_length=1, description="reasoning-gym and chitchat: the modes "
+                              "written (files and datasets carry their own: an answer in <think> markers is think mode)")
+    tasks: list[str] | None = Field(None, description="reasoning-gym tasks (unset: [gsm_symbolic])")
+    messages_field: str = Field("messages", description="files and datasets: the field holding the conversation")
+    split: str = Field("train", description="hub datasets: the split read")
+
+
+class LoraSettings(Strict):
+    """LoRA (PEFT) on every linear layer of the mixers and MLPs; the KDA conv, the output and latent norms and the
+    forget gates train fully (PEFT cannot put LoRA on a depthwise conv); merged into the weights on export."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class SFTStage(Strict):
+    """Decoupled SFT through TRL's SFTTrainer: both modes in one run, loss on the assistant turns only."""
+
+    kind: Literal["sft"] = "sft"
+    name: str = "sft"
+    data: list[SFTData] = Field(
+        default_factory=lambda: [SFTData(source="reasoning-gym", examples=480, tasks=["gsm_symbolic"]),
+                                 SFTData(source="chitchat", examples=120, modes=["fast"])],
+        min_length=1, description="conversation sources, mixed and shuffled")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1, description="conversations per optimizer step (padded, never packed: packing "
+                            "leaks KDA state across conversations)")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    max_length: int = Field(512, ge=16, description="tokens per conversation (longer ones are truncated)")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
+    chat_template: str | None = Field(None, description="a .jinja file to build the modes from, for a model whose "
+                                      "own template is missing or cannot render a system turn")
+
+
+Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage, SFTStage], Field(discriminator="kind")]
+STAGE_KINDS = ("init", "attention_transfer", "logit_distill", "sft")
+CONVERT_KINDS = ("init", "attention_transfer", "logit_distill")  # the stages that build and recover an upgraded model
+DEFAULT_STAGES = [{"kind": kind} for kind in CONVERT_KINDS]
+ALIGN_STAGES = [{"kind": "sft"}]
 
 
 def _check_task_names(tasks: list[str]) -> None:
@@ -264,8 +311,14 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
         problems.append("plan.full_attention_count is for plan.placement: measured; set plan.placement: measured, or "
                         "use plan.layer_group_size / plan.full_attention_layers")
     names = [s.name for s in recipe.stages]
-    if not recipe.stages or recipe.stages[0].kind != "init":
-        problems.append("stages: the first stage must be `kind: init` (it builds the upgraded model)")
+    kinds = [s.kind for s in recipe.stages]
+    if not recipe.stages:
+        problems.append("stages: the recipe has no stages; add at least one")
+    elif any(k in CONVERT_KINDS for k in kinds) and kinds[0] != "init":
+        problems.append("stages: the first stage must be `kind: init` (it builds the upgraded model the distillation "
+                        "stages train)")
+    elif "init" in kinds and any(k not in CONVERT_KINDS for k in kinds[: kinds.index("init")]):
+        problems.append("stages: `kind: init` must come before the alignment stages (convert, then align)")
     if [s.kind for s in recipe.stages].count("init") > 1:
         problems.append("stages: only one `kind: init` stage is allowed")
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -355,14 +408,16 @@ def read_recipe_file(path: str | Path) -> dict:
     return raw
 
 
-def load_recipe(recipe: str | Path | None = None, overrides: list[str] = (), **flags: Any) -> Recipe:
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                **flags: Any) -> Recipe:
     """A validated Recipe from a YAML file or shipped recipe name, `--set` overrides and flags (flags win).
 
-    Flags are dotted keys, e.g. ``load_recipe("smollm2-135m-cpu", output="runs/x")`` sets ``export.output``.
+    Flags are dotted keys, e.g. ``load_recipe("smollm2-135m-cpu", output="runs/x")`` sets ``export.output``. `base` is
+    the raw recipe used when no file is given (`align`: ``{"stages": ALIGN_STAGES}``).
     """
     from ling_surgery.surgery.recipes import resolve_recipe
 
-    raw = read_recipe_file(resolve_recipe(recipe)) if recipe is not None else {}
+    raw = read_recipe_file(resolve_recipe(recipe)) if recipe is not None else copy.deepcopy(base or {})
     raw = apply_overrides(raw, list(overrides))
     for dotted, value in flags.items():
         if value is None:
@@ -490,7 +545,8 @@ def _all_paths(schema: type[BaseModel], prefix: str = "") -> list[str]:
     return paths
 
 
-_STAGE_SCHEMAS = {"init": InitStage, "attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage}
+_STAGE_SCHEMAS = {"init": InitStage, "attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage,
+                  "sft": SFTStage}
 
 
 def _known_keys(loc: list, raw: dict) -> list[str]:

@@ -27,3 +27,5 @@ class RunContext:
     target_config: object = None
     eval_windows: torch.Tensor | None = None  # held-out windows, for metrics a stage reports
     bf16_autocast: bool = False  # train under bf16 autocast (runtime.dtype bfloat16, or auto on CUDA)
+    tokenizer: object = None  # the model's tokenizer (alignment stages give it thinking modes; saved with each stage)
+    seed: int = 0

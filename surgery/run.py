@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ling_surgery.surgery.checkpoint import TrainingState, export_fingerprint, stage_fingerprints
-from ling_surgery.surgery.config import Recipe, TrainingStage, stage_seq_len
+from ling_surgery.surgery.config import CONVERT_KINDS, Recipe, TrainingStage, stage_seq_len
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.export import MANIFEST, check_output_dir, check_parent_writable, read_manifest
 
@@ -131,25 +131,30 @@ def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None 
     for s in statuses:
         stage = s.stage
         training = isinstance(stage, TrainingStage)
-        tokens = stage.tokens if training else stage.calibration_tokens
+        tokens = stage.tokens if training else getattr(stage, "calibration_tokens", None)
         if start is None:
             status = f"{s.state} {s.detail}".strip()
         else:
             status = "skip (up to date)" if s.index < start else ("resume " + s.detail if s.state == "interrupted" else "run")
-        table.add_row(str(s.index + 1), stage.name, stage.kind, f"{tokens:,}", str(stage_seq_len(stage, recipe)),
-                      f"{stage.lr:g}" if training else "",
-                      ", ".join(stage.trainable) if training else "", status)
+        if stage.kind == "sft":  # conversations, each at most max_length tokens
+            amount, window = f"{sum(d.examples for d in stage.data):,} conv.", f"≤{stage.max_length}"
+            trainable = f"LoRA r={stage.lora.r}" if stage.lora else "all"
+        else:
+            amount, window = f"{tokens:,}", str(stage_seq_len(stage, recipe))
+            trainable = ", ".join(stage.trainable or ["(derived)"]) if training else ""
+        table.add_row(str(s.index + 1), stage.name, stage.kind, amount, window,
+                      f"{stage.lr:g}" if hasattr(stage, "lr") else "", trainable, status)
     return table
 
 
 def run(recipe: Recipe, console: Console | None = None, resume: bool = False, from_stage: str | None = None,
         fresh: bool = False) -> dict:
     """Run (or continue) a recipe; returns the report. `fresh`: the output folder must not exist yet (`convert`)."""
-    from ling_surgery.surgery.convert import plan_conversion
+    from ling_surgery.surgery.align import plan_recipe
 
     console = console or Console(stderr=True)
     folder = open_run_folder(recipe.export.output, fresh=fresh)
-    conversion = plan_conversion(recipe)
+    conversion = plan_recipe(recipe)
     recipe = conversion.recipe  # plan values derived from the source are part of what runs and is fingerprinted
     statuses = stage_statuses(recipe, folder)
     start = start_index(statuses, resume, from_stage)
@@ -200,7 +205,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     console.print(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents of {recipe.data.train!r}; "
                   f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
     timings = {"load": round(time.perf_counter() - t, 1)}
-    if conversion.plan.measured:
+    if conversion.plan is not None and conversion.plan.measured:
         conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)
 
     stage_eval = None
@@ -213,6 +218,11 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
         model = teacher
     else:
         model = load_checkpoint(folder.stage_dir(start - 1, recipe.stages[start - 1]), device)
+        if any(stage.kind not in CONVERT_KINDS for stage in recipe.stages[:start]):
+            # An alignment stage gave the tokenizer its thinking-mode template: continue with that one.
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder.stage_dir(start - 1, recipe.stages[start - 1]))
     for status in statuses[start:]:
         i, stage = status.index, status.stage
         state = folder.training_state(i, stage, status.fingerprint)
@@ -222,9 +232,9 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
         ctx = RunContext(
             teacher=teacher, arch=conversion.arch, train=train, seq_len=seq_len, device=device,
             chunk_size=recipe.runtime.kda_chunk_size, window_start=-(-offsets[i] // seq_len), console=console,
-            state=state if isinstance(stage, TrainingStage) else None, save_every=recipe.runtime.save_every,
+            state=state if stage.kind != "init" else None, save_every=recipe.runtime.save_every,
             source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
-            bf16_autocast=use_bf16,
+            bf16_autocast=use_bf16, tokenizer=tokenizer, seed=recipe.seed,
         )
         console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
         t = time.perf_counter()
@@ -261,11 +271,10 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     from ling_surgery.evals.report import build_report, write_report
     from ling_surgery.evals.trajectory import read_trajectory
     from ling_surgery.surgery.export import save_model, verify_export
-    from ling_surgery.surgery.kda import student_logits
-    from ling_surgery.surgery.plan import student_costs, teacher_costs, vllm_refusal
+    from ling_surgery.surgery.plan import vllm_refusal
 
     t = time.perf_counter()
-    refusal = vllm_refusal(conversion.target_config)
+    refusal = vllm_refusal(model.config)
     stages = {s.name: (read_manifest(folder.stage_dir(i, s)) or {}) for i, s in enumerate(recipe.stages)}
     quality: dict = {}
     if eval_windows is not None:
@@ -275,7 +284,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         after_init = stages[recipe.stages[0].name].get("metrics", {}).get("perplexity_after_init")
         if after_init:
             quality["student_after_init"] = after_init
-        quality["student"] = perplexity(lambda ids: student_logits(model, ids, recipe.runtime.kda_chunk_size),
+        quality["student"] = perplexity(lambda ids: model_logits(model, ids, recipe.runtime.kda_chunk_size),
                                         eval_windows, device=device)
         quality["perplexity_ratio"] = quality["student"]["perplexity"] / quality["teacher"]["perplexity"]
     timings["eval"] = round(time.perf_counter() - t, 1)
@@ -285,15 +294,17 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     meta = {
         "source": conversion.source.name,
         "source_kind": conversion.source.kind,
-        "target": f"{conversion.target.model_type} ({conversion.target.architecture})",
-        "plan": {"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size,
-                 "placement": recipe.plan.placement if conversion.target.linear_attention else None},
+        "target": (f"{conversion.target.model_type} ({conversion.target.architecture})" if conversion.target
+                   else f"{model.config.model_type} (as the source: aligned, not converted)"),
+        "plan": ({"full_attention_layers": list(conversion.plan.full_attention), "layer_group_size": conversion.plan.group_size,
+                  "placement": recipe.plan.placement if conversion.target.linear_attention else None}
+                 if conversion.plan is not None else None),
         "vllm": refusal or "serves it",
         "device": str(device),
         "seed": recipe.seed,
         "versions": versions(),
     }
-    t_costs, s_costs = teacher_costs(conversion.source_config), student_costs(conversion.target_config)
+    t_costs, s_costs = model_costs(conversion.source_config), model_costs(model.config)
     summaries = {name: m.get("metrics", {}) for name, m in stages.items() if m.get("kind") != "init"}
     model = model.cpu()  # the fresh-process check reloads on CPU in fp32: compare like with like
     probe = train.windows(min(64, recipe.data.seq_len))[:1]
@@ -356,6 +367,23 @@ def measured_placement(recipe: Recipe, conversion, teacher, tokenizer, train, fo
     console.print(f"placement measured by {recipe.plan.measure_by} ({time.perf_counter() - t:.0f} s): MLA layers "
                   f"{list(conversion.plan.full_attention)}", highlight=False)
     return conversion
+
+
+def model_costs(config):
+    """Parameters and cache of a source family (grouped-query attention) or an upgraded one (MLA latents, KDA state)."""
+    from ling_surgery.surgery.architectures import ARCHITECTURES
+    from ling_surgery.surgery.plan import student_costs, teacher_costs
+
+    return teacher_costs(config) if config.model_type in ARCHITECTURES else student_costs(config)
+
+
+def model_logits(model, input_ids, chunk_size: int):
+    """Logits of a whole window: the fast KDA path for upgraded models, a plain forward for any other."""
+    from ling_surgery.surgery.kda import student_logits
+
+    if model.config.model_type == "bailing_hybrid":
+        return student_logits(model, input_ids, chunk_size)
+    return model(input_ids=input_ids).logits
 
 
 def load_checkpoint(path: Path, device):

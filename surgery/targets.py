@@ -175,6 +175,8 @@ def serving_config(config_dict: dict, config) -> dict:
     """config.json as the serving engines read it: keys transformers does not write (DESIGN.md, export target)."""
     out = dict(config_dict)
     layers = config.num_hidden_layers
+    if config.model_type not in ("deepseek_v3", "bailing_hybrid"):
+        return out  # a source family aligned as it is: transformers' config is what the engines read
     if config.model_type == "deepseek_v3":
         out.update({
             "architectures": ["DeepseekV3ForCausalLM"],

@@ -7,7 +7,9 @@ Every problem is reported at once (`RecipeError`: one line each, exit code 2); w
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+from ling_surgery.surgery.align import converts
 from ling_surgery.surgery.architectures import check_source
 from ling_surgery.surgery.config import Recipe, load_recipe
 from ling_surgery.surgery.data import locate_documents
@@ -29,6 +31,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     if source is not None and shape is None:
         notes.append(f"source {source.name!r} is a hub model that is not cached here: layer-plan checks run when "
                      "`run` downloads its config")
+    elif shape is not None and not converts(recipe):
+        problems += recall_problems(recipe, shape)  # alignment only: any causal LM, taken as it is
     elif shape is not None:
         try:
             check_source(shape)
@@ -48,12 +52,45 @@ def check_recipe(recipe: Recipe) -> list[str]:
             notes.append(f"data {recipe.data.train!r} is a hub dataset: checked when `run` loads it")
     except SurgeryError as err:
         problems.append(f"data.train: {err}")
+    problems += alignment_problems(recipe)
     if problems:
         raise RecipeError(problems, recipe)
     # Whether this machine has a GPU is not a property of the recipe: `run` checks runtime.device where it runs.
     if recipe.runtime.dtype == "bfloat16" and recipe.runtime.device == "cpu":
         notes.append("runtime.dtype bfloat16 on CPU: typical CPUs run bf16 ~400x slower than fp32 (use auto or float32)")
     return notes
+
+
+def alignment_problems(recipe: Recipe) -> list[str]:
+    """Files an alignment stage names must exist; known sources are checked when the stage builds its data."""
+    problems = []
+    for stage in recipe.stages:
+        if stage.kind != "sft":
+            continue
+        if stage.chat_template and not Path(stage.chat_template).expanduser().is_file():
+            problems.append(f"stages.{stage.name}.chat_template: {stage.chat_template!r} not found; pass a .jinja file")
+        for i, data in enumerate(stage.data):
+            if data.source in ("reasoning-gym", "chitchat"):
+                if data.source == "chitchat" and "think" in data.modes:
+                    problems.append(f"stages.{stage.name}.data.{i}: chitchat has no reasoning to put in think mode; "
+                                    "set modes: [fast] for it")
+                continue
+            path = Path(data.source).expanduser()
+            if path.suffix in (".jsonl", ".json"):
+                if not path.is_file():
+                    problems.append(f"stages.{stage.name}.data.{i}.source: file {data.source!r} not found")
+                    continue
+                from ling_surgery.surgery.sft_data import conversation_of, user_rows
+
+                try:  # every row, so a bad one is found before any weights load
+                    for row in user_rows(data.source, data.split, data.examples, data.messages_field):
+                        conversation_of(row, data.messages_field, data.source)
+                except SurgeryError as err:
+                    problems.append(f"stages.{stage.name}.data.{i}: {err}")
+            elif "/" not in data.source or path.exists():
+                problems.append(f"stages.{stage.name}.data.{i}.source: unknown SFT data source {data.source!r}; use "
+                                "reasoning-gym, chitchat, a .jsonl/.json file or a hub dataset name (org/name)")
+    return problems
 
 
 def context_notes(recipe: Recipe, shape) -> list[str]:

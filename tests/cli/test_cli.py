@@ -206,3 +206,30 @@ def test_unsupported_architecture_exit_2(tmp_path):
     result = run_cli("export", str(tmp_path / "gpt2"), "--format", "gguf", "--output", str(tmp_path / "o.gguf"))
     assert result.returncode == 2 and "supported model types: bailing_hybrid, llama, mistral" in _error_line(result)
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path):
+    """A model without a chat template, an unknown data source, a data file without the conversation field."""
+    from helpers import bpe_tokenizer, tiny_model
+
+    char_model, _ = source  # the character tokenizer has no chat template
+    chat_model = tmp_path / "chat-model"
+    tok = bpe_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(chat_model)
+    tok.save_pretrained(chat_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversation": [{"role": "user", "content": "hi"}]}) + "\n")
+    cases = [
+        ([str(char_model)], "the model has no chat template; pass one with --chat-template"),
+        ([str(chat_model), "--set", "stages.sft.data=[{source: nope, examples: 2}]"], "unknown SFT data source 'nope'"),
+        ([str(chat_model), "--set", f"stages.sft.data=[{{source: {bad}, examples: 1}}]"],
+         "a row has no 'messages' field (found: conversation)"),
+        ([str(chat_model), "--set", "stages.sft.data=[{source: chitchat, examples: 2}]"],
+         "chitchat has no reasoning to put in think mode"),
+        ([str(chat_model), "--chat-template", str(tmp_path / "missing.jinja")], "missing.jinja' not found"),
+    ]
+    for args, message in cases:
+        result = run_cli("align", *args, "--output", str(tmp_path / "o"))
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in _error_line(result) and "Traceback" not in result.stderr
+        assert not (tmp_path / "o").exists()

@@ -1,0 +1,78 @@
+"""`align`: SFT (and later RL) of any causal LM — an upgraded model, a stock one, or a run folder — under `run`.
+
+`ling-surgery align MODEL --output DIR` is `ling-surgery run` of a recipe whose stages are `[sft]` (or `--config FILE`)
+with `source.model` and `export.output` set from the flags: one code path, the same manifests, fingerprints, atomic
+folders and `--resume` as `convert`. A recipe that starts with `kind: init` converts first and aligns after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.markup import escape
+from rich.table import Table
+
+from ling_surgery.surgery import sources
+from ling_surgery.surgery.config import CONVERT_KINDS, Recipe
+
+
+def converts(recipe: Recipe) -> bool:
+    """Whether the recipe builds an upgraded model (an `init` stage) before anything else it does."""
+    return any(stage.kind in CONVERT_KINDS for stage in recipe.stages)
+
+
+@dataclass
+class AlignmentPlan:
+    """What `run` needs to know about a recipe that only aligns: its source model, as is (no layer plan, no target)."""
+
+    source: sources.Source
+    source_config: object
+    recipe: Recipe
+    arch: object = None
+    plan: object = None
+    target: object = None
+    target_config: object = None
+    derived: list = field(default_factory=list)
+
+    def table(self) -> Table:
+        table = Table(title=f"align: {escape(self.source.name)} ({getattr(self.source_config, 'model_type', '?')})")
+        for col in ("stage", "kind", "data", "training"):
+            table.add_column(col)
+        for stage in self.recipe.stages:
+            data = ", ".join(f"{escape(d.source)}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} "
+                             f"[{'+'.join(d.modes)}]" for d in stage.data)
+            how = f"LoRA r={stage.lora.r}" if stage.lora else "every weight"
+            table.add_row(stage.name, stage.kind, data, f"{how}, lr {stage.lr:g}, {stage.epochs:g} epoch(s), "
+                          f"batch {stage.batch_size}, ≤{stage.max_length} tokens")
+        return table
+
+
+def plan_alignment(recipe: Recipe) -> AlignmentPlan:
+    """The source and its config; its chat template must be able to carry the modes (checked before any weights
+    load, so a model without one costs a line, not a run)."""
+    source = sources.resolve_source(recipe.source.model, recipe.source.revision)
+    plan = AlignmentPlan(source, sources.load_config(source), recipe)
+    sft_stages = [stage for stage in recipe.stages if stage.kind == "sft"]
+    if sft_stages and not sft_stages[0].chat_template:
+        from transformers import AutoTokenizer
+
+        from ling_surgery.surgery.chat_template import has_thinking_modes, read_format
+
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.load_kwargs())
+        if not has_thinking_modes(tokenizer):
+            read_format(tokenizer)
+    return plan
+
+
+def plan_recipe(recipe: Recipe):
+    """The conversion plan of a recipe that converts, else the alignment plan (what `run` and `plan` print)."""
+    from ling_surgery.surgery.convert import plan_conversion
+
+    return plan_conversion(recipe) if converts(recipe) else plan_alignment(recipe)
+
+
+def align(recipe: Recipe, console=None, resume: bool = False) -> dict:
+    """Run an alignment recipe into a new output folder (or continue one with `resume`); returns the report."""
+    from ling_surgery.surgery.run import run
+
+    return run(recipe, console, resume=resume, fresh=not resume)

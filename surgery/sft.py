@@ -1,0 +1,195 @@
+"""Stage `kind: sft`: decoupled SFT (Ling 2.0, arXiv 2510.22115 §4.1) through TRL's `SFTTrainer`.
+
+One run teaches both modes: every conversation opens with the system turn that states its mode (`chat_template.py`),
+and the loss covers the assistant turns only (`assistant_only_loss`, from the template's generation markers).
+Conversations are padded, never packed: packing without `causal-conv1d` cannot keep the KDA conv and state apart
+across conversations (research/ecosystem.md §3.2). fp32 on CPU (TRL defaults to bf16, ~4x slower on the torch KDA
+fallback), bf16 on CUDA; no gradient checkpointing on CPU (another 1.5x).
+
+`--resume` continues from TRL's own checkpoints: they go to `stages/.N-sft.trainer/`, and after each one is complete
+the stage's training state (`checkpoint.TrainingState`) records which, so a kill while TRL writes one resumes from the
+one before.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from ling_surgery.surgery.chat_template import add_thinking_modes
+from ling_surgery.surgery.context import RunContext
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.sft_data import conversations
+
+# Modules that LoRA cannot wrap (the depthwise conv) or that are bare parameters and norms: they train fully.
+LORA_FULL_MODULES = ("conv1d", "o_norm", "kv_a_layernorm", "A_log", "dt_bias")
+
+
+def build_dataset(stage, seed: int) -> list[dict]:
+    rows = []
+    for i, source in enumerate(stage.data):
+        rows += conversations(source, seed * 7919 + 31 * i)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def trainer_dir(ctx: RunContext) -> Path:
+    return ctx.state.path.with_name(ctx.state.path.name.removesuffix(".resume.pt") + ".trainer")
+
+
+def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out_dir: Path | None, callbacks=()):
+    """TRL's SFTTrainer for the stage: assistant-only loss, padded batches, fp32 on CPU and bf16 on CUDA."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = ctx.device.type == "cuda"
+    args = SFTConfig(
+        output_dir=str(out_dir or tempfile.mkdtemp(prefix="ling-surgery-sft-")),
+        per_device_train_batch_size=stage.batch_size, num_train_epochs=stage.epochs, learning_rate=stage.lr,
+        warmup_steps=stage.warmup_steps, lr_scheduler_type="cosine", max_length=stage.max_length,
+        assistant_only_loss=True, packing=False, bf16=cuda, gradient_checkpointing=False, use_cpu=not cuda,
+        report_to="none", logging_steps=1, save_strategy="steps" if (ctx.save_every and out_dir) else "no",
+        save_steps=max(1, ctx.save_every), save_total_limit=2, seed=ctx.seed, data_seed=ctx.seed, disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        # The conversations are shuffled once with the recipe's seed (build_dataset); reading them in that order
+        # makes a resumed run see exactly the batches an unbroken one would (a sampler drawn from the global RNG
+        # after a restart does not).
+        train_sampling_strategy="sequential",
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the rich bar shows the loss; no raw dicts in the log
+    return trainer
+
+
+def sft(model, stage, ctx: RunContext):
+    """Fine-tune `model` on both modes; returns it (LoRA merged) with the loss curve and token counts."""
+    tokenizer = ctx.tokenizer
+    template = None
+    if stage.chat_template:
+        path = Path(stage.chat_template).expanduser()
+        if not path.is_file():
+            raise SurgeryError(f"stages.{stage.name}.chat_template {stage.chat_template!r} not found; pass a .jinja file")
+        template = path.read_text(encoding="utf-8")
+    add_thinking_modes(tokenizer, template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = build_dataset(stage, ctx.seed)
+    if model is ctx.teacher:  # an align-only recipe: the source stays the reference the evaluations compare with
+        model = copy.deepcopy(model)
+    model.train().requires_grad_(True)
+    if stage.lora is not None:
+        model = with_lora(model, stage.lora)
+
+    out_dir = trainer_dir(ctx) if ctx.state is not None else None
+    resume_from = None
+    saved = ctx.state.load() if ctx.state is not None else None
+    if saved and (out_dir / saved["checkpoint"]).is_dir():
+        resume_from = str(out_dir / saved["checkpoint"])
+    elif out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a trainer folder no state points to is from another run
+    progress = RichProgress(ctx, stage)
+    callbacks = [progress] + ([StateMarker(ctx)] if out_dir is not None else [])
+    trainer = make_trainer(model, tokenizer, stage, ctx, rows, out_dir, callbacks)
+    progress.total = int(sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * stage.epochs)
+    kept = len(trainer.train_dataset)
+    if kept < len(rows) and ctx.console is not None:
+        ctx.console.print(f"[yellow]note:[/] {len(rows) - kept} of {len(rows)} conversations have no answer token within "
+                          f"max_length {stage.max_length} and are not trained on; raise stages.{stage.name}.max_length")
+    if kept == 0:
+        raise SurgeryError(f"stages.{stage.name}: no conversation has an answer token within max_length "
+                           f"{stage.max_length}; raise it")
+    if resume_from is not None and stage.lora is None:
+        # The Trainer reloads a checkpoint's weights by their names on disk, which transformers' weight conversion
+        # renames for bailing_hybrid (self_attn.o_proj → attention.dense, …): most would be skipped silently. Load
+        # them the way from_pretrained does; the Trainer then restores optimizer, schedule, RNG and data position.
+        from transformers import AutoModelForCausalLM
+
+        saved_model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+        model.load_state_dict(saved_model.state_dict())
+        del saved_model
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    progress.close()
+    model = trainer.model
+    if stage.lora is not None:
+        model = model.merge_and_unload()
+    if out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "conversations": kept,
+        "steps": int(trainer.state.global_step),
+        "tokens": tokens,
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "losses": [round(float(entry["loss"]), 4) for entry in trainer.state.log_history if "loss" in entry],
+        "lora": stage.lora is not None,
+        "resumed_from": resume_from,
+    }
+    if metrics["losses"]:
+        metrics["loss_first"], metrics["loss_last"] = metrics["losses"][0], metrics["losses"][-1]
+    return model.eval().requires_grad_(False), metrics
+
+
+def with_lora(model, settings):
+    """LoRA adapters on every linear layer but the LM head; the conv, norms and forget-gate parameters train fully."""
+    from peft import LoraConfig, get_peft_model
+
+    full = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in LORA_FULL_MODULES})
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules="all-linear", modules_to_save=full or None, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():  # bare parameters (A_log, dt_bias) are not modules to save
+        if name.rsplit(".", 1)[-1] in LORA_FULL_MODULES:
+            param.requires_grad_(True)
+    return peft_model
+
+
+class RichProgress(TrainerCallback):
+    """A rich bar over the stage's tokens with the loss (TRL's own tqdm is off); `total` is set once TRL has
+    tokenised the data."""
+
+    def __init__(self, ctx: RunContext, stage):
+        self.ctx, self.stage = ctx, stage
+        self.total, self._bar, self._cm, self._seen = 0, None, None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from ling_surgery.surgery.progress import training_progress
+
+        self._seen = int(state.num_input_tokens_seen)
+        self._cm = training_progress(self.stage.name, max(self.total, 1), self.ctx.console, completed=self._seen)
+        self._bar = self._cm.__enter__()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._bar is None or not logs or "loss" not in logs:
+            return
+        seen = int(state.num_input_tokens_seen)
+        self._bar.advance(seen - self._seen, loss=float(logs["loss"]), step=int(state.global_step))
+        self._seen = seen
+
+    def close(self):
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = self._bar = None
+
+
+class StateMarker(TrainerCallback):
+    """After TRL has written a checkpoint in full, the stage's training state names it (what --resume reads)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    def on_save(self, args, state, control, **kwargs):
+        name = f"checkpoint-{state.global_step}"
+        if (Path(args.output_dir) / name).is_dir():
+            self.ctx.state.save({"checkpoint": name}, int(state.global_step), int(state.max_steps))

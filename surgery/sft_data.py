@@ -1,0 +1,181 @@
+"""Conversations for decoupled SFT: each in one mode, the mode stated by the system turn (`chat_template.py`).
+
+| source                  | what it gives                                                  | modes                                |
+|-------------------------|----------------------------------------------------------------|--------------------------------------|
+| `reasoning-gym`         | seeded verifiable problems (`tasks`, default `gsm_symbolic`)   | think: worked solution, then answer; |
+|                         |                                                                | fast: the bare answer (same problem) |
+| `chitchat`              | human–human chat (chitchat-dataset, MIT), so the model keeps talking | fast                           |
+| `FILE.jsonl` / `.json`  | rows with a `messages` list of {role, content}                 | as written (a `<think>` answer is think mode) |
+| HF dataset name         | the same rows, streamed through `datasets`                     | as written                           |
+
+Training problems come from seeds below `EVAL_SEED`; evaluation draws its reasoning-gym problems from `EVAL_SEED` on,
+and GSM8K (the evaluation's word problems) is never a training source.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from ling_surgery.surgery.chat_template import THINK_CLOSE, THINK_OPEN, answer_text, mode_system_prompt
+from ling_surgery.surgery.errors import SurgeryError
+
+EVAL_SEED = 1_000_003  # reasoning-gym seeds from here on are evaluation problems, never trained on
+MAX_PROBLEMS = 100_000  # per task and source
+CHITCHAT_MAX_TURNS = 6
+_FINAL_LINE = re.compile(r"\n?\s*####\s*(.+?)\s*$")
+
+
+def conversations(source, seed: int) -> list[dict]:
+    """`source.examples` conversations ({"messages": [...]}) from one `SFTData` entry, each in one mode."""
+    name = source.source
+    if name == "reasoning-gym":
+        if source.examples > MAX_PROBLEMS:
+            raise SurgeryError(f"reasoning-gym: at most {MAX_PROBLEMS} examples per source; add another source entry")
+        rows = reasoning_gym_conversations(source.tasks or ["gsm_symbolic"], source.examples, source.modes, seed)
+    elif name == "chitchat":
+        if "think" in source.modes:
+            raise SurgeryError("chitchat has no reasoning to put in think mode; set modes: [fast] for it")
+        rows = chitchat_conversations(source.examples, seed)
+    else:
+        rows = [with_mode(conversation_of(row, source.messages_field, name), None)
+                for row in user_rows(name, source.split, source.examples, source.messages_field)]
+    if len(rows) < source.examples:
+        raise SurgeryError(f"SFT data {name!r}: {len(rows)} conversations, fewer than the {source.examples} asked "
+                           "for; lower examples or add data")
+    return rows[: source.examples]
+
+
+def problems(task: str, count: int, seed: int) -> list[dict]:
+    """`count` seeded reasoning-gym problems ({question, answer, reasoning or None, entry}); `seed` ≥ EVAL_SEED for
+    evaluation."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise SurgeryError("reasoning-gym is not installed; run: pip install reasoning-gym==0.1.25") from None
+    try:
+        dataset = reasoning_gym.create_dataset(task, size=count, seed=seed)
+    except Exception as err:  # unknown names raise a plain exception
+        raise SurgeryError(f"reasoning-gym task {task!r}: {str(err).splitlines()[0]}; e.g. gsm_symbolic, "
+                           "basic_arithmetic, chain_sum") from None
+    out = []
+    for entry in dataset:
+        cot = (entry.get("metadata") or {}).get("answer_cot")
+        reasoning = _FINAL_LINE.sub("", cot).strip() if cot else None
+        out.append({"question": entry["question"], "answer": str(entry["answer"]).strip(), "reasoning": reasoning,
+                    "entry": entry, "task": task})
+    return out
+
+
+def score(problem: dict, answer: str) -> float:
+    """reasoning-gym's own scorer (1.0 when correct)."""
+    import reasoning_gym
+
+    return float(reasoning_gym.get_score_answer_fn(problem["task"])(answer, problem["entry"]))
+
+
+def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str], seed: int) -> list[dict]:
+    """Problems shared out over `tasks`; each problem appears once per mode, so the modes differ only in the answer."""
+    per_problem = len(modes)
+    count = -(-examples // per_problem)
+    rows = []
+    for i, task in enumerate(tasks):
+        share = count // len(tasks) + (i < count % len(tasks))
+        # reasoning-gym draws problem k of a seed from Random(seed + k): training seed ranges stay below EVAL_SEED.
+        base = (seed + 100_003 * i) % (EVAL_SEED - MAX_PROBLEMS)
+        for problem in problems(task, share, base):
+            if "think" in modes and not problem["reasoning"]:
+                raise SurgeryError(f"reasoning-gym task {task!r} has no worked solution for think mode; use it with "
+                                   "modes: [fast], or a task that has one (gsm_symbolic)")
+            for mode in modes:
+                rows.append({"messages": [
+                    {"role": "system", "content": mode_system_prompt(mode)},
+                    {"role": "user", "content": problem["question"]},
+                    {"role": "assistant", "content": answer_text(mode, problem["answer"], problem["reasoning"])},
+                ]})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def chitchat_conversations(examples: int, seed: int) -> list[dict]:
+    """Fast-mode chat: the first speaker is the user; each side's consecutive messages form one turn."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or spec.origin is None:
+        raise SurgeryError("chitchat needs the chitchat-dataset package; run: pip install chitchat-dataset==0.9.0")
+    data = json.loads((Path(spec.origin).parent / "dataset.json").read_text())
+    keys = sorted(data)
+    random.Random(seed).shuffle(keys)
+    rows = []
+    for key in keys:
+        turns = [" ".join(m["text"].strip() for m in group if m.get("text", "").strip())
+                 for group in data[key]["messages"]][:CHITCHAT_MAX_TURNS]
+        turns = [t for t in turns if t]
+        turns = turns[: len(turns) // 2 * 2]  # end on the assistant
+        if not turns:
+            continue
+        messages = [{"role": "system", "content": mode_system_prompt("fast")}]
+        messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        rows.append({"messages": messages})
+        if len(rows) == examples:
+            break
+    return rows
+
+
+def user_rows(name: str, split: str, examples: int, field: str):
+    """Rows of a local .jsonl/.json file or a hub dataset (streamed), at most `examples`."""
+    path = Path(name).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        if not path.is_file():
+            raise SurgeryError(f"SFT data file {name!r} not found")
+        text = path.read_text(encoding="utf-8")
+        try:
+            rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
+                    else json.loads(text))
+        except ValueError as err:
+            raise SurgeryError(f"SFT data file {name!r} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: "
+                               f"{err}") from None
+        return rows[:examples] if isinstance(rows, list) else []
+    if path.exists() or "/" not in name:
+        raise SurgeryError(f"unknown SFT data source {name!r}; use reasoning-gym, chitchat, a .jsonl/.json file of "
+                           f"{{\"{field}\": [...]}} rows, or a hub dataset name (org/name)")
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        return [row for _, row in zip(range(examples), stream)]
+    except Exception as err:
+        raise SurgeryError(f"SFT data {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
+
+
+def conversation_of(row, field: str, name: str) -> list[dict]:
+    """The `field` list of a user row, checked: {role, content} dicts with an assistant turn."""
+    if not isinstance(row, dict) or field not in row:
+        found = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+        raise SurgeryError(f"SFT data {name!r}: a row has no {field!r} field (found: {found}); give each row a "
+                           f"{field!r} list of {{role, content}} messages, or set messages_field")
+    messages = row[field]
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                            for m in messages)):
+        raise SurgeryError(f"SFT data {name!r}: {field!r} must be a list of {{role, content}} messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SurgeryError(f"SFT data {name!r}: a conversation has no assistant turn to learn from")
+    return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+
+
+def with_mode(messages: list[dict], mode: str | None) -> dict:
+    """The conversation with its mode stated first: given, else think when an answer reasons in think markers."""
+    if mode is None:
+        thinks = any(m["role"] == "assistant" and THINK_OPEN in m["content"] and THINK_CLOSE in m["content"]
+                     for m in messages)
+        mode = "think" if thinks else "fast"
+    line = mode_system_prompt(mode)
+    if messages[0]["role"] == "system":
+        own = messages[0]["content"].strip()
+        if own.startswith(("detailed thinking on", "detailed thinking off")):
+            return {"messages": messages}
+        return {"messages": [{"role": "system", "content": f"{line}\n\n{own}"}] + messages[1:]}
+    return {"messages": [{"role": "system", "content": line}] + messages}

@@ -1,0 +1,76 @@
+"""Mode evaluation: prompts select the mode both ways, and accuracy, output tokens and obedience are scored per mode
+(a scripted model whose answers are known, so every number can be checked)."""
+
+import types
+
+import pytest
+import torch
+from helpers import bpe_tokenizer
+
+from ling_surgery.evals.modes import chat_prompt, model_modes, modes_rows, modes_task
+from ling_surgery.evals.scoring import LoadedModel
+from ling_surgery.evals.tasks import Task, get_spec
+from ling_surgery.surgery.chat_template import add_thinking_modes, answer_text
+
+PROBLEMS = [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "5"},
+            {"question": "A box holds 4 pens; 2 boxes hold how many?", "answer": "8"}]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Answers by mode: think mode reasons then answers right, fast mode answers the first problem right and the
+    second wrong; with `disobey`, fast mode also opens a think block."""
+
+    def __init__(self, tokenizer, disobey=False):
+        super().__init__()
+        self.tokenizer, self.disobey = tokenizer, disobey
+        self.generation_config = types.SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+        self.config = types.SimpleNamespace(model_type="scripted")
+
+    def generate(self, ids, max_new_tokens, **kwargs):
+        prompt = self.tokenizer.decode(ids[0])
+        gold = next(p["answer"] for p in PROBLEMS if p["question"] in prompt)
+        if "detailed thinking on" in prompt or (self.disobey and "detailed thinking off" in prompt):
+            text = answer_text("think", gold, "Count them one by one, then add the groups together carefully.")
+        elif "detailed thinking off" in prompt:
+            text = gold if gold == "5" else "9"
+        else:
+            text = f"The answer is {gold}."
+        new = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id, 0, 0]
+        return torch.cat([ids, torch.tensor([new])], dim=1)
+
+
+def lm_for(template_with_modes: bool, disobey=False):
+    tok = bpe_tokenizer()
+    if template_with_modes:
+        add_thinking_modes(tok)
+    return LoadedModel("scripted", ScriptedModel(tok, disobey), tok, torch.device("cpu"))
+
+
+def test_prompts_select_the_mode():
+    lm = lm_for(True)
+    assert model_modes(lm) == ["fast", "think"]
+    fast, think = (lm.tokenizer.decode(chat_prompt(lm, "2+2?", m)) for m in ("fast", "think"))
+    assert "detailed thinking off" in fast and "detailed thinking on" in think
+    assert "Give the result as your final answer." in fast
+    plain = lm_for(False)
+    assert model_modes(plain) == ["default"] and "detailed thinking" not in plain.tokenizer.decode(chat_prompt(plain, "2+2?", "default"))
+
+
+def test_modes_are_scored_per_mode():
+    task = Task(get_spec("gsm8k_chat"), PROBLEMS, len(PROBLEMS))
+    result = modes_task(lm_for(True), task, console=None)
+    fast, think = result["modes"]["fast"], result["modes"]["think"]
+    assert (fast["accuracy"], think["accuracy"]) == (0.5, 1.0)
+    assert fast["obedience"] == think["obedience"] == 1.0
+    assert fast["output_tokens_mean"] == 2.0  # one digit and the end-of-turn token; the padding after it is not counted
+    assert think["tokens_per_correct"] == think["output_tokens_mean"] and fast["tokens_per_correct"] == 4.0
+    assert result["think_over_fast_tokens"] == pytest.approx(think["output_tokens_mean"] / 2.0) and result["think_over_fast_tokens"] > 3
+    assert result["value"] == 0.5  # the primary value is the default mode's (fast)
+    disobeying = modes_task(lm_for(True, disobey=True), task, console=None)
+    assert disobeying["modes"]["fast"]["obedience"] == 0.0
+    plain = modes_task(lm_for(False), task, console=None)
+    assert list(plain["modes"]) == ["default"] and plain["modes"]["default"]["obedience"] is None
+    assert plain["modes"]["default"]["accuracy"] == 1.0
+    rows = modes_rows({"teacher": plain, "student": result}, ["teacher", "student"], compare=True)
+    labels = [r[0].strip() for r in rows]
+    assert "default: accuracy" in labels and "think: obedience" in labels and "default: obedience" not in labels

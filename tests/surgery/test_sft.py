@@ -1,0 +1,170 @@
+"""Decoupled SFT (`kind: sft`, `ling-surgery align`): a few TRL steps on a tiny upgraded model, with and without
+LoRA; the export loads in a clean process with both modes selectable both ways; labels are exactly the answers;
+an interrupted stage resumes from TRL's checkpoint to the same weights."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import bpe_tokenizer, gguf_ready_student
+
+from ling_surgery.surgery import sft as sft_module
+from ling_surgery.surgery.chat_template import THINK_OPEN, add_thinking_modes, answer_text
+from ling_surgery.surgery.config import ALIGN_STAGES, SFTStage, load_recipe
+from ling_surgery.surgery.context import RunContext
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.run import run
+from ling_surgery.surgery.sft_data import chitchat_conversations, conversations, reasoning_gym_conversations
+
+QA = [("2+2?", "4", "two and two"), ("3+4?", "7", "three and four"), ("5+1?", "6", "five and one"),
+      ("1+1?", "2", "one and one"), ("6+2?", "8", "six and two"), ("4+5?", "9", "four and five")]
+
+
+def write_conversations(path):
+    rows = []
+    for question, answer, reasoning in QA:
+        for mode in ("fast", "think"):
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer_text(mode, answer, reasoning)}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def upgraded(tmp_path_factory):
+    """A tiny upgraded (bailing_hybrid) model with a ChatML tokenizer, saved as a model folder, and SFT data."""
+    root = tmp_path_factory.mktemp("sft")
+    tok = bpe_tokenizer()
+    gguf_ready_student(tok).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root / "model", write_conversations(root / "chat.jsonl")
+
+
+def align_recipe(model, data, output, **stage):
+    sets = [f"stages.sft.data=[{{source: {data}, examples: 12}}]", "stages.sft.max_length=64",
+            "stages.sft.batch_size=2", "stages.sft.lr=5e-3", "stages.sft.warmup_steps=0", "eval.tokens=0",
+            "data.seq_len=32", "runtime.save_every=2"]
+    sets += [f"stages.sft.{k}={v}" for k, v in stage.items()]
+    return load_recipe(None, sets, base={"stages": ALIGN_STAGES}, model=str(model), output=str(output))
+
+
+CHECK = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+q = [{"role": "user", "content": "2+2?"}]
+render = lambda m, **kw: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kw)
+out = {"model_type": model.config.model_type, "lora_left": any("lora" in n for n, _ in model.named_parameters()),
+       "think_same": render(q, enable_thinking=True) == render([{"role": "system", "content": "detailed thinking on"}] + q),
+       "fast_same": render(q, enable_thinking=False) == render([{"role": "system", "content": "detailed thinking off"}] + q),
+       "fast_default": render(q) == render(q, enable_thinking=False),
+       "modes_differ": render(q, enable_thinking=True) != render(q)}
+ids = tok(render(q, enable_thinking=True), return_tensors="pt").input_ids
+out["generated"] = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1] - ids.shape[1]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_align_trains_and_exports_a_model_with_both_modes(upgraded, tmp_path, lora):
+    model_dir, data = upgraded
+    extra = {"lora": "{r: 4, alpha: 8}"} if lora else {}
+    report = run(align_recipe(model_dir, data, tmp_path / "out", **extra), fresh=True)
+    stage = report["stages"]["sft"]
+    assert stage["steps"] == 6 and stage["conversations"] == 12 and stage["lora"] == lora
+    assert stage["loss_last"] < stage["loss_first"]  # 6 steps at lr 5e-3 on 12 conversations: the loss must fall
+    from safetensors.torch import load_file
+
+    old, new = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert set(old) == set(new)  # LoRA merged away: the same stock tensors
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert any(".mlp." in k for k in changed) and any(".attention." in k for k in changed)
+    result = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path / "out" / "model")], capture_output=True,
+                            text=True, check=True)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {"model_type": "bailing_hybrid", "lora_left": False, "think_same": True, "fast_same": True,
+                   "fast_default": True, "modes_differ": True, "generated": 4}
+
+
+def test_labels_are_exactly_the_answers(upgraded, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, data = upgraded
+    tok = add_thinking_modes(AutoTokenizer.from_pretrained(model_dir))
+    stage = SFTStage(data=[{"source": str(data), "examples": 12}], max_length=256)
+    rows = conversations(stage.data[0], seed=0)
+    ctx = RunContext(teacher=None, arch=None, train=None, seq_len=32, device=torch.device("cpu"))
+    trainer = sft_module.make_trainer(AutoModelForCausalLM.from_pretrained(model_dir), tok, stage, ctx, rows,
+                                      tmp_path / "trainer")
+    for row, example in zip(rows, trainer.train_dataset):
+        answer = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
+        labelled = [label for label in example["labels"] if label != -100]  # what the loss is taken on
+        assert tok.decode(labelled) == answer + "<|im_end|>\n"
+        assert (THINK_OPEN in answer) == ("detailed thinking on" in row["messages"][0]["content"])
+
+
+def test_an_interrupted_sft_resumes_to_the_same_weights(upgraded, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    model_dir, data = upgraded
+    run(align_recipe(model_dir, data, tmp_path / "whole"), fresh=True)
+    saved = sft_module.StateMarker.on_save
+
+    def stop_after_step_4(self, args, state, control, **kwargs):
+        saved(self, args, state, control, **kwargs)
+        if state.global_step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_module.StateMarker, "on_save", stop_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(align_recipe(model_dir, data, tmp_path / "broken"), fresh=True)
+    monkeypatch.setattr(sft_module.StateMarker, "on_save", saved)
+    with pytest.raises(SurgeryError, match="interrupted at step 4/6; pass --resume"):
+        run(align_recipe(model_dir, data, tmp_path / "broken"))
+    report = run(align_recipe(model_dir, data, tmp_path / "broken"), resume=True)
+    assert report["stages"]["sft"]["resumed_from"].endswith("checkpoint-4")
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "broken" / "model" / "model.safetensors")
+    diffs = {k: (whole[k] - resumed[k]).abs().max().item() for k in whole}
+    assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    assert not list((tmp_path / "broken" / "stages").glob(".*"))  # training state and TRL checkpoints cleared
+
+
+def test_reasoning_gym_pairs_each_problem_in_both_modes():
+    rows = reasoning_gym_conversations(["gsm_symbolic"], 6, ["fast", "think"], seed=0)
+    by_question = {}
+    for row in rows:
+        system, user, assistant = row["messages"]
+        by_question.setdefault(user["content"], {})[system["content"]] = assistant["content"]
+    assert len(by_question) == 3
+    for answers in by_question.values():
+        fast, think = answers["detailed thinking off"], answers["detailed thinking on"]
+        assert THINK_OPEN not in fast and think.startswith(THINK_OPEN) and think.endswith("\n\n" + fast)
+        assert len(think) > 3 * len(fast)
+
+
+def test_chitchat_is_fast_chat_that_ends_on_the_assistant():
+    rows = chitchat_conversations(5, seed=0)
+    assert len(rows) == 5
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "system" and row["messages"][0]["content"] == "detailed thinking off"
+        assert roles[1:] == ["user", "assistant"] * (len(roles[1:]) // 2) and roles[-1] == "assistant"
+
+
+def test_bad_sft_data_gets_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversation": []}) + "\n")
+    stage = SFTStage(data=[{"source": str(bad), "examples": 1}])
+    with pytest.raises(SurgeryError, match=r"has no 'messages' field \(found: conversation\)"):
+        conversations(stage.data[0], seed=0)
+    stage = SFTStage(data=[{"source": "reasoning-gym", "examples": 2, "tasks": ["basic_arithmetic"]}])
+    with pytest.raises(SurgeryError, match="no worked solution for think mode"):
+        conversations(stage.data[0], seed=0)
+    stage = SFTStage(data=[{"source": "reasoning-gym", "examples": 2, "tasks": ["no_such_task"]}])
+    with pytest.raises(SurgeryError, match="reasoning-gym task 'no_such_task'"):
+        conversations(stage.data[0], seed=0)
