@@ -111,6 +111,8 @@ def plan(recipe: str = RECIPE, overrides: list[str] = SET, output: Optional[Path
     from ling_surgery.surgery.validate import validate_recipe
 
     conversion = plan_recipe(validate_recipe(recipe, overrides, output=str(output) if output else None)[0])
+    if measure and conversion.plan is None:
+        raise SurgeryError("--measure ranks layers for a conversion; this recipe only aligns, so its layers stay as they are")
     if measure:
         from ling_surgery.surgery.placement import measure_plan
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ling_surgery.surgery import sources
 from ling_surgery.surgery.config import CONVERT_KINDS, Recipe
+from ling_surgery.surgery.defaults import sft_trainable
 
 
 def converts(recipe: Recipe) -> bool:
@@ -39,11 +40,12 @@ class AlignmentPlan:
         for col in ("stage", "kind", "data", "training"):
             table.add_column(col)
         for stage in self.recipe.stages:
-            data = ", ".join(f"{escape(d.source)}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} "
-                             f"[{'+'.join(d.modes)}]" for d in stage.data)
-            how = f"LoRA r={stage.lora.r}" if stage.lora else "every weight"
-            table.add_row(stage.name, stage.kind, data, f"{how}, lr {stage.lr:g}, {stage.epochs:g} epoch(s), "
-                          f"batch {stage.batch_size}, ≤{stage.max_length} tokens")
+            data = escape(", ".join(f"{d.source}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} "
+                                    f"[{'+'.join(d.modes)}]" for d in stage.data))
+            groups = stage.trainable or sft_trainable(getattr(self.source_config, "model_type", ""))[0]
+            how = f"LoRA r={stage.lora.r} on [{', '.join(groups)}]" if stage.lora else f"[{', '.join(groups)}]"
+            table.add_row(stage.name, stage.kind, data, escape(f"{how}, lr {stage.lr:g}, {stage.epochs:g} epoch(s), "
+                                                               f"batch {stage.batch_size}, ≤{stage.max_length} tokens"))
         return table
 
 

@@ -176,15 +176,19 @@ class SFTStage(Strict):
     kind: Literal["sft"] = "sft"
     name: str = "sft"
     data: list[SFTData] = Field(
-        default_factory=lambda: [SFTData(source="reasoning-gym", examples=480, tasks=["gsm_symbolic"]),
-                                 SFTData(source="chitchat", examples=120, modes=["fast"])],
-        min_length=1, description="conversation sources, mixed and shuffled")
+        default_factory=lambda: [SFTData(source="reasoning-gym", examples=240, tasks=["gsm_symbolic"]),
+                                 SFTData(source="chitchat", examples=40, modes=["fast"])],
+        min_length=1, description="conversation sources, mixed and shuffled (default sized for a 2-core CPU: 120 "
+        "problems in both modes and 40 chats)")
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(4, ge=1, description="conversations per optimizer step (padded, never packed: packing "
                             "leaks KDA state across conversations)")
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(5, ge=0)
     max_length: int = Field(512, ge=16, description="tokens per conversation (longer ones are truncated)")
+    trainable: list[Trainable] | None = Field(
+        None, min_length=1, description="parameter groups that train (LoRA: the groups whose linear layers get "
+        "adapters); unset: [kda_mixers, mlp, norms] for upgraded hybrids, [mlp, norms] for all-MLA, [all] otherwise")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     chat_template: str | None = Field(None, description="a .jinja file to build the modes from, for a model whose "
                                       "own template is missing or cannot render a system turn")

@@ -87,6 +87,17 @@ def logit_distill_trainable(linear_attention: bool) -> tuple[list[str], str]:
     return ["mixers", "mlp", "norms"], "all-MLA target: every mixer is MLA and recovers here"
 
 
+def sft_trainable(model_type: str) -> tuple[list[str], str]:
+    """What SFT trains when the recipe does not say. Upgraded models keep their MLA mixers: their latent rows sit in
+    the RMSNorm's linear regime at ~1e-5 of the map they carry, where AdamW's ~lr-sized steps wreck them (full SFT at
+    lr 1e-4 took the CPU demo's model to a loss of 20 nats/token), and they hold the model's retrieval."""
+    if model_type == "bailing_hybrid":
+        return ["kda_mixers", "mlp", "norms"], "upgraded hybrid: the MLA layers keep their copying and latent scale"
+    if model_type == "deepseek_v3":
+        return ["mlp", "norms"], "all-MLA upgrade: the MLA latents stay as distillation left them"
+    return ["all"], "a source-family model: every weight"
+
+
 def resolve_defaults(recipe, shape):
     """The recipe with every unset plan value derived from the source (a `sources.SourceShape`), and what was derived.
 

