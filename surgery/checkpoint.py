@@ -87,10 +87,14 @@ class TrainingState:
             reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
             raise SurgeryError(f"saving the training state to {str(self.path)!r} failed: {reason}") from None
 
+    @property
+    def trainer_dir(self) -> Path:
+        """Where a stage trained by TRL keeps TRL's own checkpoints (surgery/sft.py); the state names the one to use."""
+        return self.path.with_name(self.path.name.removesuffix(".resume.pt") + ".trainer")
+
     def clear(self) -> None:
         import shutil
 
         for path in (self.path, self.path.with_suffix(".json")):
             path.unlink(missing_ok=True)
-        # Stages trained by TRL keep its checkpoints beside the state (surgery/sft.py).
-        shutil.rmtree(self.path.with_name(self.path.name.removesuffix(".resume.pt") + ".trainer"), ignore_errors=True)
+        shutil.rmtree(self.trainer_dir, ignore_errors=True)

@@ -160,6 +160,12 @@ class SFTData(Strict):
     messages_field: str = Field("messages", description="files and datasets: the field holding the conversation")
     split: str = Field("train", description="hub datasets: the split read")
 
+    @model_validator(mode="after")
+    def _chitchat_is_fast(self):
+        if self.source == "chitchat" and "think" in self.modes:
+            raise ValueError("chitchat has no reasoning to put in think mode; set modes: [fast] for it")
+        return self
+
 
 class LoraSettings(Strict):
     """LoRA (PEFT) on every linear layer of the mixers and MLPs; the KDA conv, the output and latent norms and the

@@ -136,13 +136,13 @@ def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None 
             status = f"{s.state} {s.detail}".strip()
         else:
             status = "skip (up to date)" if s.index < start else ("resume " + s.detail if s.state == "interrupted" else "run")
+        groups = ", ".join(getattr(stage, "trainable", None) or ["(derived)"])
         if stage.kind == "sft":  # conversations, each at most max_length tokens
             amount, window = f"{sum(d.examples for d in stage.data):,} conv.", f"≤{stage.max_length}"
-            groups = ", ".join(stage.trainable or ["(derived)"])
             trainable = f"LoRA r={stage.lora.r} on {groups}" if stage.lora else groups
         else:
             amount, window = f"{tokens:,}", str(stage_seq_len(stage, recipe))
-            trainable = ", ".join(stage.trainable or ["(derived)"]) if training else ""
+            trainable = groups if training else ""
         table.add_row(str(s.index + 1), stage.name, stage.kind, amount, window,
                       f"{stage.lr:g}" if hasattr(stage, "lr") else "", trainable, status)
     return table

@@ -47,10 +47,6 @@ def build_dataset(stage, seed: int) -> list[dict]:
     return [row for batch in batches for row in batch]
 
 
-def trainer_dir(ctx: RunContext) -> Path:
-    return ctx.state.path.with_name(ctx.state.path.name.removesuffix(".resume.pt") + ".trainer")
-
-
 class KDASFTTrainer(SFTTrainer):
     """TRL's SFTTrainer whose loss runs an upgraded model through ling-surgery's exact chunked KDA (`surgery/kda.py`,
     the path the distillation stages train on) when flash-linear-attention is missing: transformers' reference
@@ -131,8 +127,9 @@ def sft(model, stage, ctx: RunContext):
         model = with_lora(model, stage.lora, groups)
     else:
         trainable_groups(model, groups)
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    out_dir = trainer_dir(ctx) if ctx.state is not None else None
+    out_dir = ctx.state.trainer_dir if ctx.state is not None else None
     resume_from = None
     saved = ctx.state.load() if ctx.state is not None else None
     if saved and (out_dir / saved["checkpoint"]).is_dir():
@@ -165,8 +162,6 @@ def sft(model, stage, ctx: RunContext):
     model = trainer.model
     if stage.lora is not None:
         model = model.merge_and_unload()
-    if out_dir is not None:
-        shutil.rmtree(out_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
@@ -178,7 +173,7 @@ def sft(model, stage, ctx: RunContext):
         "losses": [round(float(entry["loss"]), 4) for entry in trainer.state.log_history if "loss" in entry],
         "lora": stage.lora is not None,
         "trainable": groups,
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_params": trainable_params,
         "resumed_from": resume_from,
     }
     if metrics["losses"]:

@@ -36,8 +36,6 @@ def conversations(source, seed: int) -> list[dict]:
             raise SurgeryError(f"reasoning-gym: at most {MAX_PROBLEMS} examples per source; add another source entry")
         rows = reasoning_gym_conversations(source.tasks or ["gsm_symbolic"], source.examples, source.modes, seed)
     elif name == "chitchat":
-        if "think" in source.modes:
-            raise SurgeryError("chitchat has no reasoning to put in think mode; set modes: [fast] for it")
         rows = chitchat_conversations(source.examples, seed)
     else:
         rows = [with_mode(conversation_of(row, source.messages_field, name), None)
@@ -67,13 +65,6 @@ def problems(task: str, count: int, seed: int) -> list[dict]:
         out.append({"question": entry["question"], "answer": str(entry["answer"]).strip(), "reasoning": reasoning,
                     "entry": entry, "task": task})
     return out
-
-
-def score(problem: dict, answer: str) -> float:
-    """reasoning-gym's own scorer (1.0 when correct)."""
-    import reasoning_gym
-
-    return float(reasoning_gym.get_score_answer_fn(problem["task"])(answer, problem["entry"]))
 
 
 def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str], seed: int) -> list[dict]:
@@ -125,12 +116,25 @@ def chitchat_conversations(examples: int, seed: int) -> list[dict]:
     return rows
 
 
-def user_rows(name: str, split: str, examples: int, field: str):
-    """Rows of a local .jsonl/.json file or a hub dataset (streamed), at most `examples`."""
+def source_kind(name: str) -> str:
+    """"reasoning-gym", "chitchat", "file" (.jsonl/.json, which must exist) or "hub" (org/name); else a one-line error."""
+    if name in ("reasoning-gym", "chitchat"):
+        return name
     path = Path(name).expanduser()
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise SurgeryError(f"SFT data file {name!r} not found")
+        return "file"
+    if path.exists() or "/" not in name:
+        raise SurgeryError(f"unknown SFT data source {name!r}; use reasoning-gym, chitchat, a .jsonl/.json file of "
+                           "{messages: [...]} rows, or a hub dataset name (org/name)")
+    return "hub"
+
+
+def user_rows(name: str, split: str, examples: int, field: str):
+    """Rows of a local .jsonl/.json file or a hub dataset (streamed), at most `examples`."""
+    path = Path(name).expanduser()
+    if source_kind(name) == "file":
         text = path.read_text(encoding="utf-8")
         try:
             rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
@@ -139,9 +143,6 @@ def user_rows(name: str, split: str, examples: int, field: str):
             raise SurgeryError(f"SFT data file {name!r} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: "
                                f"{err}") from None
         return rows[:examples] if isinstance(rows, list) else []
-    if path.exists() or "/" not in name:
-        raise SurgeryError(f"unknown SFT data source {name!r}; use reasoning-gym, chitchat, a .jsonl/.json file of "
-                           f"{{\"{field}\": [...]}} rows, or a hub dataset name (org/name)")
     try:
         import datasets
 

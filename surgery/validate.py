@@ -62,7 +62,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
 
 
 def alignment_problems(recipe: Recipe) -> list[str]:
-    """Files an alignment stage names must exist; known sources are checked when the stage builds its data."""
+    """An alignment stage's files must exist and a data file's every row must hold a conversation; hub datasets and
+    reasoning-gym tasks are checked when the stage builds its data."""
+    from ling_surgery.surgery.sft_data import conversation_of, source_kind, user_rows
+
     problems = []
     for stage in recipe.stages:
         if stage.kind != "sft":
@@ -70,26 +73,12 @@ def alignment_problems(recipe: Recipe) -> list[str]:
         if stage.chat_template and not Path(stage.chat_template).expanduser().is_file():
             problems.append(f"stages.{stage.name}.chat_template: {stage.chat_template!r} not found; pass a .jinja file")
         for i, data in enumerate(stage.data):
-            if data.source in ("reasoning-gym", "chitchat"):
-                if data.source == "chitchat" and "think" in data.modes:
-                    problems.append(f"stages.{stage.name}.data.{i}: chitchat has no reasoning to put in think mode; "
-                                    "set modes: [fast] for it")
-                continue
-            path = Path(data.source).expanduser()
-            if path.suffix in (".jsonl", ".json"):
-                if not path.is_file():
-                    problems.append(f"stages.{stage.name}.data.{i}.source: file {data.source!r} not found")
-                    continue
-                from ling_surgery.surgery.sft_data import conversation_of, user_rows
-
-                try:  # every row, so a bad one is found before any weights load
+            try:
+                if source_kind(data.source) == "file":  # every row, so a bad one is found before any weights load
                     for row in user_rows(data.source, data.split, data.examples, data.messages_field):
                         conversation_of(row, data.messages_field, data.source)
-                except SurgeryError as err:
-                    problems.append(f"stages.{stage.name}.data.{i}: {err}")
-            elif "/" not in data.source or path.exists():
-                problems.append(f"stages.{stage.name}.data.{i}.source: unknown SFT data source {data.source!r}; use "
-                                "reasoning-gym, chitchat, a .jsonl/.json file or a hub dataset name (org/name)")
+            except SurgeryError as err:
+                problems.append(f"stages.{stage.name}.data.{i}: {err}")
     return problems
 
 
