@@ -69,7 +69,7 @@ def align(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the stages and their data; load no weights"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted align into the same --output"),
 ) -> None:
-    """Teach MODEL a fast and a thinking mode (decoupled SFT through TRL); `run` of an `[sft]` recipe."""
+    """Teach MODEL a fast and a thinking mode (decoupled SFT through TRL); `run` of a recipe of sft stages."""
     from ling_surgery.surgery.align import align as run_align
     from ling_surgery.surgery.align import plan_recipe
     from ling_surgery.surgery.config import ALIGN_STAGES
@@ -219,7 +219,8 @@ def eval_model(
     """Evaluate one model: held-out perplexity, LAMBADA, zero-shot multiple choice, GSM8K, long-context recall,
     inference cost.
 
-    Tasks: wikipedia, lambada, arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, mmlu, gsm8k, passkey, niah.
+    Tasks: wikipedia, lambada, arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, mmlu, gsm8k, passkey, niah;
+    asked for by name: gsm8k_chat, gsm_symbolic_chat (per thinking mode: accuracy, output tokens, obedience).
     """
     from ling_surgery.evals.suite import run_eval
 

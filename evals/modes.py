@@ -3,9 +3,10 @@ answer and mode obedience.
 
 Each problem is asked zero-shot through the model's own chat template, greedy, with the cache (as served), until the
 assistant turn ends. A model with ling-surgery's modes (`surgery/chat_template.py`) is asked in both — fast
-(`enable_thinking=False`) and think (`enable_thinking=True`) — and obeys when its think answers open a `<think>` block
-and its fast answers carry none; any other model is asked once, in its template's default. The answer is read after
-the think block (GSM8K convention: "the answer is N", else the last number).
+(`enable_thinking=False`) and think (`enable_thinking=True`) — and obeys when its fast answers carry no think block and
+its think answers close the block (opened by the prompt) and then answer; any other model is asked once, in its
+template's default. The answer is read after the think block (GSM8K convention: "the answer is N", else the last
+number); output tokens are the generated ones (a think prompt's `<think>\\n` is the prompt's).
 
 | task                 | problems                                                                  |
 |----------------------|---------------------------------------------------------------------------|
@@ -18,7 +19,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from ling_surgery.evals.scoring import LoadedModel, binomial_stderr, extract_number, same_number
-from ling_surgery.surgery.chat_template import THINK_OPEN, has_thinking_modes, split_thinking
+from ling_surgery.surgery.chat_template import assistant_turn, has_thinking_modes, obeys, split_thinking
 
 # The instruction the reasoning-gym problems carry; GSM8K questions get it too, so both ask for a bare final number.
 ANSWER_INSTRUCTION = "Give the result as your final answer. Do not include units."
@@ -34,7 +35,7 @@ def model_modes(lm: LoadedModel) -> list[str]:
     return ["fast", "think"] if has_thinking_modes(lm.tokenizer) else ["default"]
 
 
-def chat_prompt(lm: LoadedModel, question: str, mode: str) -> list[int]:
+def chat_prompt(lm: LoadedModel, question: str, mode: str) -> str:
     if not lm.tokenizer.chat_template:
         from ling_surgery.surgery.errors import SurgeryError
 
@@ -43,14 +44,14 @@ def chat_prompt(lm: LoadedModel, question: str, mode: str) -> list[int]:
     kwargs = {} if mode == "default" else {"enable_thinking": mode == "think"}
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": question_text(question)}], tokenize=False,
                                             add_generation_prompt=True, **kwargs)
-    return lm.encode(text)
+    return text
 
 
-def chat_generate(lm: LoadedModel, prompt: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, int]:
+def chat_generate(lm: LoadedModel, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, int]:
     """Greedy until the model's end-of-turn token (its generation config's EOS ids); (text, output tokens)."""
     import torch
 
-    ids = torch.tensor([prompt], device=lm.device)
+    ids = torch.tensor([lm.encode(prompt)], device=lm.device)
     tok = lm.tokenizer
     out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
@@ -71,12 +72,14 @@ def modes_task(lm: LoadedModel, task, console: Console) -> dict:
         for mode in modes:
             correct, obeyed, lengths = 0, 0, []
             for doc in task.docs:
-                text, n_new = chat_generate(lm, chat_prompt(lm, doc["question"], mode))
+                prompt = chat_prompt(lm, doc["question"], mode)
+                generated, n_new = chat_generate(lm, prompt)
+                text = assistant_turn(prompt, generated)
                 _, answer = split_thinking(text)
                 predicted = extract_number(answer)
                 ok = same_number(predicted, doc["answer"])
                 correct += ok
-                obeyed += (THINK_OPEN in text) == (mode == "think")
+                obeyed += mode != "default" and obeys(mode, text)
                 lengths.append(n_new)
                 if sum(s["mode"] == mode for s in samples) < 2:
                     samples.append({"mode": mode, "question": doc["question"][:200], "output": text[:600],

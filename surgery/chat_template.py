@@ -9,8 +9,10 @@ The mode is selected the two ways the ecosystem already uses, and both give the 
 
 The rendered conversation always opens with a system turn that states the mode (`detailed thinking on|off`, then the
 user's own system prompt, if any), so the model is conditioned the same way whichever switch a client uses. A think
-answer is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`; a fast answer is the answer alone. An assistant message may
-carry its reasoning in `reasoning_content` (Qwen3's field) or inline in `content`.
+answer is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}` and think mode's generation prompt already ends with
+`<think>\\n` (DeepSeek-R1's convention: the block cannot be skipped; reasoning parsers accept a completion without its
+opening tag); a fast answer is the answer alone. An assistant message may carry its reasoning in `reasoning_content`
+(Qwen3's field) or inline in `content`.
 
 The template is synthesised from the model's own: the original is rendered on probe conversations to read off its
 role markers (ChatML, Llama-3 headers, …), and the new template must reproduce the original's rendering of a
@@ -28,6 +30,7 @@ from ling_surgery.surgery.errors import SurgeryError
 THINK_ON = "detailed thinking on"
 THINK_OFF = "detailed thinking off"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINK_PREFILL = THINK_OPEN + "\n"  # what a think-mode generation prompt ends with: the answer starts inside the block
 MODES = ("fast", "think")
 
 _PROBE = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01"}
@@ -178,7 +181,10 @@ def thinking_template(fmt: ChatFormat) -> str:
         "    {{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}\n"
         "  {%- endif -%}\n"
         "{%- endfor -%}\n"
-        f"{{%- if add_generation_prompt -%}}{{{{- {lit(fmt.generation_prompt)} -}}}}{{%- endif -%}}\n"
+        # Think mode opens the think block in the generation prompt (DeepSeek-R1's and QwQ's convention), so the mode
+        # cannot be skipped: a think answer is rendered with the very same `<think>\n` in training.
+        f"{{%- if add_generation_prompt -%}}{{{{- {lit(fmt.generation_prompt)} -}}}}"
+        f"{{%- if ns.think -%}}{{{{- {lit(THINK_PREFILL)} -}}}}{{%- endif -%}}{{%- endif -%}}\n"
     )
 
 
@@ -203,7 +209,21 @@ def answer_text(mode: str, answer: str, reasoning: str | None = None) -> str:
         return answer.strip()
     if not reasoning:
         raise SurgeryError("a think-mode answer needs its reasoning")
-    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer.strip()}"
+    return f"{THINK_PREFILL}{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer.strip()}"
+
+
+def assistant_turn(prompt: str, generated: str) -> str:
+    """The whole assistant turn of a generation: what the prompt already opened (think mode's `<think>\\n`), then the
+    generated text — what obedience and answer reading look at."""
+    return (THINK_PREFILL if prompt.endswith(THINK_PREFILL) else "") + generated
+
+
+def obeys(mode: str, turn: str) -> bool:
+    """Fast: no think block at all. Think: a think block that is closed and followed by an answer."""
+    if mode == "fast":
+        return THINK_OPEN not in turn and THINK_CLOSE not in turn
+    reasoning, answer = split_thinking(turn)
+    return reasoning is not None and bool(answer)
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:

@@ -29,6 +29,9 @@ from ling_surgery.surgery.defaults import sft_trainable
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.sft_data import conversations
 
+# A LoRA checkpoint of TRL holds the adapters and modules to save only; the bare parameters trained beside them
+# (A_log, dt_bias) are written next to it, so --resume restores them too.
+BARE_PARAMETERS_FILE = "ling_surgery_bare_parameters.safetensors"
 # Modules that LoRA cannot wrap (the depthwise conv) or that are bare parameters and norms: they train fully.
 LORA_FULL_MODULES = ("conv1d", "o_norm", "kv_a_layernorm", "A_log", "dt_bias")
 
@@ -147,6 +150,8 @@ def sft(model, stage, ctx: RunContext):
     if kept == 0:
         raise SurgeryError(f"stages.{stage.name}: no conversation has an answer token within max_length "
                            f"{stage.max_length}; raise it")
+    if resume_from is not None and stage.lora is not None:
+        load_bare_parameters(model, Path(resume_from))
     if resume_from is not None and stage.lora is None:
         # The Trainer reloads a checkpoint's weights by their names on disk, which transformers' weight conversion
         # renames for bailing_hybrid (self_attn.o_proj → attention.dense, …): most would be skipped silently. Load
@@ -245,7 +250,44 @@ class StateMarker(TrainerCallback):
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         name = f"checkpoint-{state.global_step}"
         if (Path(args.output_dir) / name).is_dir():
+            if model is not None and hasattr(model, "peft_config"):
+                save_bare_parameters(model, Path(args.output_dir) / name)
             self.ctx.state.save({"checkpoint": name}, int(state.global_step), int(state.max_steps))
+
+
+def bare_trained_parameters(model) -> dict[str, torch.Tensor]:
+    """The trained parameters of a PEFT model that its adapter checkpoint leaves out (no module of their own)."""
+    return {name: param for name, param in model.named_parameters()
+            if param.requires_grad and "lora_" not in name and "modules_to_save" not in name}
+
+
+def save_bare_parameters(model, checkpoint: Path) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {name: param.detach().contiguous().clone() for name, param in bare_trained_parameters(model).items()}
+    partial = checkpoint / f".{BARE_PARAMETERS_FILE}.partial"
+    save_file(tensors, str(partial))
+    os.replace(partial, checkpoint / BARE_PARAMETERS_FILE)
+
+
+def load_bare_parameters(model, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = checkpoint / BARE_PARAMETERS_FILE
+    expected = bare_trained_parameters(model)
+    if not expected:
+        return
+    if not path.is_file():
+        raise SurgeryError(f"{checkpoint} has no {BARE_PARAMETERS_FILE} (written by an older ling-surgery?); rerun the "
+                           "stage without --resume")
+    saved = load_file(str(path))
+    if set(saved) != set(expected):
+        raise SurgeryError(f"{path}: its parameters differ from this stage's trainable ones; rerun without --resume")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(saved[name])

@@ -10,7 +10,7 @@ from helpers import bpe_tokenizer
 from ling_surgery.evals.modes import chat_prompt, model_modes, modes_rows, modes_task
 from ling_surgery.evals.scoring import LoadedModel
 from ling_surgery.evals.tasks import Task, get_spec
-from ling_surgery.surgery.chat_template import add_thinking_modes, answer_text
+from ling_surgery.surgery.chat_template import THINK_PREFILL, add_thinking_modes, answer_text, obeys
 
 PROBLEMS = [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "5"},
             {"question": "A box holds 4 pens; 2 boxes hold how many?", "answer": "8"}]
@@ -18,7 +18,7 @@ PROBLEMS = [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "5"
 
 class ScriptedModel(torch.nn.Module):
     """Answers by mode: think mode reasons then answers right, fast mode answers the first problem right and the
-    second wrong; with `disobey`, fast mode also opens a think block."""
+    second wrong; with `disobey`, fast mode also opens a think block and think mode never closes its block."""
 
     def __init__(self, tokenizer, disobey=False):
         super().__init__()
@@ -29,7 +29,11 @@ class ScriptedModel(torch.nn.Module):
     def generate(self, ids, max_new_tokens, **kwargs):
         prompt = self.tokenizer.decode(ids[0])
         gold = next(p["answer"] for p in PROBLEMS if p["question"] in prompt)
-        if "detailed thinking on" in prompt or (self.disobey and "detailed thinking off" in prompt):
+        if "detailed thinking on" in prompt:
+            assert prompt.endswith(THINK_PREFILL)  # the think block is opened by the prompt
+            text = answer_text("think", gold, "Count them one by one, then add the groups together carefully.")
+            text = text[len(THINK_PREFILL):].split("</think>")[0] if self.disobey else text[len(THINK_PREFILL):]
+        elif self.disobey and "detailed thinking off" in prompt:
             text = answer_text("think", gold, "Count them one by one, then add the groups together carefully.")
         elif "detailed thinking off" in prompt:
             text = gold if gold == "5" else "9"
@@ -49,11 +53,12 @@ def lm_for(template_with_modes: bool, disobey=False):
 def test_prompts_select_the_mode():
     lm = lm_for(True)
     assert model_modes(lm) == ["fast", "think"]
-    fast, think = (lm.tokenizer.decode(chat_prompt(lm, "2+2?", m)) for m in ("fast", "think"))
+    fast, think = (chat_prompt(lm, "2+2?", m) for m in ("fast", "think"))
     assert "detailed thinking off" in fast and "detailed thinking on" in think
+    assert think.endswith(THINK_PREFILL) and not fast.endswith(THINK_PREFILL)
     assert "Give the result as your final answer." in fast
     plain = lm_for(False)
-    assert model_modes(plain) == ["default"] and "detailed thinking" not in plain.tokenizer.decode(chat_prompt(plain, "2+2?", "default"))
+    assert model_modes(plain) == ["default"] and "detailed thinking" not in chat_prompt(plain, "2+2?", "default")
 
 
 def test_modes_are_scored_per_mode():
@@ -67,10 +72,19 @@ def test_modes_are_scored_per_mode():
     assert result["think_over_fast_tokens"] == pytest.approx(think["output_tokens_mean"] / 2.0) and result["think_over_fast_tokens"] > 3
     assert result["value"] == 0.5  # the primary value is the default mode's (fast)
     disobeying = modes_task(lm_for(True, disobey=True), task, console=None)
-    assert disobeying["modes"]["fast"]["obedience"] == 0.0
+    assert disobeying["modes"]["fast"]["obedience"] == disobeying["modes"]["think"]["obedience"] == 0.0
     plain = modes_task(lm_for(False), task, console=None)
     assert list(plain["modes"]) == ["default"] and plain["modes"]["default"]["obedience"] is None
     assert plain["modes"]["default"]["accuracy"] == 1.0
     rows = modes_rows({"teacher": plain, "student": result}, ["teacher", "student"], compare=True)
     labels = [r[0].strip() for r in rows]
     assert "default: accuracy" in labels and "think: obedience" in labels and "default: obedience" not in labels
+
+
+def test_obedience_needs_a_closed_think_block_and_an_answer_in_think_mode_and_none_in_fast_mode():
+    think = answer_text("think", "42", "6 times 7")
+    assert obeys("think", think) and not obeys("fast", think)
+    assert obeys("fast", "42") and not obeys("think", "42")
+    assert not obeys("think", think.split("</think>")[0])  # never closed
+    assert not obeys("think", think[: think.index("</think>") + len("</think>")])  # closed, but no answer
+    assert not obeys("fast", "42 </think>")

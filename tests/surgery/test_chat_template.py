@@ -92,3 +92,18 @@ def test_templates_that_cannot_carry_modes_are_refused_in_one_line():
     assert add_thinking_modes(moded).chat_template == moded.chat_template  # already has modes: kept
     with pytest.raises(SurgeryError, match="already has thinking modes"):
         read_format(moded)
+
+
+@pytest.mark.parametrize("template", [SMOLLM2, LLAMA3], ids=["chatml", "llama3"])
+@pytest.mark.parametrize("mode", ["fast", "think"])
+def test_the_generation_prompt_is_where_a_trained_answer_starts(template, mode):
+    # Think mode's prompt opens the think block; a trained think answer renders the same text and tokens up to there,
+    # so what the model continues at inference is exactly what it learned to continue.
+    tok = add_thinking_modes(tokenizer(template))
+    answered = QUESTION + [{"role": "assistant", "content": answer_text(mode, "5", "2 plus 3 is 5.")}]
+    think = mode == "think"
+    prompt = tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True, enable_thinking=think)
+    whole = tok.apply_chat_template(answered, tokenize=False, enable_thinking=think)
+    assert whole.startswith(prompt) and prompt.endswith("<think>\n") == think
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok(whole, add_special_tokens=False)["input_ids"][: len(prompt_ids)] == prompt_ids

@@ -109,11 +109,14 @@ def test_labels_are_exactly_the_answers(upgraded, tmp_path):
         assert (THINK_OPEN in answer) == ("detailed thinking on" in row["messages"][0]["content"])
 
 
-def test_an_interrupted_sft_resumes_to_the_same_weights(upgraded, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_interrupted_sft_resumes_to_the_same_weights(upgraded, tmp_path, monkeypatch, lora):
     from safetensors.torch import load_file
 
     model_dir, data = upgraded
-    run(align_recipe(model_dir, data, tmp_path / "whole"), fresh=True)
+    extra = {"lora": "{r: 4, alpha: 8}"} if lora else {}
+    recipe = lambda name: align_recipe(model_dir, data, tmp_path / name, **extra)
+    run(recipe("whole"), fresh=True)
     saved = sft_module.StateMarker.on_save
 
     def stop_after_step_4(self, args, state, control, **kwargs):
@@ -123,11 +126,11 @@ def test_an_interrupted_sft_resumes_to_the_same_weights(upgraded, tmp_path, monk
 
     monkeypatch.setattr(sft_module.StateMarker, "on_save", stop_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        run(align_recipe(model_dir, data, tmp_path / "broken"), fresh=True)
+        run(recipe("broken"), fresh=True)
     monkeypatch.setattr(sft_module.StateMarker, "on_save", saved)
     with pytest.raises(SurgeryError, match="interrupted at step 4/6; pass --resume"):
-        run(align_recipe(model_dir, data, tmp_path / "broken"))
-    report = run(align_recipe(model_dir, data, tmp_path / "broken"), resume=True)
+        run(recipe("broken"))
+    report = run(recipe("broken"), resume=True)
     assert report["stages"]["sft"]["resumed_from"].endswith("checkpoint-4")
     whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
     resumed = load_file(tmp_path / "broken" / "model" / "model.safetensors")
