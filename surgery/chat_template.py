@@ -31,6 +31,10 @@ THINK_ON = "detailed thinking on"
 THINK_OFF = "detailed thinking off"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_PREFILL = THINK_OPEN + "\n"  # what a think-mode generation prompt ends with: the answer starts inside the block
+# What a fast-mode generation prompt ends with: an empty think block, so the answer comes straight after it. One newline
+# each side (Qwen3 writes two): byte-level BPE splits "\n\n" before text differently from "\n\n" at the end of a
+# prompt, and the prompt must tokenise as the trained answer's start does.
+EMPTY_THINK = THINK_OPEN + "\n" + THINK_CLOSE + "\n"
 MODES = ("fast", "think")
 
 _PROBE = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01"}
@@ -148,7 +152,7 @@ def thinking_template(fmt: ChatFormat) -> str:
     return (
         f"{{#- {_MARK}: enable_thinking=true|false, or a system prompt that starts '{THINK_ON}' or '{THINK_OFF}' "
         "(fast by default) -#}\n"
-        "{%- set ns = namespace(think=false, system='') -%}\n"
+        "{%- set ns = namespace(think=false, system='', prefill='') -%}\n"
         "{%- set turns = messages -%}\n"
         "{%- if messages and messages[0]['role'] == 'system' -%}\n"
         "  {%- set ns.system = messages[0]['content'] | trim -%}\n"
@@ -172,7 +176,13 @@ def thinking_template(fmt: ChatFormat) -> str:
         f"      {{%- set content = {lit(THINK_OPEN + chr(10))} + (message['reasoning_content'] | trim) + "
         f"{lit(chr(10) + THINK_CLOSE + chr(10) + chr(10))} + (content | trim) -%}}\n"
         "    {%- endif -%}\n"
-        f"    {{{{- {lit(ap)} -}}}}{{% generation %}}{{{{- content + {lit(as_)} -}}}}{{% endgeneration %}}\n"
+        # The prefill (the think block's opening, or fast mode's empty block) is the template's, not the model's: it
+        # stays outside the generation markers, so the loss covers what the model writes after it.
+        f"    {{%- if content.startswith({lit(THINK_PREFILL)}) -%}}{{%- set ns.prefill = {lit(THINK_PREFILL)} -%}}"
+        f"{{%- set content = content[{len(THINK_PREFILL)}:] -%}}\n"
+        f"    {{%- elif content.startswith({lit(THINK_OPEN)}) -%}}{{%- set ns.prefill = '' -%}}\n"
+        f"    {{%- else -%}}{{%- set ns.prefill = {lit(EMPTY_THINK)} -%}}{{%- endif -%}}\n"
+        f"    {{{{- {lit(ap)} + ns.prefill -}}}}{{% generation %}}{{{{- content + {lit(as_)} -}}}}{{% endgeneration %}}\n"
         "  {%- elif message['role'] == 'user' -%}\n"
         f"    {{{{- {lit(up)} + message['content'] + {lit(us)} -}}}}\n"
         "  {%- elif message['role'] == 'system' -%}\n"
@@ -181,10 +191,11 @@ def thinking_template(fmt: ChatFormat) -> str:
         "    {{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}\n"
         "  {%- endif -%}\n"
         "{%- endfor -%}\n"
-        # Think mode opens the think block in the generation prompt (DeepSeek-R1's and QwQ's convention), so the mode
-        # cannot be skipped: a think answer is rendered with the very same `<think>\n` in training.
+        # The generation prompt opens the think block in think mode (DeepSeek-R1's convention) and writes it empty in
+        # fast mode (Qwen3's): the mode is in the last tokens the model reads, not only in the system turn, and
+        # answers are rendered in training with the very same tokens before them.
         f"{{%- if add_generation_prompt -%}}{{{{- {lit(fmt.generation_prompt)} -}}}}"
-        f"{{%- if ns.think -%}}{{{{- {lit(THINK_PREFILL)} -}}}}{{%- endif -%}}{{%- endif -%}}\n"
+        f"{{{{- {lit(THINK_PREFILL)} if ns.think else {lit(EMPTY_THINK)} -}}}}{{%- endif -%}}\n"
     )
 
 

@@ -27,6 +27,7 @@ from ling_surgery.surgery.chat_template import add_thinking_modes
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.defaults import sft_trainable
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.progress import training_progress
 from ling_surgery.surgery.sft_data import conversations
 
 # A LoRA checkpoint of TRL holds the adapters and modules to save only; the bare parameters trained beside them
@@ -36,18 +37,71 @@ BARE_PARAMETERS_FILE = "ling_surgery_bare_parameters.safetensors"
 LORA_FULL_MODULES = ("conv1d", "o_norm", "kv_a_layernorm", "A_log", "dt_bias")
 
 
-def build_dataset(stage, seed: int) -> list[dict]:
+def build_dataset(stage, seed: int, writers: dict | None = None) -> list[dict]:
     """Every source's conversations, in batches of similar length (padding costs compute: a think-mode answer is ~3x
-    a fast one), the batches in a seeded random order; the trainer reads them in this order."""
+    a fast one), the batches in a seeded random order; the trainer reads them in this order. `writers` maps a source's
+    trace_model (None: the run's source) to the `TraceWriter` of its `traces: teacher`."""
     rows = []
     for i, source in enumerate(stage.data):
-        rows += conversations(source, seed * 7919 + 31 * i)
+        writer = (writers or {}).get(source.trace_model) if source.traces == "teacher" else None
+        rows += conversations(source, seed * 7919 + 31 * i, writer)
     rng = random.Random(seed)
     rng.shuffle(rows)
     rows.sort(key=lambda row: sum(len(m["content"]) for m in row["messages"]))  # stable: ties keep the shuffle
     batches = [rows[i : i + stage.batch_size] for i in range(0, len(rows), stage.batch_size)]
     rng.shuffle(batches)
     return [row for batch in batches for row in batch]
+
+
+STEP_BY_STEP = "Solve it step by step, then state the final answer."
+
+
+class TraceWriter:
+    """Solves problems with a chat model for `traces: teacher`: greedy, with the cache, asked to reason step by step
+    in its own template (a model with ling-surgery's modes in think mode; the think markers are taken off)."""
+
+    def __init__(self, lm, max_new_tokens: int, console=None):
+        self.lm, self.max_new_tokens, self.console = lm, max_new_tokens, console
+        self.name = lm.name
+
+    def solve(self, questions: list[str]) -> list[str]:
+        from ling_surgery.evals.modes import chat_generate, question_text
+        from ling_surgery.surgery.chat_template import assistant_turn, has_thinking_modes, split_thinking
+
+        tok, texts = self.lm.tokenizer, []
+        if not tok.chat_template:
+            raise SurgeryError(f"traces: teacher — {self.name} has no chat template to be asked in; set trace_model to "
+                               "a chat model")
+        kwargs = {"enable_thinking": True} if has_thinking_modes(tok) else {}
+        with training_progress(f"traces ({self.name})", len(questions), self.console, unit="problems") as bar:
+            for question in questions:
+                prompt = tok.apply_chat_template([{"role": "user", "content": f"{question_text(question)} {STEP_BY_STEP}"}],
+                                                 tokenize=False, add_generation_prompt=True, **kwargs)
+                generated, _ = chat_generate(self.lm, prompt, self.max_new_tokens)
+                reasoning, answer = split_thinking(assistant_turn(prompt, generated))
+                texts.append(f"{reasoning}\n{answer}" if reasoning else answer)
+                bar.advance(1)
+        return texts
+
+
+def trace_writers(stage, ctx: RunContext) -> dict:
+    """A `TraceWriter` per trace model the stage's `traces: teacher` sources name (None: the run's source model)."""
+    from ling_surgery.evals.scoring import LoadedModel
+
+    writers = {}
+    for source in stage.data:
+        if source.traces != "teacher" or source.trace_model in writers:
+            continue
+        max_tokens = max(s.trace_max_tokens for s in stage.data if s.traces == "teacher" and s.trace_model == source.trace_model)
+        if source.trace_model is None:
+            model, tokenizer, name = ctx.teacher, copy.deepcopy(ctx.tokenizer), "the source model"
+        else:
+            from ling_surgery.surgery.sources import load_model, resolve_source
+
+            model, tokenizer = load_model(resolve_source(source.trace_model), torch.float32, str(ctx.device))
+            name = source.trace_model
+        writers[source.trace_model] = TraceWriter(LoadedModel(name, model, tokenizer, ctx.device), max_tokens, ctx.console)
+    return writers
 
 
 class KDASFTTrainer(SFTTrainer):
@@ -118,10 +172,11 @@ def sft(model, stage, ctx: RunContext):
         if not path.is_file():
             raise SurgeryError(f"stages.{stage.name}.chat_template {stage.chat_template!r} not found; pass a .jinja file")
         template = path.read_text(encoding="utf-8")
+    # Traces are written before the modes are added: a trace model sharing the tokenizer is asked in its own template.
+    rows = build_dataset(stage, ctx.seed, trace_writers(stage, ctx))
     add_thinking_modes(tokenizer, template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = build_dataset(stage, ctx.seed)
     if model is ctx.teacher:  # an align-only recipe: the source stays the reference the evaluations compare with
         model = copy.deepcopy(model)
     groups = stage.trainable or sft_trainable(model.config.model_type)[0]

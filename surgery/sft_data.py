@@ -8,12 +8,16 @@
 | `FILE.jsonl` / `.json`  | rows with a `messages` list of {role, content}                 | as written (a `<think>` answer is think mode) |
 | HF dataset name         | the same rows, streamed through `datasets`                     | as written                           |
 
-Training problems come from seeds below `EVAL_SEED`; evaluation draws its reasoning-gym problems from `EVAL_SEED` on,
+Training problems come from seeds below `EVAL_SEED`; evaluation draws its reasoning-gym problems from `EVAL_SEED` on.
+Seeds alone do not keep them apart (a problem's template is drawn from its dataset's seed and its numbers from seed +
+index, so small templates recur: 5 of the first 1,000 evaluation problems were among 2,000 training ones), so training
+also drops, by text, every question among the first `EVAL_GUARD` evaluation problems;
 and GSM8K (the evaluation's word problems) is never a training source.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -23,18 +27,24 @@ from ling_surgery.surgery.chat_template import THINK_CLOSE, THINK_OPEN, answer_t
 from ling_surgery.surgery.errors import SurgeryError
 
 EVAL_SEED = 1_000_003  # reasoning-gym seeds from here on are evaluation problems, never trained on
+EVAL_GUARD = 1_000  # evaluation problems (from EVAL_SEED) whose questions training never uses
 MAX_PROBLEMS = 100_000  # per task and source
 CHITCHAT_MAX_TURNS = 6
+TRACE_ATTEMPTS = 4  # traces: teacher — problems tried per one needed before giving up
 _FINAL_LINE = re.compile(r"\n?\s*####\s*(.+?)\s*$")
 
 
-def conversations(source, seed: int) -> list[dict]:
-    """`source.examples` conversations ({"messages": [...]}) from one `SFTData` entry, each in one mode."""
+def conversations(source, seed: int, writer=None) -> list[dict]:
+    """`source.examples` conversations ({"messages": [...]}) from one `SFTData` entry, each in one mode; `writer`
+    (`traces: teacher`) solves the reasoning-gym problems whose think-mode traces it writes."""
     name = source.source
     if name == "reasoning-gym":
         if source.examples > MAX_PROBLEMS:
             raise SurgeryError(f"reasoning-gym: at most {MAX_PROBLEMS} examples per source; add another source entry")
-        rows = reasoning_gym_conversations(source.tasks or ["gsm_symbolic"], source.examples, source.modes, seed)
+        if source.traces == "teacher" and writer is None:
+            raise SurgeryError("traces: teacher needs a model to write the traces")
+        rows = reasoning_gym_conversations(source.tasks or ["gsm_symbolic"], source.examples, source.modes, seed,
+                                           writer if source.traces == "teacher" else None)
     elif name == "chitchat":
         rows = chitchat_conversations(source.examples, seed)
     else:
@@ -67,16 +77,24 @@ def problems(task: str, count: int, seed: int) -> list[dict]:
     return out
 
 
-def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str], seed: int) -> list[dict]:
-    """Problems shared out over `tasks`; each problem appears once per mode, so the modes differ only in the answer."""
+def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str], seed: int,
+                                writer=None) -> list[dict]:
+    """Problems shared out over `tasks`; each problem appears once per mode, so the modes differ only in the answer.
+    With a `writer`, the think-mode reasoning is the writer's own solution of each problem it solved right."""
     per_problem = len(modes)
     count = -(-examples // per_problem)
     rows = []
     for i, task in enumerate(tasks):
         share = count // len(tasks) + (i < count % len(tasks))
-        # reasoning-gym draws problem k of a seed from Random(seed + k): training seed ranges stay below EVAL_SEED.
+        # reasoning-gym draws problem k's numbers from Random(seed + k): training seed ranges stay below EVAL_SEED.
         base = (seed + 100_003 * i) % (EVAL_SEED - MAX_PROBLEMS)
-        for problem in problems(task, share, base):
+        if writer is None:
+            pool = not_evaluated(task, problems(task, share + share // 50 + 8, base))[:share]
+            if len(pool) < share:
+                raise SurgeryError(f"reasoning-gym {task!r}: too many problems coincide with evaluation ones")
+        else:
+            pool = solved_problems(task, share, base, writer)
+        for problem in pool:
             if "think" in modes and not problem["reasoning"]:
                 raise SurgeryError(f"reasoning-gym task {task!r} has no worked solution for think mode; use it with "
                                    "modes: [fast], or a task that has one (gsm_symbolic)")
@@ -88,6 +106,39 @@ def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str
                 ]})
     random.Random(seed).shuffle(rows)
     return rows
+
+
+@functools.lru_cache(maxsize=8)
+def evaluation_questions(task: str) -> frozenset[str]:
+    return frozenset(p["question"] for p in problems(task, EVAL_GUARD, EVAL_SEED))
+
+
+def not_evaluated(task: str, pool: list[dict]) -> list[dict]:
+    """`pool` without the problems whose question the evaluation asks (the first EVAL_GUARD of its seed)."""
+    held_out = evaluation_questions(task)
+    return [p for p in pool if p["question"] not in held_out]
+
+
+def solved_problems(task: str, count: int, seed: int, writer) -> list[dict]:
+    """`count` problems of `task` that `writer` solved right, its solution as their reasoning (rejection sampling, as
+    in STaR / DeepSeek-R1's SFT data); problems are drawn in rounds until enough are solved or `TRACE_ATTEMPTS`×count
+    have been tried."""
+    from ling_surgery.evals.scoring import extract_number, same_number
+
+    solved, tried = [], 0
+    # Training seeds stay below EVAL_SEED: never a problem the evaluation asks.
+    while len(solved) < count and tried < TRACE_ATTEMPTS * count and seed + tried + count - len(solved) <= EVAL_SEED:
+        batch = problems(task, count - len(solved), seed + tried)  # numbers from Random(seed + k): fresh problems
+        tried += len(batch)
+        batch = not_evaluated(task, batch)
+        for problem, text in zip(batch, writer.solve([p["question"] for p in batch])):
+            if same_number(extract_number(text), problem["answer"]):
+                solved.append(dict(problem, reasoning=text.strip()))
+    if len(solved) < count:
+        raise SurgeryError(f"traces: teacher — {getattr(writer, 'name', 'the model')} solved {len(solved)} of {tried} "
+                           f"{task} problems, fewer than the {count} needed; use traces: dataset, fewer examples, or a "
+                           "stronger trace_model")
+    return solved
 
 
 def chitchat_conversations(examples: int, seed: int) -> list[dict]:

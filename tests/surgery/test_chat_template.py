@@ -5,8 +5,10 @@ import pytest
 from helpers import bpe_tokenizer
 
 from ling_surgery.surgery.chat_template import (
+    EMPTY_THINK,
     THINK_OFF,
     THINK_ON,
+    THINK_PREFILL,
     add_thinking_modes,
     answer_text,
     read_format,
@@ -50,13 +52,16 @@ def test_both_switches_give_the_same_prompt_and_fast_is_the_default(template):
 
 @pytest.mark.parametrize("template", [SMOLLM2, LLAMA3], ids=["chatml", "llama3"])
 def test_the_original_format_is_kept(template):
+    # The original's role markers around the same turns; fast answers open with the empty think block, which the
+    # generation prompt writes too.
     original = tokenizer(template)
     moded = add_thinking_modes(tokenizer(template))
     conversation = [{"role": "system", "content": THINK_OFF}, *QUESTION, {"role": "assistant", "content": "5"},
                     {"role": "user", "content": "And 3+4?"}]
+    as_written = [dict(m, content=EMPTY_THINK + m["content"]) if m["role"] == "assistant" else m for m in conversation]
     for gen in (False, True):
         assert moded.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen) == \
-            original.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
+            original.apply_chat_template(as_written, tokenize=False, add_generation_prompt=gen) + (EMPTY_THINK if gen else "")
 
 
 def test_assistant_mask_covers_exactly_the_assistant_turns():
@@ -74,7 +79,8 @@ def test_assistant_mask_covers_exactly_the_assistant_turns():
             spans.append(tok.decode(current))
             current = []
     spans += [tok.decode(current)] if current else []
-    assert spans == [answer_text("think", "5", "2 plus 3 is 5.") + "<|im_end|>\n", "7<|im_end|>\n"]
+    # The think block's opening and fast mode's empty block are the template's (the generation prompt writes them).
+    assert spans == [answer_text("think", "5", "2 plus 3 is 5.")[len(THINK_PREFILL):] + "<|im_end|>\n", "7<|im_end|>\n"]
 
 
 def test_answers_split_back_into_reasoning_and_answer():
@@ -104,6 +110,6 @@ def test_the_generation_prompt_is_where_a_trained_answer_starts(template, mode):
     think = mode == "think"
     prompt = tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True, enable_thinking=think)
     whole = tok.apply_chat_template(answered, tokenize=False, enable_thinking=think)
-    assert whole.startswith(prompt) and prompt.endswith("<think>\n") == think
+    assert whole.startswith(prompt) and prompt.endswith(THINK_PREFILL if think else EMPTY_THINK)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert tok(whole, add_special_tokens=False)["input_ids"][: len(prompt_ids)] == prompt_ids

@@ -11,7 +11,7 @@ import torch
 from helpers import bpe_tokenizer, gguf_ready_student
 
 from ling_surgery.surgery import sft as sft_module
-from ling_surgery.surgery.chat_template import THINK_OPEN, add_thinking_modes, answer_text
+from ling_surgery.surgery.chat_template import THINK_OPEN, THINK_PREFILL, add_thinking_modes, answer_text
 from ling_surgery.surgery.config import ALIGN_STAGES, SFTStage, load_recipe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import SurgeryError
@@ -42,8 +42,8 @@ def upgraded(tmp_path_factory):
     return root / "model", write_conversations(root / "chat.jsonl")
 
 
-def align_recipe(model, data, output, **stage):
-    sets = [f"stages.sft.data=[{{source: {data}, examples: 12}}]", "stages.sft.max_length=64",
+def align_recipe(model, data_file, output, **stage):
+    sets = [f"stages.sft.data=[{{source: {data_file}, examples: 12}}]", "stages.sft.max_length=96",
             "stages.sft.batch_size=2", "stages.sft.lr=5e-3", "stages.sft.warmup_steps=0", "eval.tokens=0",
             "data.seq_len=32", "runtime.save_every=2"]
     sets += [f"stages.sft.{k}={v}" for k, v in stage.items()]
@@ -105,7 +105,9 @@ def test_labels_are_exactly_the_answers(upgraded, tmp_path):
     for row, example in zip(rows, trainer.train_dataset):
         answer = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
         labelled = [label for label in example["labels"] if label != -100]  # what the loss is taken on
-        assert tok.decode(labelled) == answer + "<|im_end|>\n"
+        # The think block's opening (think) or the empty block (fast) is the generation prompt's, not learned.
+        written = answer[len(THINK_PREFILL):] if answer.startswith(THINK_PREFILL) else answer
+        assert tok.decode(labelled) == written + "<|im_end|>\n"
         assert (THINK_OPEN in answer) == ("detailed thinking on" in row["messages"][0]["content"])
 
 
@@ -239,3 +241,56 @@ def test_the_fast_kda_loss_trains_under_bf16_autocast(upgraded, tmp_path):
     assert torch.isfinite(loss) and abs(loss.item() - fp32.item()) < 0.05 * fp32.item()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
+class AnsweringWriter:
+    """Solves the problems whose question has an even length right and the others wrong (`traces: teacher`)."""
+
+    name = "answering writer"
+
+    def __init__(self, task, seed, solve_none=False):
+        from ling_surgery.surgery.sft_data import problems
+
+        # Every round draws from seed + problems tried so far; a seed's problems are a prefix-stable sequence.
+        self.gold = {p["question"]: p["answer"] for s in range(seed, seed + 41) for p in problems(task, 20, s)}
+        self.solve_none, self.asked = solve_none, 0
+
+    def right(self, question):
+        return len(question) % 2 == 0 and not self.solve_none
+
+    def solve(self, questions):
+        self.asked += len(questions)
+        return [f"First I add, then I multiply.\nThe answer is {self.gold[q] if self.right(q) else self.gold[q] + '1'}."
+                for q in questions]
+
+
+def test_teacher_traces_keep_only_solutions_with_the_right_answer():
+    from ling_surgery.surgery.sft_data import solved_problems
+
+    writer = AnsweringWriter("gsm_symbolic", seed=7)
+    solved = solved_problems("gsm_symbolic", 5, 7, writer)
+    assert len(solved) == 5 and writer.asked > 5  # some wrong: more rounds
+    assert all(writer.right(p["question"]) for p in solved)
+    assert all(p["reasoning"] == f"First I add, then I multiply.\nThe answer is {p['answer']}." for p in solved)
+    with pytest.raises(SurgeryError, match=r"solved 0 of 20 gsm_symbolic problems, fewer than the 5 needed"):
+        solved_problems("gsm_symbolic", 5, 7, AnsweringWriter("gsm_symbolic", seed=7, solve_none=True))
+
+
+def test_teacher_traces_run_through_the_stage_and_are_refused_where_they_cannot_apply(upgraded, tmp_path):
+    model_dir, data = upgraded
+    with pytest.raises(Exception, match="traces: teacher writes think-mode solutions to reasoning-gym problems"):
+        align_recipe(model_dir, data, tmp_path / "x", data="[{source: chitchat, examples: 2, modes: [fast], traces: teacher}]")
+    # A tiny random model solves nothing: the stage asks it (in its own template) and says so in one line.
+    recipe = align_recipe(model_dir, data, tmp_path / "out",
+                          data="[{source: reasoning-gym, examples: 2, traces: teacher, trace_max_tokens: 16}]")
+    with pytest.raises(SurgeryError, match=r"the source model solved 0 of 4 gsm_symbolic problems"):
+        run(recipe, fresh=True)
+
+
+def test_training_problems_are_never_evaluation_problems():
+    # Seeds alone let small templates recur: at this seed, 5 of 2,000 training problems were evaluation problems.
+    from ling_surgery.surgery.sft_data import evaluation_questions
+
+    rows = reasoning_gym_conversations(["gsm_symbolic"], 2000, ["fast"], seed=12345)
+    questions = {row["messages"][1]["content"] for row in rows}
+    assert len(rows) == 2000 and not questions & evaluation_questions("gsm_symbolic")
