@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -366,6 +367,11 @@ def recipes_cp(name: str = typer.Argument(..., help="shipped recipe name"),
 def main() -> None:
     """Entry point: bad input ends in one line on stderr and exit code 2."""
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # transformers' and datasets' tqdm bars ("Writing model shards" at every TRL checkpoint, SFTTrainer's tokenizing
+    # passes) interleave with the rich progress the stages show; both libraries read these when first imported, and a
+    # user's own setting wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except SurgeryError as err:

@@ -43,10 +43,16 @@ def report_costs(report: dict) -> tuple[Costs, Costs]:
     return tuple(Costs(*(report["costs"][who][f] for f in fields)) for who in ("teacher", "student"))
 
 
+def report_roles(report: dict) -> tuple[str, str]:
+    """Column names: (reference, result) — teacher/upgraded for a conversion, before/aligned for an align-only run."""
+    return tuple((report.get("meta") or {}).get("roles") or ("teacher", "upgraded"))
+
+
 def report_table(report: dict) -> Table:
     teacher_costs, student_costs = report_costs(report)
-    table = Table(title="teacher vs. upgraded", show_lines=False)
-    for col in ("metric", "teacher", "upgraded", "ratio"):
+    reference, result = report_roles(report)
+    table = Table(title=f"{reference} vs. {result}", show_lines=False)
+    for col in ("metric", reference, result, "ratio"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     q = report["quality"]
     if "teacher" in q and "student" in q:
@@ -74,7 +80,8 @@ def report_markdown(report: dict) -> str:
     teacher_costs, student_costs = report_costs(report)
     meta = report["meta"]
     lines = [f"# ling-surgery conversion report: {meta.get('source')}", "", f"target `{meta.get('target')}`, plan {meta.get('plan')}", ""]
-    lines += ["| metric | teacher | upgraded | ratio |", "|---|---:|---:|---:|"]
+    reference, result = report_roles(report)
+    lines += [f"| metric | {reference} | {result} | ratio |", "|---|---:|---:|---:|"]
     q = report["quality"]
     if "teacher" in q and "student" in q:
         t, s = q["teacher"]["perplexity"], q["student"]["perplexity"]
@@ -90,7 +97,7 @@ def report_markdown(report: dict) -> str:
     if report.get("trajectory"):
         from ling_surgery.evals.trajectory import trajectory_markdown
 
-        lines += trajectory_markdown(report["trajectory"])
+        lines += trajectory_markdown(report["trajectory"], (reference, result))
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_seconds"].items()), ""]
     return "\n".join(lines)
 

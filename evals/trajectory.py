@@ -80,19 +80,19 @@ def trajectory_rows(trajectory: dict) -> list[list[str]]:
     return rows
 
 
-def trajectory_table(trajectory: dict):
+def trajectory_table(trajectory: dict, roles: tuple[str, str] = ("teacher", "upgraded")):
     from rich.table import Table
 
     table = Table(title="after every stage (eval.each_stage of the run)")
-    for col in ("stage: task (metric)", "teacher", "upgraded", "ratio"):
+    for col in ("stage: task (metric)", *roles, "ratio"):
         table.add_column(col, justify="left" if col.startswith("stage") else "right")
     for row in trajectory_rows(trajectory):
         table.add_row(*row)
     return table
 
 
-def trajectory_markdown(trajectory: dict) -> list[str]:
-    lines = ["", "## After every stage (eval.each_stage)", "", "| stage: task (metric) | teacher | upgraded | ratio |",
+def trajectory_markdown(trajectory: dict, roles: tuple[str, str] = ("teacher", "upgraded")) -> list[str]:
+    lines = ["", "## After every stage (eval.each_stage)", "", f"| stage: task (metric) | {roles[0]} | {roles[1]} | ratio |",
              "|---|---:|---:|---:|"]
     return lines + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in trajectory_rows(trajectory)]
 

@@ -125,7 +125,7 @@ def verify_export(folder: Path, model, input_ids) -> dict:
         "with torch.no_grad():\n"
         " l=m(input_ids=p['input_ids']).logits\n"
         " ids=p['input_ids'][:,:16]\n"
-        " g=m.generate(ids,max_new_tokens=12,do_sample=False,use_cache=True,pad_token_id=0)\n"
+        " g=m.generate(ids,max_new_tokens=12,do_sample=False,repetition_penalty=1.0,use_cache=True,pad_token_id=0)\n"
         " full=m(input_ids=g).logits.argmax(-1)[:,ids.shape[1]-1:-1]\n"
         "print(json.dumps({'max_abs_diff':(l-p['logits']).abs().max().item(),'bit_exact':bool(torch.equal(l,p['logits'])),"
         "'greedy_cache_matches':bool(torch.equal(full,g[:,ids.shape[1]:]))}))\n"

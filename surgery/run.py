@@ -301,6 +301,8 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
                   "placement": recipe.plan.placement if conversion.target.linear_attention else None}
                  if conversion.plan is not None else None),
         "vllm": refusal or "serves it",
+        # the column names of the report: an align-only run compares the model with itself before alignment
+        "roles": ["teacher", "upgraded"] if conversion.target else ["before", "aligned"],
         "device": str(device),
         "seed": recipe.seed,
         "versions": versions(),

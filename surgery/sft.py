@@ -237,7 +237,11 @@ def sft(model, stage, ctx: RunContext):
         "resumed_from": resume_from,
     }
     if metrics["losses"]:
-        metrics["loss_first"], metrics["loss_last"] = metrics["losses"][0], metrics["losses"][-1]
+        # Means over the first and last tenth of the steps: one batch's loss swings with its mix (a chat batch scores
+        # ~2× a worked-solution batch), so single steps say little about the trend.
+        losses, tenth = metrics["losses"], max(1, len(metrics["losses"]) // 10)
+        metrics["loss_first"] = round(sum(losses[:tenth]) / tenth, 4)
+        metrics["loss_last"] = round(sum(losses[-tenth:]) / tenth, 4)
     return model.eval().requires_grad_(False), metrics
 
 

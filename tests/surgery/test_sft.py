@@ -44,7 +44,7 @@ def upgraded(tmp_path_factory):
 
 def align_recipe(model, data_file, output, **stage):
     sets = [f"stages.sft.data=[{{source: {data_file}, examples: 12}}]", "stages.sft.max_length=96",
-            "stages.sft.batch_size=2", "stages.sft.lr=5e-3", "stages.sft.warmup_steps=0", "eval.tokens=0",
+            "stages.sft.batch_size=2", "stages.sft.epochs=1", "stages.sft.lr=5e-3", "stages.sft.warmup_steps=0", "eval.tokens=0",
             "data.seq_len=32", "runtime.save_every=2"]
     sets += [f"stages.sft.{k}={v}" for k, v in stage.items()]
     return load_recipe(None, sets, base={"stages": ALIGN_STAGES}, model=str(model), output=str(output))
@@ -77,6 +77,9 @@ def test_align_trains_and_exports_a_model_with_both_modes(upgraded, tmp_path, lo
     stage = report["stages"]["sft"]
     assert stage["steps"] == 6 and stage["conversations"] == 12 and stage["lora"] == lora
     assert stage["loss_last"] < stage["loss_first"]  # 6 steps at lr 5e-3 on 12 conversations: the loss must fall
+    # No conversion: the report compares the model with itself before alignment, not with a "teacher".
+    assert report["meta"]["roles"] == ["before", "aligned"]
+    assert "| metric | before | aligned | ratio |" in (tmp_path / "out" / "report.md").read_text()
     from safetensors.torch import load_file
 
     old, new = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model" / "model.safetensors")
