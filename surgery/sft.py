@@ -43,8 +43,7 @@ def build_dataset(stage, seed: int, writers: dict | None = None) -> list[dict]:
     trace_model (None: the run's source) to the `TraceWriter` of its `traces: teacher`."""
     rows = []
     for i, source in enumerate(stage.data):
-        writer = (writers or {}).get(source.trace_model) if source.traces == "teacher" else None
-        rows += conversations(source, seed * 7919 + 31 * i, writer)
+        rows += conversations(source, seed * 7919 + 31 * i, (writers or {}).get(source.trace_model))
     rng = random.Random(seed)
     rng.shuffle(rows)
     rows.sort(key=lambda row: sum(len(m["content"]) for m in row["messages"]))  # stable: ties keep the shuffle

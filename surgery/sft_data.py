@@ -36,7 +36,8 @@ _FINAL_LINE = re.compile(r"\n?\s*####\s*(.+?)\s*$")
 
 def conversations(source, seed: int, writer=None) -> list[dict]:
     """`source.examples` conversations ({"messages": [...]}) from one `SFTData` entry, each in one mode; `writer`
-    (`traces: teacher`) solves the reasoning-gym problems whose think-mode traces it writes."""
+    solves the reasoning-gym problems whose think-mode traces it writes, used only where the source says `traces:
+    teacher`."""
     name = source.source
     if name == "reasoning-gym":
         if source.examples > MAX_PROBLEMS:
