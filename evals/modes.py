@@ -1,8 +1,9 @@
 """Thinking modes, evaluated: per mode, accuracy on held-out word problems, output tokens, output tokens per correct
 answer and mode obedience.
 
-Each problem is asked zero-shot through the model's own chat template, greedy, with the cache (as served), until the
-assistant turn ends. A model with ling-surgery's modes (`surgery/chat_template.py`) is asked in both — fast
+Each problem is asked zero-shot through the model's own chat template, with the cache, decoded as the model ships
+(`decoding`: its generation config's sampling, seeded per problem, as vLLM/SGLang serve it by default; greedy when it
+asks for none), until the assistant turn ends. A model with ling-surgery's modes (`surgery/chat_template.py`) is asked in both — fast
 (`enable_thinking=False`) and think (`enable_thinking=True`) — and obeys when its fast answers carry no think block and
 its think answers close the block (opened by the prompt) and then answer; any other model is asked once, in its
 template's default. The answer is read after the think block (GSM8K convention: "the answer is N", else the last
@@ -47,13 +48,26 @@ def chat_prompt(lm: LoadedModel, question: str, mode: str) -> str:
     return text
 
 
-def chat_generate(lm: LoadedModel, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, int]:
-    """Greedy until the model's end-of-turn token (its generation config's EOS ids); (text, output tokens)."""
+def decoding(lm: LoadedModel) -> str:
+    """How `chat_generate` decodes this model: "greedy", or its shipped sampling settings."""
+    config = lm.model.generation_config
+    if not getattr(config, "do_sample", False):
+        return "greedy"
+    return f"sampled T={config.temperature} top-p={config.top_p} top-k={config.top_k}"
+
+
+def chat_generate(lm: LoadedModel, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0) -> tuple[str, int]:
+    """The model's answer until its end-of-turn token (its generation config's EOS ids), decoded as it ships
+    (`decoding`; a sampled answer is seeded by `seed`, so a problem's answer does not depend on what was asked
+    before); (text, output tokens)."""
     import torch
 
     ids = torch.tensor([lm.encode(prompt)], device=lm.device)
     tok = lm.tokenizer
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+    sample = bool(getattr(lm.model.generation_config, "do_sample", False))
+    if sample:
+        torch.manual_seed(seed)
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
                             use_cache=True, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     new = out[0, ids.shape[1]:]
     eos = lm.model.generation_config.eos_token_id
@@ -71,9 +85,9 @@ def modes_task(lm: LoadedModel, task, console: Console) -> dict:
                    unit="docs") as bar:
         for mode in modes:
             correct, obeyed, lengths = 0, 0, []
-            for doc in task.docs:
+            for index, doc in enumerate(task.docs):
                 prompt = chat_prompt(lm, doc["question"], mode)
-                generated, n_new = chat_generate(lm, prompt)
+                generated, n_new = chat_generate(lm, prompt, seed=index)
                 text = assistant_turn(prompt, generated)
                 _, answer = split_thinking(text)
                 predicted = extract_number(answer)
@@ -97,6 +111,7 @@ def modes_task(lm: LoadedModel, task, console: Console) -> dict:
             }
     first = per_mode[modes[0]]
     result = {"kind": "modes", "n": len(task.docs), "tokens": tokens, "modes": per_mode, "samples": samples,
+              "decoding": decoding(lm),
               "primary": "accuracy", "value": first["accuracy"], "stderr": first["accuracy_stderr"]}
     if set(per_mode) == {"fast", "think"}:
         fast, think = per_mode["fast"]["output_tokens_mean"], per_mode["think"]["output_tokens_mean"]
@@ -106,7 +121,7 @@ def modes_task(lm: LoadedModel, task, console: Console) -> dict:
 
 def modes_rows(by_role: dict, roles: list[str], compare: bool) -> list[list[str]]:
     """Per mode: accuracy, mean output tokens, tokens per correct answer, obedience (a model without modes: default)."""
-    rows = []
+    rows = [["  decoding", ""] + [by_role.get(r, {}).get("decoding", "") for r in roles] + ([""] if compare else [])]
     modes = [m for m in ("default", "fast", "think") if any(m in by_role[r]["modes"] for r in roles if r in by_role)]
     for mode in modes:
         for label, key, fmt in (("accuracy", "accuracy", "{:.3f}"), ("output tokens (mean)", "output_tokens_mean", "{:.1f}"),

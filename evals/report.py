@@ -18,7 +18,8 @@ def cost_rows(teacher: Costs, student: Costs) -> list[tuple[str, str, str, str]]
         ("KV cache / token (bf16)", human_bytes(teacher.kv_bytes_per_token), human_bytes(student.kv_bytes_per_token),
          f"{student.kv_bytes_per_token / teacher.kv_bytes_per_token:.3f}×")
     )
-    rows.append(("recurrent state / sequence", "0 B", human_bytes(student.state_bytes_per_sequence), "—"))
+    rows.append(("recurrent state / sequence", human_bytes(teacher.state_bytes_per_sequence),
+                 human_bytes(student.state_bytes_per_sequence), "—"))  # an align run's "before" has one too
     for ctx in CONTEXTS:
         t, s = teacher.cache_bytes(ctx), student.cache_bytes(ctx)
         rows.append((f"cache at {ctx // 1024}k context", human_bytes(t), human_bytes(s), f"{s / t:.3f}×"))

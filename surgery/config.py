@@ -187,6 +187,17 @@ class LoraSettings(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class SamplingSettings(Strict):
+    """How the aligned model asks to be decoded, written into its generation_config.json (which vLLM and SGLang read
+    as their default sampling parameters, and `ling-surgery eval` follows). Qwen3's and DeepSeek-R1's settings for
+    thinking: greedy decoding makes small reasoning models repeat a line until the token limit instead of closing
+    their think block (on the CPU demo: 12.5% of think answers greedy, 5% sampled this way)."""
+
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0, description="0: no top-k cut")
+
+
 class SFTStage(Strict):
     """Decoupled SFT through TRL's SFTTrainer: both modes in one run, loss on the assistant turns only."""
 
@@ -210,6 +221,9 @@ class SFTStage(Strict):
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     chat_template: str | None = Field(None, description="a .jinja file to build the modes from, for a model whose "
                                       "own template is missing or cannot render a system turn")
+    sampling: SamplingSettings | None = Field(
+        default_factory=SamplingSettings, description="the sampling the exported model ships in its generation config "
+        "(null: keep the source's, greedy for most)")
 
 
 Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage, SFTStage], Field(discriminator="kind")]

@@ -56,7 +56,8 @@ STEP_BY_STEP = "Solve it step by step, then state the final answer."
 
 
 class TraceWriter:
-    """Solves problems with a chat model for `traces: teacher`: greedy, with the cache, asked to reason step by step
+    """Solves problems with a chat model for `traces: teacher`: decoded as it ships (greedy for most; an aligned model
+    samples, seeded per problem), with the cache, asked to reason step by step
     in its own template (a model with ling-surgery's modes in think mode; the think markers are taken off)."""
 
     def __init__(self, lm, max_new_tokens: int, console=None):
@@ -73,10 +74,10 @@ class TraceWriter:
                                "a chat model")
         kwargs = {"enable_thinking": True} if has_thinking_modes(tok) else {}
         with training_progress(f"traces ({self.name})", len(questions), self.console, unit="problems") as bar:
-            for question in questions:
+            for index, question in enumerate(questions):
                 prompt = tok.apply_chat_template([{"role": "user", "content": f"{question_text(question)} {STEP_BY_STEP}"}],
                                                  tokenize=False, add_generation_prompt=True, **kwargs)
-                generated, _ = chat_generate(self.lm, prompt, self.max_new_tokens)
+                generated, _ = chat_generate(self.lm, prompt, self.max_new_tokens, seed=index)
                 reasoning, answer = split_thinking(assistant_turn(prompt, generated))
                 texts.append(f"{reasoning}\n{answer}" if reasoning else answer)
                 bar.advance(1)
@@ -241,7 +242,18 @@ def sft(model, stage, ctx: RunContext):
         losses, tenth = metrics["losses"], max(1, len(metrics["losses"]) // 10)
         metrics["loss_first"] = round(sum(losses[:tenth]) / tenth, 4)
         metrics["loss_last"] = round(sum(losses[-tenth:]) / tenth, 4)
+    if stage.sampling is not None:
+        ship_sampling(model.generation_config, stage.sampling)
+        metrics["sampling"] = stage.sampling.model_dump()
     return model.eval().requires_grad_(False), metrics
+
+
+def ship_sampling(generation_config, sampling) -> None:
+    """The model samples by default, as `sampling` says (config.SamplingSettings: why)."""
+    generation_config.do_sample = True
+    generation_config.temperature = sampling.temperature
+    generation_config.top_p = sampling.top_p
+    generation_config.top_k = sampling.top_k
 
 
 def trainable_groups(model, groups: list[str]) -> list[str]:

@@ -88,3 +88,30 @@ def test_obedience_needs_a_closed_think_block_and_an_answer_in_think_mode_and_no
     assert not obeys("think", think.split("</think>")[0])  # never closed
     assert not obeys("think", think[: think.index("</think>") + len("</think>")])  # closed, but no answer
     assert not obeys("fast", "42 </think>")
+
+
+def test_answers_are_decoded_as_the_model_ships_sampled_ones_seeded_per_problem():
+    from helpers import tiny_model
+
+    from ling_surgery.evals.modes import chat_generate, decoding
+    from ling_surgery.surgery.config import SamplingSettings
+    from ling_surgery.surgery.sft import ship_sampling
+
+    tok = bpe_tokenizer()
+    add_thinking_modes(tok)
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    lm = LoadedModel("tiny", model, tok, torch.device("cpu"))
+    prompt = chat_prompt(lm, PROBLEMS[0]["question"], "think")
+    ids = torch.tensor([lm.encode(prompt)])
+    argmax = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+    assert decoding(lm) == "greedy"
+    assert chat_generate(lm, prompt, 12, seed=0)[0] == chat_generate(lm, prompt, 12, seed=1)[0]
+    assert chat_generate(lm, prompt, 12)[0] == tok.decode(argmax[: chat_generate(lm, prompt, 12)[1]], skip_special_tokens=True)
+
+    ship_sampling(model.generation_config, SamplingSettings(temperature=2.0, top_k=0, top_p=1.0))  # spread out
+    assert decoding(lm) == "sampled T=2.0 top-p=1.0 top-k=0"
+    answers = [chat_generate(lm, prompt, 12, seed=s)[0] for s in range(4)]
+    torch.manual_seed(123)  # what ran before does not matter: each answer is seeded by its problem
+    assert chat_generate(lm, prompt, 12, seed=2)[0] == answers[2]
+    assert len(set(answers)) > 1  # a random tiny model at T=2 does not repeat itself four times

@@ -62,7 +62,9 @@ out = {"model_type": model.config.model_type, "lora_left": any("lora" in n for n
        "think_same": render(q, enable_thinking=True) == render([{"role": "system", "content": "detailed thinking on"}] + q),
        "fast_same": render(q, enable_thinking=False) == render([{"role": "system", "content": "detailed thinking off"}] + q),
        "fast_default": render(q) == render(q, enable_thinking=False),
-       "modes_differ": render(q, enable_thinking=True) != render(q)}
+       "modes_differ": render(q, enable_thinking=True) != render(q),
+       "sampling": [model.generation_config.do_sample, model.generation_config.temperature,
+                    model.generation_config.top_p, model.generation_config.top_k]}
 ids = tok(render(q, enable_thinking=True), return_tensors="pt").input_ids
 out["generated"] = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1] - ids.shape[1]
 print(json.dumps(out))
@@ -92,7 +94,8 @@ def test_align_trains_and_exports_a_model_with_both_modes(upgraded, tmp_path, lo
                             text=True, check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out == {"model_type": "bailing_hybrid", "lora_left": False, "think_same": True, "fast_same": True,
-                   "fast_default": True, "modes_differ": True, "generated": 4}
+                   "fast_default": True, "modes_differ": True, "generated": 4,
+                   "sampling": [True, 0.6, 0.95, 20]}  # shipped for thinking (config.SamplingSettings)
 
 
 def test_labels_are_exactly_the_answers(upgraded, tmp_path):
@@ -155,6 +158,16 @@ def test_reasoning_gym_pairs_each_problem_in_both_modes():
         fast, think = answers["detailed thinking off"], answers["detailed thinking on"]
         assert THINK_OPEN not in fast and think.startswith(THINK_OPEN) and think.endswith("\n\n" + fast)
         assert len(think) > 3 * len(fast)
+        # every trace leaves its think block the same way: a closing line that states the answer
+        assert think.endswith(f"\nSo the answer is {fast}.\n</think>\n\n{fast}")
+
+
+def test_a_trace_gets_one_closing_line():
+    from ling_surgery.surgery.sft_data import concluded
+
+    assert concluded("4*6=24 pies", "24") == "4*6=24 pies\nSo the answer is 24."
+    assert concluded("4*6=24 pies\nSo the answer is 24.\n", "24") == "4*6=24 pies\nSo the answer is 24.\n"
+    assert concluded(None, "24") is None
 
 
 def test_chitchat_is_fast_chat_that_ends_on_the_assistant():
