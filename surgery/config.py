@@ -191,7 +191,7 @@ class SamplingSettings(Strict):
     """How the aligned model asks to be decoded, written into its generation_config.json (which vLLM and SGLang read
     as their default sampling parameters, and `ling-surgery eval` follows). Qwen3's and DeepSeek-R1's settings for
     thinking: greedy decoding makes small reasoning models repeat a line until the token limit instead of closing
-    their think block (on the CPU demo: 12.5% of think answers greedy, 5% sampled this way)."""
+    their think block (on the CPU demo, 40 GSM8K problems: 5 think answers greedy, none sampled this way)."""
 
     temperature: float = Field(0.6, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)

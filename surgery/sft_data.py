@@ -103,24 +103,10 @@ def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str
                 rows.append({"messages": [
                     {"role": "system", "content": mode_system_prompt(mode)},
                     {"role": "user", "content": problem["question"]},
-                    {"role": "assistant", "content": answer_text(mode, problem["answer"],
-                                                                 concluded(problem["reasoning"], problem["answer"]))},
+                    {"role": "assistant", "content": answer_text(mode, problem["answer"], problem["reasoning"])},
                 ]})
     random.Random(seed).shuffle(rows)
     return rows
-
-
-def concluded(reasoning: str | None, answer: str) -> str | None:
-    """The reasoning with a last line that states the answer, "So the answer is N.", in every trace (unless the
-    reasoning already ends with that line). Small models decoded greedily loop by restating an intermediate result
-    instead of closing their think block; one fixed closing sentence, always followed by `</think>`, gives every trace
-    the same way out (GSM8K's own solutions end with a "#### N" line, which `problems` strips)."""
-    if not reasoning:
-        return reasoning
-    closing = f"So the answer is {answer.strip()}."
-    if reasoning.rstrip().endswith(closing):
-        return reasoning
-    return f"{reasoning.rstrip()}\n{closing}"
 
 
 @functools.lru_cache(maxsize=8)

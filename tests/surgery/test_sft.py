@@ -158,16 +158,6 @@ def test_reasoning_gym_pairs_each_problem_in_both_modes():
         fast, think = answers["detailed thinking off"], answers["detailed thinking on"]
         assert THINK_OPEN not in fast and think.startswith(THINK_OPEN) and think.endswith("\n\n" + fast)
         assert len(think) > 3 * len(fast)
-        # every trace leaves its think block the same way: a closing line that states the answer
-        assert think.endswith(f"\nSo the answer is {fast}.\n</think>\n\n{fast}")
-
-
-def test_a_trace_gets_one_closing_line():
-    from ling_surgery.surgery.sft_data import concluded
-
-    assert concluded("4*6=24 pies", "24") == "4*6=24 pies\nSo the answer is 24."
-    assert concluded("4*6=24 pies\nSo the answer is 24.\n", "24") == "4*6=24 pies\nSo the answer is 24.\n"
-    assert concluded(None, "24") is None
 
 
 def test_chitchat_is_fast_chat_that_ends_on_the_assistant():
