@@ -167,7 +167,7 @@ def eval_markdown(report: dict) -> str:
     if report.get("trajectory"):
         from ling_surgery.evals.trajectory import trajectory_markdown
 
-        lines += trajectory_markdown(report["trajectory"])
+        lines += trajectory_markdown(report["trajectory"], report["trajectory_roles"])
     samples = [(name, r, by_role[r]["samples"]) for name, by_role in report["tasks"].items() for r in roles
                if by_role.get(r, {}).get("samples")]
     if samples:
@@ -295,4 +295,4 @@ def write_eval_report(folder: Path, report: dict) -> None:
     if report.get("trajectory"):
         from ling_surgery.evals.trajectory import trajectory_plot
 
-        trajectory_plot(report["trajectory"], folder / "trajectory.png")
+        trajectory_plot(report["trajectory"], folder / "trajectory.png", report["trajectory_roles"])

@@ -48,10 +48,15 @@ def chat_prompt(lm: LoadedModel, question: str, mode: str) -> str:
     return text
 
 
+def samples(lm: LoadedModel) -> bool:
+    """Whether the model ships sampling (its generation config's do_sample)."""
+    return bool(getattr(lm.model.generation_config, "do_sample", False))
+
+
 def decoding(lm: LoadedModel) -> str:
     """How `chat_generate` decodes this model: "greedy", or its shipped sampling settings."""
     config = lm.model.generation_config
-    if not getattr(config, "do_sample", False):
+    if not samples(lm):
         return "greedy"
     return f"sampled T={config.temperature} top-p={config.top_p} top-k={config.top_k}"
 
@@ -64,7 +69,7 @@ def chat_generate(lm: LoadedModel, prompt: str, max_new_tokens: int = MAX_NEW_TO
 
     ids = torch.tensor([lm.encode(prompt)], device=lm.device)
     tok = lm.tokenizer
-    sample = bool(getattr(lm.model.generation_config, "do_sample", False))
+    sample = samples(lm)
     if sample:
         torch.manual_seed(seed)
     out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,

@@ -10,6 +10,7 @@ from rich.table import Table
 from ling_surgery.surgery.plan import Costs, human_bytes
 
 CONTEXTS = (8192, 32768)
+DEFAULT_ROLES = ("teacher", "upgraded")  # the report's columns for a conversion (meta.roles says otherwise)
 
 
 def cost_rows(teacher: Costs, student: Costs) -> list[tuple[str, str, str, str]]:
@@ -46,7 +47,7 @@ def report_costs(report: dict) -> tuple[Costs, Costs]:
 
 def report_roles(report: dict) -> tuple[str, str]:
     """Column names: (reference, result) — teacher/upgraded for a conversion, before/aligned for an align-only run."""
-    return tuple((report.get("meta") or {}).get("roles") or ("teacher", "upgraded"))
+    return tuple((report.get("meta") or {}).get("roles") or DEFAULT_ROLES)
 
 
 def report_table(report: dict) -> Table:
@@ -134,4 +135,4 @@ def write_report(folder: Path, report: dict) -> None:
     if report.get("trajectory"):
         from ling_surgery.evals.trajectory import trajectory_plot
 
-        trajectory_plot(report["trajectory"], folder / "trajectory.png")
+        trajectory_plot(report["trajectory"], folder / "trajectory.png", report_roles(report))

@@ -140,16 +140,16 @@ def run_eval(
                          "engine_settings": [s.label for s in engine_settings or []] or None, "versions": _versions()},
             "seconds": round(time.perf_counter() - started, 1),
         }
-        from ling_surgery.evals.trajectory import read_trajectory, trajectory_table
+        from ling_surgery.evals.trajectory import read_trajectory, run_roles, trajectory_table
 
         for model in models.values():  # a run folder of an upgrade carries its scores after every stage
             trajectory = read_trajectory(model) if Path(model).is_dir() else None
             if trajectory:
-                report["trajectory"] = trajectory
+                report["trajectory"], report["trajectory_roles"] = trajectory, list(run_roles(model))
                 break
         console.print(eval_table(report))
         if report.get("trajectory"):
-            console.print(trajectory_table(report["trajectory"]))
+            console.print(trajectory_table(report["trajectory"], report["trajectory_roles"]))
         if out is not None:
             def fill(tmp: Path) -> None:
                 write_eval_report(tmp, report)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ling_surgery.evals.report import DEFAULT_ROLES, report_roles
 from ling_surgery.surgery.export import MANIFEST
 
 
@@ -48,11 +49,23 @@ def summary(result: dict) -> dict:
     return keep
 
 
+def run_root(run_folder: str | Path) -> Path:
+    """The run folder itself, given it or the model/ folder inside it."""
+    root = Path(run_folder)
+    return root.parent if root.name == "model" and (root.parent / "stages").is_dir() else root
+
+
+def run_roles(run_folder: str | Path) -> tuple[str, str]:
+    """What a run's trajectory compares (its report's column names: teacher/upgraded, or before/aligned)."""
+    try:
+        return report_roles(json.loads((run_root(run_folder) / "report.json").read_text()))
+    except (OSError, ValueError):
+        return DEFAULT_ROLES
+
+
 def read_trajectory(run_folder: str | Path) -> dict | None:
     """The stage-by-stage scores of a run folder (or of the model/ folder inside one); None if it has none."""
-    root = Path(run_folder)
-    if root.name == "model" and (root.parent / "stages").is_dir():
-        root = root.parent
+    root = run_root(run_folder)
     stages = sorted((root / "stages").glob("*/" + MANIFEST), key=lambda p: int(p.parent.name.split("-", 1)[0])) \
         if (root / "stages").is_dir() else []
     trajectory = {}
@@ -80,7 +93,7 @@ def trajectory_rows(trajectory: dict) -> list[list[str]]:
     return rows
 
 
-def trajectory_table(trajectory: dict, roles: tuple[str, str] = ("teacher", "upgraded")):
+def trajectory_table(trajectory: dict, roles: tuple[str, str] = DEFAULT_ROLES):
     from rich.table import Table
 
     table = Table(title="after every stage (eval.each_stage of the run)")
@@ -91,14 +104,15 @@ def trajectory_table(trajectory: dict, roles: tuple[str, str] = ("teacher", "upg
     return table
 
 
-def trajectory_markdown(trajectory: dict, roles: tuple[str, str] = ("teacher", "upgraded")) -> list[str]:
+def trajectory_markdown(trajectory: dict, roles: tuple[str, str] = DEFAULT_ROLES) -> list[str]:
     lines = ["", "## After every stage (eval.each_stage)", "", f"| stage: task (metric) | {roles[0]} | {roles[1]} | ratio |",
              "|---|---:|---:|---:|"]
     return lines + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in trajectory_rows(trajectory)]
 
 
-def trajectory_plot(trajectory: dict, path: Path) -> None:
-    """Each task's score after every stage (solid), the teacher's (dashed)."""
+def trajectory_plot(trajectory: dict, path: Path, roles: tuple[str, str] = DEFAULT_ROLES) -> None:
+    """Each task's score after every stage (solid), the reference model's (dashed: the teacher, or the model before
+    alignment)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +127,7 @@ def trajectory_plot(trajectory: dict, path: Path) -> None:
         teacher = next(trajectory[s][task]["teacher"]["value"] for s in stages if task in trajectory[s])
         ax.axhline(teacher, color=line[0].get_color(), linestyle="--", alpha=0.6)
     ax.set_xticks(range(len(stages)), stages, rotation=20, ha="right")
-    ax.set(ylabel="primary metric", title="after every stage (dashed: teacher)")
+    ax.set(ylabel="primary metric", title=f"after every stage (dashed: {roles[0]})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

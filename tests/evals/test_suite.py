@@ -41,8 +41,10 @@ def test_report_compares_teacher_and_student_on_every_task_kind(pair, tmp_path):
                       limit=2, output=out, contexts=(16, 48), data={k: str(v) for k, v in files.items()},
                       console=Console(quiet=True))
     # The student is a run folder whose recipe scored every stage (eval.each_stage): its trajectory comes along.
-    assert set(report) == {"kind", "models", "tasks", "inference", "settings", "seconds", "trajectory"}
+    assert set(report) == {"kind", "models", "tasks", "inference", "settings", "seconds", "trajectory",
+                           "trajectory_roles"}
     assert list(report["trajectory"]) == ["init", "attention_transfer", "logit_distill"]
+    assert report["trajectory_roles"] == ["teacher", "upgraded"]  # a conversion's run (an align run's: before/aligned)
     assert report["models"]["student"]["model_type"] == "bailing_hybrid" and report["models"]["teacher"]["model_type"] == "llama"
     for name, by_role in report["tasks"].items():
         for role in ("teacher", "student"):
