@@ -67,18 +67,24 @@ def align(
     overrides: list[str] = SET,
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="a .jinja chat template to build the "
                                                  "modes from (for a model without a usable one): stages.sft.chat_template"),
+    sft: bool = typer.Option(True, "--sft/--no-sft", help="run the recipe's sft stages (decoupled SFT)"),
+    rl: bool = typer.Option(True, "--rl/--no-rl", help="run the recipe's rl stages (fine-grained RL)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the stages and their data; load no weights"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted align into the same --output"),
 ) -> None:
-    """Teach MODEL a fast and a thinking mode (decoupled SFT through TRL); `run` of a recipe of sft stages."""
+    """Teach MODEL a fast and a thinking mode (decoupled SFT), then reward short right answers (fine-grained RL),
+    through TRL; `run` of a recipe of sft and rl stages."""
     from ling_surgery.surgery.align import align as run_align
     from ling_surgery.surgery.align import plan_recipe
     from ling_surgery.surgery.config import ALIGN_STAGES
     from ling_surgery.surgery.validate import validate_recipe
 
     if chat_template is not None:
+        if not sft:
+            raise SurgeryError("--chat-template builds the modes in the sft stage; drop --no-sft")
         overrides = [*overrides, f"stages.sft.chat_template={chat_template}"]
-    recipe, _ = validate_recipe(config, overrides, base={"stages": ALIGN_STAGES}, model=model,
+    skip = tuple(kind for kind, on in (("sft", sft), ("rl", rl)) if not on)
+    recipe, _ = validate_recipe(config, overrides, skip_kinds=skip, base={"stages": ALIGN_STAGES}, model=model,
                                 output=str(output) if output else None)
     if dry_run:
         console.print(plan_recipe(recipe).table())

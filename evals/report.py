@@ -65,7 +65,11 @@ def report_table(report: dict) -> Table:
     for row in cost_rows(teacher_costs, student_costs):
         table.add_row(*row)
     for name, stage in report["stages"].items():
-        if stage.get("steps"):
+        if "history" in stage:
+            for mode, reward, length in rl_rows(stage):
+                table.add_row(f"{name} ({mode}): {stage['steps']} steps, {stage['seconds']} s", "",
+                              f"reward {reward}, tokens {length}", "")
+        elif stage.get("steps"):
             table.add_row(
                 f"{name}: {stage['tokens']} tok, {stage['seconds']} s",
                 "", f"loss {stage['loss_first']:.4g} → {stage['loss_last']:.4g}", "",
@@ -93,9 +97,16 @@ def report_markdown(report: dict) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in cost_rows(teacher_costs, student_costs)]
     lines += ["", "| stage | tokens | steps | seconds | tokens/s | loss first → last |", "|---|---:|---:|---:|---:|---|"]
     for name, st in report["stages"].items():
-        if st.get("steps"):
+        if st.get("steps") and "history" not in st:
             lines.append(f"| {name} | {st['tokens']} | {st['steps']} | {st['seconds']} | {st['tokens_per_second']} | "
                          f"{st['loss_first']:.4g} → {st['loss_last']:.4g} |")
+    rl_stages = {name: st for name, st in report["stages"].items() if "history" in st}
+    if rl_stages:
+        lines += ["", "| RL stage | mode | reward first → last | completion tokens first → last | steps | seconds |",
+                  "|---|---|---|---|---:|---:|"]
+        for name, st in rl_stages.items():
+            lines += [f"| {name} | {mode} | {reward} | {length} | {st['steps']} | {st['seconds']} |"
+                      for mode, reward, length in rl_rows(st)]
     if report.get("trajectory"):
         from ling_surgery.evals.trajectory import trajectory_markdown
 
@@ -128,10 +139,52 @@ def loss_plot(stages: dict, path: Path) -> Path | None:
     return path
 
 
+def rl_rows(stage: dict) -> list[tuple[str, str, str]]:
+    """Per mode of an RL stage: (mode, reward first → last, mean completion tokens first → last), each the mean over
+    the first and last quarter of its rollouts."""
+    rows = []
+    for mode in ("fast", "think", "default"):
+        if f"{mode}_reward_first" in stage:
+            rows.append((mode, f"{stage[f'{mode}_reward_first']:.3g} → {stage[f'{mode}_reward_last']:.3g}",
+                         f"{stage[f'{mode}_completion_length_first']:.1f} → {stage[f'{mode}_completion_length_last']:.1f}"))
+    return rows
+
+
+def rl_plot(stages: dict, path: Path) -> Path | None:
+    """Reward and mean completion length per mode over each RL stage's optimizer steps (one point per rollout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {name: st["history"] for name, st in stages.items() if st.get("history")}
+    if not histories:
+        return None
+    fig, axes = plt.subplots(len(histories), 2, figsize=(10, 3.5 * len(histories)), squeeze=False)
+    for (name, history), (reward_ax, length_ax) in zip(histories.items(), axes):
+        for mode in ("fast", "think", "default"):
+            for ax, metric in ((reward_ax, "reward"), (length_ax, "completion_length")):
+                points = [(row["step"], row[f"{mode}/{metric}"]) for row in history if f"{mode}/{metric}" in row]
+                if points:
+                    ax.plot(*zip(*points), marker="o", markersize=3, label=mode)
+        reward_ax.set_title(f"{name}: reward (weighted sum) per mode")
+        length_ax.set_title(f"{name}: mean completion length per mode")
+        length_ax.set_ylabel("tokens")
+        for ax in (reward_ax, length_ax):
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(folder: Path, report: dict) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "report.md").write_text(report_markdown(report))
     loss_plot(report["stages"], folder / "distill_losses.png")
+    rl_plot(report["stages"], folder / "rl_curves.png")
     if report.get("trajectory"):
         from ling_surgery.evals.trajectory import trajectory_plot
 

@@ -39,14 +39,32 @@ class AlignmentPlan:
         table = Table(title=f"align: {escape(self.source.name)} ({getattr(self.source_config, 'model_type', '?')})")
         for col in ("stage", "kind", "data", "training"):
             table.add_column(col)
+        model_type = getattr(self.source_config, "model_type", "")
         for stage in self.recipe.stages:
-            data = escape(", ".join(f"{d.source}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} "
-                                    f"[{'+'.join(d.modes)}]" for d in stage.data))
-            groups = stage.trainable or sft_trainable(getattr(self.source_config, "model_type", ""))[0]
-            how = f"LoRA r={stage.lora.r} on [{', '.join(groups)}]" if stage.lora else f"[{', '.join(groups)}]"
-            table.add_row(stage.name, stage.kind, data, escape(f"{how}, lr {stage.lr:g}, {stage.epochs:g} epoch(s), "
-                                                               f"batch {stage.batch_size}, ≤{stage.max_length} tokens"))
+            table.add_row(stage.name, stage.kind, *alignment_row(stage, model_type))
         return table
+
+
+def alignment_row(stage, model_type: str) -> tuple[str, str]:
+    """(data, training) of an sft or rl stage, as the plan shows them."""
+    if stage.kind == "rl":
+        from ling_surgery.surgery.rl import generation_backend
+
+        data = ", ".join(f"{d.source} {'/'.join(d.tasks or ['gsm_symbolic'])} ×{d.problems} problems "
+                         f"[{'+'.join(d.modes)}]" for d in stage.data)
+        low, high = stage.clip_range()
+        rewards = ", ".join(f"{r.name} {r.weight:g}" for r in stage.rewards)
+        training = (f"{stage.importance_sampling_level}-level ratio (ε {low:g}/{high:g}), {stage.loss_type}, "
+                    f"{stage.num_generations} samples × {stage.prompts_per_rollout} prompts per rollout in "
+                    f"{stage.updates_per_rollout} update(s), ≤{stage.max_completion_length} tokens; rewards: {rewards}; "
+                    f"generation: {generation_backend(model_type)}")
+    else:
+        data = ", ".join(f"{d.source}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} [{'+'.join(d.modes)}]"
+                         for d in stage.data)
+        training = f"{stage.epochs:g} epoch(s), batch {stage.batch_size}, ≤{stage.max_length} tokens"
+    groups = stage.trainable or sft_trainable(model_type)[0]
+    how = f"LoRA r={stage.lora.r} on [{', '.join(groups)}]" if stage.lora else f"[{', '.join(groups)}]"
+    return escape(data), escape(f"{how}, lr {stage.lr:g}, {training}")
 
 
 def plan_alignment(recipe: Recipe) -> AlignmentPlan:

@@ -226,11 +226,93 @@ class SFTStage(Strict):
         "(null: keep the source's, greedy for most)")
 
 
-Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage, SFTStage], Field(discriminator="kind")]
-STAGE_KINDS = ("init", "attention_transfer", "logit_distill", "sft")
+class RLData(Strict):
+    """Verifiable problems for RL: seeded reasoning-gym tasks, scored by the task's own `score_answer`; each problem is
+    asked once in every mode, so neither mode stops being sampled (and neither collapses)."""
+
+    source: Literal["reasoning-gym"] = "reasoning-gym"
+    tasks: list[str] | None = Field(None, description="reasoning-gym tasks (unset: [gsm_symbolic])")
+    problems: int = Field(ge=1, description="distinct problems (each asked once per mode per epoch)")
+    modes: list[Mode] = Field(["fast", "think"], min_length=1)
+
+
+BUILTIN_REWARDS = ("correctness", "length", "format")
+
+
+class RewardSpec(Strict):
+    """One reward and its weight (the total is the weighted sum; GRPO normalises it within each prompt's group).
+
+    correctness: the task's scorer on the answer after the think block (1 when right). length: Evo-CoT's dynamic length
+    reward (Ling 2.0 §4.2, arXiv 2510.22115): p = 0.5 − (l − l_min)/(l_max − l_min) over the group, paid as p when
+    correct and min(p, 0) when wrong — short right answers gain, long wrong ones lose. format: −0.5 when an answer
+    breaks its mode (a think marker in fast mode; a think block that is not closed and followed by an answer in think
+    mode). Or `module:function`, called as TRL calls reward functions (prompts, completions, completion_ids and the
+    dataset columns mode, task, answer; one float per completion)."""
+
+    name: str
+    weight: float = 1.0
+
+
+def default_rewards() -> list[RewardSpec]:
+    return [RewardSpec(name="correctness"), RewardSpec(name="length", weight=0.5), RewardSpec(name="format")]
+
+
+ImportanceSamplingLevel = Literal["token", "sequence", "sentence"]
+LossType = Literal["grpo", "dapo", "bnpo", "dr_grpo", "luspo", "sapo", "cispo", "vespo"]
+# The losses whose policy term is the clipped (or soft-clipped) ratio alone: the sentence-level ratio replaces the
+# log-probabilities that term reads (cispo and vespo also weight raw log-probabilities; luspo is TRL's sequence-only).
+SENTENCE_LOSSES = ("grpo", "dapo", "bnpo", "dr_grpo", "sapo")
+# Clip ranges: PPO's 0.2 per token; GSPO's 3e-4/4e-4 per sequence (arXiv 2507.18071 §5.1); LPO's 0.03 per sentence
+# (Ling 2.0 §4.2).
+DEFAULT_EPSILON = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4), "sentence": (0.03, 0.03)}
+
+
+class RLStage(Strict):
+    """Fine-grained RL through TRL's GRPOTrainer: verifiable rewards, Evo-CoT's length reward, and the importance ratio
+    and its clipping per token, per sequence (GSPO) or per sentence (LPO, Ling 2.0 §4.2)."""
+
+    kind: Literal["rl"] = "rl"
+    name: str = "rl"
+    data: list[RLData] = Field(
+        default_factory=lambda: [RLData(tasks=["gsm_symbolic"], problems=16)], min_length=1,
+        description="problem sources (default sized for a 2-core CPU)")
+    rewards: list[RewardSpec] = Field(default_factory=default_rewards, min_length=1)
+    importance_sampling_level: ImportanceSamplingLevel = Field(
+        "sentence", description="token (PPO/GRPO), sequence (GSPO: one ratio per completion) or sentence (LPO: one "
+        "ratio per sentence, the mean log-ratio of its tokens; sentences end at . ! ? or a newline)")
+    loss_type: LossType = Field("dapo", description="TRL's loss (dapo: token-sum over the batch, no length bias)")
+    epsilon: float | None = Field(None, gt=0, description="lower clip range (unset: 0.2 token, 3e-4 sequence, "
+                                  "0.03 sentence)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip range (unset: 0.2, 4e-4, 0.03)")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the stage's starting model (0: none, as DAPO/GSPO/LPO)")
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group its rewards are normalised in)")
+    prompts_per_rollout: int = Field(4, ge=1, description="prompts sampled together; the rollout is "
+                                     "prompts_per_rollout × num_generations completions")
+    updates_per_rollout: int = Field(2, ge=1, description="optimizer steps one rollout is split into: every one after "
+                                     "the first is off-policy, where the importance ratio and its clipping act")
+    epochs: int = Field(1, ge=1, description="passes over the problems")
+    max_completion_length: int = Field(160, ge=4, description="tokens per completion (longer ones are cut)")
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    trainable: list[Trainable] | None = Field(None, min_length=1, description="as stages.sft.trainable")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
+    sampling: SamplingSettings | None = Field(
+        None, description="how completions are sampled (unset: as the model ships in its generation config — an "
+        "aligned model's sampling; temperature 1 for a greedy one)")
+
+    def clip_range(self) -> tuple[float, float]:
+        low, high = DEFAULT_EPSILON[self.importance_sampling_level]
+        low = self.epsilon if self.epsilon is not None else low
+        return low, self.epsilon_high if self.epsilon_high is not None else (low if self.epsilon is not None else high)
+
+
+Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage, SFTStage, RLStage],
+                  Field(discriminator="kind")]
+STAGE_KINDS = ("init", "attention_transfer", "logit_distill", "sft", "rl")
 CONVERT_KINDS = ("init", "attention_transfer", "logit_distill")  # the stages that build and recover an upgraded model
+ALIGN_KINDS = ("sft", "rl")
 DEFAULT_STAGES = [{"kind": kind} for kind in CONVERT_KINDS]
-ALIGN_STAGES = [{"kind": "sft"}]
+ALIGN_STAGES = [{"kind": kind} for kind in ALIGN_KINDS]  # `align`: SFT, then RL
 
 
 def _check_task_names(tasks: list[str]) -> None:
@@ -370,9 +452,38 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
                     f"stages.{stage.name}.tokens {stage.tokens} buys no optimizer step: one step is batch_size × "
                     f"{where} = {step} tokens; raise tokens or lower batch_size"
                 )
+    for stage in recipe.stages:
+        if stage.kind == "rl":
+            problems += rl_problems(stage)
     if 0 < recipe.eval.tokens < recipe.eval.seq_len:
         problems.append(f"eval.tokens {recipe.eval.tokens} is less than one eval.seq_len window ({recipe.eval.seq_len}); "
                         "raise eval.tokens or set it to 0 to skip")
+    return problems
+
+
+def rl_problems(stage: RLStage) -> list[str]:
+    """What TRL cannot combine, and reward names that do not resolve, one line each."""
+    where, level, loss = f"stages.{stage.name}", stage.importance_sampling_level, stage.loss_type
+    problems = []
+    if level == "sentence" and loss not in SENTENCE_LOSSES:
+        problems.append(f"{where}: loss_type {loss} cannot take the sentence-level ratio (it reads per-token "
+                        f"log-probabilities beside the ratio); use one of {', '.join(SENTENCE_LOSSES)}")
+    if level == "sentence" and stage.beta:
+        problems.append(f"{where}: beta {stage.beta:g} (a per-token KL) cannot be combined with "
+                        "importance_sampling_level sentence; set beta 0 or use token or sequence")
+    if loss == "luspo" and level != "sequence":
+        problems.append(f"{where}: loss_type luspo needs importance_sampling_level sequence")
+    if loss == "vespo" and level != "token":
+        problems.append(f"{where}: loss_type vespo needs importance_sampling_level token")
+    if stage.prompts_per_rollout % stage.updates_per_rollout:
+        problems.append(f"{where}: prompts_per_rollout {stage.prompts_per_rollout} must be a multiple of "
+                        f"updates_per_rollout {stage.updates_per_rollout} (each update takes whole groups)")
+    from ling_surgery.surgery.rewards import reward_problem
+
+    for spec in stage.rewards:
+        problem = reward_problem(spec.name)
+        if problem:
+            problems.append(f"{where}.rewards: {problem}")
     return problems
 
 
@@ -445,7 +556,7 @@ def read_recipe_file(path: str | Path) -> dict:
 
 
 def load_recipe(recipe: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
-                **flags: Any) -> Recipe:
+                skip_kinds: tuple[str, ...] = (), **flags: Any) -> Recipe:
     """A validated Recipe from a YAML file or shipped recipe name, `--set` overrides and flags (flags win).
 
     Flags are dotted keys, e.g. ``load_recipe("smollm2-135m-cpu", output="runs/x")`` sets ``export.output``. `base` is
@@ -455,6 +566,12 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] = (), bas
 
     raw = read_recipe_file(resolve_recipe(recipe)) if recipe is not None else copy.deepcopy(base or {})
     raw = apply_overrides(raw, list(overrides))
+    if skip_kinds:  # `align --no-sft` / `--no-rl`: the recipe's other stages only
+        stages = raw.get("stages", DEFAULT_STAGES)
+        kept = [s for s in stages if not (isinstance(s, dict) and s.get("kind") in skip_kinds)]
+        if stages and not kept:
+            raise SurgeryError(f"switching off {' and '.join(skip_kinds)} leaves the recipe no stage to run; keep one")
+        raw["stages"] = kept
     for dotted, value in flags.items():
         if value is None:
             continue
@@ -582,7 +699,7 @@ def _all_paths(schema: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 _STAGE_SCHEMAS = {"init": InitStage, "attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage,
-                  "sft": SFTStage}
+                  "sft": SFTStage, "rl": RLStage}
 
 
 def _known_keys(loc: list, raw: dict) -> list[str]:

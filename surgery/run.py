@@ -140,6 +140,9 @@ def stages_table(statuses: list[StageStatus], recipe: Recipe, start: int | None 
         if stage.kind == "sft":  # conversations, each at most max_length tokens
             amount, window = f"{sum(d.examples for d in stage.data):,} conv.", f"≤{stage.max_length}"
             trainable = f"LoRA r={stage.lora.r} on {groups}" if stage.lora else groups
+        elif stage.kind == "rl":  # problems, each asked in every mode; completions of at most max_completion_length
+            amount, window = f"{sum(d.problems for d in stage.data):,} problems", f"≤{stage.max_completion_length}"
+            trainable = f"LoRA r={stage.lora.r} on {groups}" if stage.lora else groups
         else:
             amount, window = f"{tokens:,}", str(stage_seq_len(stage, recipe))
             trainable = groups if training else ""

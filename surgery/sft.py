@@ -187,13 +187,7 @@ def sft(model, stage, ctx: RunContext):
         trainable_groups(model, groups)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    out_dir = ctx.state.trainer_dir if ctx.state is not None else None
-    resume_from = None
-    saved = ctx.state.load() if ctx.state is not None else None
-    if saved and (out_dir / saved["checkpoint"]).is_dir():
-        resume_from = str(out_dir / saved["checkpoint"])
-    elif out_dir is not None:
-        shutil.rmtree(out_dir, ignore_errors=True)  # a trainer folder no state points to is from another run
+    out_dir, resume_from = resume_point(ctx)
     progress = RichProgress(ctx, stage)
     callbacks = [progress] + ([StateMarker(ctx)] if out_dir is not None else [])
     trainer = make_trainer(model, tokenizer, stage, ctx, rows, out_dir, callbacks)
@@ -205,17 +199,8 @@ def sft(model, stage, ctx: RunContext):
     if kept == 0:
         raise SurgeryError(f"stages.{stage.name}: no conversation has an answer token within max_length "
                            f"{stage.max_length}; raise it")
-    if resume_from is not None and stage.lora is not None:
-        load_bare_parameters(model, Path(resume_from))
-    if resume_from is not None and stage.lora is None:
-        # The Trainer reloads a checkpoint's weights by their names on disk, which transformers' weight conversion
-        # renames for bailing_hybrid (self_attn.o_proj → attention.dense, …): most would be skipped silently. Load
-        # them the way from_pretrained does; the Trainer then restores optimizer, schedule, RNG and data position.
-        from transformers import AutoModelForCausalLM
-
-        saved_model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
-        model.load_state_dict(saved_model.state_dict())
-        del saved_model
+    if resume_from is not None:
+        restore_weights(model, resume_from, stage.lora is not None)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     progress.close()
@@ -246,6 +231,32 @@ def sft(model, stage, ctx: RunContext):
         ship_sampling(model.generation_config, stage.sampling)
         metrics["sampling"] = stage.sampling.model_dump()
     return model.eval().requires_grad_(False), metrics
+
+
+def resume_point(ctx: RunContext) -> tuple[Path | None, str | None]:
+    """(the folder TRL checkpoints into, the checkpoint to resume from or None) of a stage trained by TRL."""
+    out_dir = ctx.state.trainer_dir if ctx.state is not None else None
+    saved = ctx.state.load() if ctx.state is not None else None
+    if saved and (out_dir / saved["checkpoint"]).is_dir():
+        return out_dir, str(out_dir / saved["checkpoint"])
+    if out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a trainer folder no state points to is from another run
+    return out_dir, None
+
+
+def restore_weights(model, checkpoint: str, lora: bool) -> None:
+    """The weights of a TRL checkpoint, before the Trainer restores optimizer, schedule, RNG and data position."""
+    if lora:
+        load_bare_parameters(model, Path(checkpoint))
+        return
+    # The Trainer reloads a checkpoint's weights by their names on disk, which transformers' weight conversion
+    # renames for bailing_hybrid (self_attn.o_proj → attention.dense, …): most would be skipped silently. Load
+    # them the way from_pretrained does.
+    from transformers import AutoModelForCausalLM
+
+    saved_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.load_state_dict(saved_model.state_dict())
+    del saved_model
 
 
 def ship_sampling(generation_config, sampling) -> None:

@@ -11,6 +11,7 @@ from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.distill import attention_transfer, logit_distill
 from ling_surgery.surgery.init_maps import build_student, init_student_state, mla_energy_kept
 from ling_surgery.surgery.kda import student_logits
+from ling_surgery.surgery.rl import rl
 from ling_surgery.surgery.sft import sft
 from ling_surgery.surgery.taps import collect_stats
 
@@ -62,4 +63,5 @@ STAGES = {
     "attention_transfer": attention_transfer,
     "logit_distill": logit_distill,
     "sft": sft,
+    "rl": rl,
 }

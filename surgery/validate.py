@@ -106,7 +106,7 @@ def recall_problems(recipe: Recipe, shape) -> list[str]:
             f"use lengths up to {limit}"]
 
 
-def validate_recipe(recipe=None, overrides=(), **flags) -> tuple[Recipe, list[str]]:
+def validate_recipe(recipe=None, overrides=(), skip_kinds=(), **flags) -> tuple[Recipe, list[str]]:
     """`load_recipe` then `check_recipe`, with the problems of both in one `RecipeError`; returns (recipe, notes).
 
     What every command that takes a recipe runs first: a recipe with an unknown key, a bad value and a layer group
@@ -114,7 +114,7 @@ def validate_recipe(recipe=None, overrides=(), **flags) -> tuple[Recipe, list[st
     """
     problems: list[str] = []
     try:
-        resolved = load_recipe(recipe, overrides, **flags)
+        resolved = load_recipe(recipe, overrides, skip_kinds=tuple(skip_kinds), **flags)
     except RecipeError as err:
         problems, resolved = list(err.problems), err.partial
     notes: list[str] = []

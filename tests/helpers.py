@@ -137,3 +137,9 @@ def gguf_ready_student(tok, plan: dict | None = None):
             else:
                 param.add_(0.05 * torch.randn_like(param))
     return model
+
+
+def vowel_share(completions, **_):
+    """A user reward for RL tests (`helpers:vowel_share`): the share of vowels in each completion, so the completions of
+    a tiny random model differ in reward and every update moves the weights."""
+    return [sum(c in "aeiou" for c in text) / max(1, len(text)) for text in completions]

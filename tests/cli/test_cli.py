@@ -208,6 +208,20 @@ def test_unsupported_architecture_exit_2(tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
+def test_align_runs_sft_then_rl_and_each_can_be_switched_off(tmp_path):
+    from helpers import bpe_tokenizer, tiny_model
+
+    chat_model = tmp_path / "chat-model"
+    tok = bpe_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(chat_model)
+    tok.save_pretrained(chat_model)
+    for flags, kinds in (([], ["sft", "rl"]), (["--no-rl"], ["sft"]), (["--no-sft"], ["rl"])):
+        result = run_cli("align", str(chat_model), *flags, "--dry-run")
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [line.split("│")[1:3] for line in result.stderr.splitlines() if line.startswith("│ ") and "│" in line[2:]]
+        assert [kind.strip() for name, kind in rows if name.strip()] == kinds, result.stderr
+
+
 def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path):
     """A model without a chat template, an unknown data source, a data file without the conversation field."""
     from helpers import bpe_tokenizer, tiny_model
@@ -227,6 +241,11 @@ def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path)
         ([str(chat_model), "--set", "stages.sft.data=[{source: chitchat, examples: 2}]"],
          "chitchat has no reasoning to put in think mode"),
         ([str(chat_model), "--chat-template", str(tmp_path / "missing.jinja")], "missing.jinja' not found"),
+        ([str(chat_model), "--no-sft", "--set", "stages.rl.rewards=[{name: corectness}]"],
+         "stages.rl.rewards: 'corectness' is not a reward; use correctness, length, format"),
+        ([str(chat_model), "--set", "stages.rl.rewards=[{name: 'nomodule:f'}]"], "cannot import 'nomodule'"),
+        ([str(chat_model), "--set", "stages.rl.loss_type=cispo"], "loss_type cispo cannot take the sentence-level ratio"),
+        ([str(chat_model), "--no-sft", "--no-rl"], "switching off sft and rl leaves the recipe no stage to run"),
     ]
     for args, message in cases:
         result = run_cli("align", *args, "--output", str(tmp_path / "o"))

@@ -63,7 +63,7 @@ def test_a_stage_window_that_buys_no_step_names_the_stage_window():
         ([{"kind": "logit_distill"}], "the first stage must be `kind: init`"),
         ([{"kind": "init"}, {"kind": "init", "name": "again"}], "only one `kind: init`"),
         ([{"kind": "init"}, {"kind": "logit_distill"}, {"kind": "logit_distill"}], "name 'logit_distill' is used twice"),
-        ([{"kind": "init"}, {"kind": "rl"}], "stages.rl: `kind` must be one of init, attention_transfer, logit_distill, sft"),
+        ([{"kind": "init"}, {"kind": "ppo"}], "stages.ppo: `kind` must be one of init, attention_transfer, logit_distill, sft, rl"),
         ([{"kind": "sft"}, {"kind": "init"}], "the first stage must be `kind: init`"),
         ([], "the recipe has no stages"),
     ],

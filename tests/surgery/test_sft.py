@@ -47,7 +47,8 @@ def align_recipe(model, data_file, output, **stage):
             "stages.sft.batch_size=2", "stages.sft.epochs=1", "stages.sft.lr=5e-3", "stages.sft.warmup_steps=0", "eval.tokens=0",
             "data.seq_len=32", "runtime.save_every=2"]
     sets += [f"stages.sft.{k}={v}" for k, v in stage.items()]
-    return load_recipe(None, sets, base={"stages": ALIGN_STAGES}, model=str(model), output=str(output))
+    return load_recipe(None, sets, base={"stages": ALIGN_STAGES}, skip_kinds=("rl",),  # `align --no-rl`
+                       model=str(model), output=str(output))
 
 
 CHECK = r"""
