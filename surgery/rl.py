@@ -61,7 +61,12 @@ def prompt_rows(stage, tokenizer, seed: int) -> list[dict]:
         for j, task in enumerate(tasks):
             share = data.problems // len(tasks) + (j < data.problems % len(tasks))
             base = (seed * 7919 + RL_SEED_OFFSET + 100_003 * (31 * i + j)) % (EVAL_SEED - MAX_PROBLEMS)
-            pool = not_evaluated(task, problems(task, share + share // 50 + 8, base))[:share]
+            # Small problem spaces share many questions with the evaluation (sums of two one-digit numbers: nearly all
+            # of them are among its first 1,000), so draw four times what is needed.
+            pool = not_evaluated(task, problems(task, 4 * share + 8, base, data.config), data.config)[:share]
+            if len(pool) < share:
+                raise SurgeryError(f"stages.{stage.name}: reasoning-gym {task!r} has too few problems outside the "
+                                   f"evaluation's for {share}; lower problems or widen its config")
             for problem in pool:
                 for mode in (data.modes if with_modes else ["default"]):
                     rows.append({"prompt": render_prompt(tokenizer, question_text(problem["question"]), mode),

@@ -57,18 +57,26 @@ def conversations(source, seed: int, writer=None) -> list[dict]:
     return rows[: source.examples]
 
 
-def problems(task: str, count: int, seed: int) -> list[dict]:
+# Sums of two or three one-digit numbers (reasoning-gym chain_sum): arithmetic a 135M model sometimes gets right, so
+# RL's correctness reward has something to pay on the CPU demo (reasoning-gym's default chain_sum, gsm_symbolic,
+# basic_arithmetic and products: 0 of 48 sampled answers right in either mode after `align`'s SFT; these: 2 of 40 in
+# fast mode). The `arithmetic_chat` evaluation asks them from evaluation seeds.
+EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+
+
+def problems(task: str, count: int, seed: int, config: dict | None = None) -> list[dict]:
     """`count` seeded reasoning-gym problems ({question, answer, reasoning or None, entry}); `seed` ≥ EVAL_SEED for
-    evaluation."""
+    evaluation; `config`: the task's settings (e.g. EASY_ARITHMETIC for chain_sum)."""
     try:
         import reasoning_gym
     except ImportError:
         raise SurgeryError("reasoning-gym is not installed; run: pip install reasoning-gym==0.1.25") from None
     try:
-        dataset = reasoning_gym.create_dataset(task, size=count, seed=seed)
-    except Exception as err:  # unknown names raise a plain exception
-        raise SurgeryError(f"reasoning-gym task {task!r}: {str(err).splitlines()[0]}; e.g. gsm_symbolic, "
-                           "basic_arithmetic, chain_sum") from None
+        dataset = reasoning_gym.create_dataset(task, size=count, seed=seed, **(config or {}))
+    except Exception as err:  # unknown names and settings raise plain exceptions
+        what = f"reasoning-gym task {task!r}" + (f" with config {config}" if config else "")
+        raise SurgeryError(f"{what}: {str(err).splitlines()[0]}; e.g. gsm_symbolic, basic_arithmetic, chain_sum (and "
+                           "their settings: reasoning_gym.create_dataset's keywords)") from None
     out = []
     for entry in dataset:
         cot = (entry.get("metadata") or {}).get("answer_cot")
@@ -110,13 +118,13 @@ def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str
 
 
 @functools.lru_cache(maxsize=8)
-def evaluation_questions(task: str) -> frozenset[str]:
-    return frozenset(p["question"] for p in problems(task, EVAL_GUARD, EVAL_SEED))
+def evaluation_questions(task: str, config: tuple = ()) -> frozenset[str]:
+    return frozenset(p["question"] for p in problems(task, EVAL_GUARD, EVAL_SEED, dict(config)))
 
 
-def not_evaluated(task: str, pool: list[dict]) -> list[dict]:
+def not_evaluated(task: str, pool: list[dict], config: dict | None = None) -> list[dict]:
     """`pool` without the problems whose question the evaluation asks (the first EVAL_GUARD of its seed)."""
-    held_out = evaluation_questions(task)
+    held_out = evaluation_questions(task, tuple(sorted((config or {}).items())))
     return [p for p in pool if p["question"] not in held_out]
 
 

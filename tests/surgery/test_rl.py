@@ -288,3 +288,24 @@ def test_bad_rl_settings_are_one_line_errors(sets, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, ["stages=[{kind: rl}]", *sets])
     assert any(message in problem for problem in err.value.problems), err.value.problems
+
+
+def test_problems_come_in_both_modes_with_their_settings_and_never_from_the_evaluation(upgraded):
+    from transformers import AutoTokenizer
+
+    from ling_surgery.evals.tasks import load_task
+    from ling_surgery.surgery.sft_data import EASY_ARITHMETIC
+
+    tok = AutoTokenizer.from_pretrained(upgraded)
+    stage = RLStage(data=[{"tasks": ["chain_sum"], "config": EASY_ARITHMETIC, "problems": 30}])
+    rows = rl_module.prompt_rows(stage, tok, seed=0)
+    assert len(rows) == 60 and {r["mode"] for r in rows} == {"fast", "think"}
+    questions = {json.loads(r["entry"])["question"] for r in rows}
+    assert len(questions) == 30
+    for question in questions:  # two or three one-digit terms
+        terms = question.split(":")[1].strip(" =").replace("-", "+").split("+")
+        assert 2 <= len(terms) <= 3 and all(len(t.strip()) == 1 for t in terms), question
+    evaluated = {doc["question"] for doc in load_task("arithmetic_chat", 1000).docs}
+    assert not any(q in evaluated for q in questions)
+    with pytest.raises(SurgeryError, match="with config"):
+        rl_module.prompt_rows(RLStage(data=[{"tasks": ["chain_sum"], "config": {"max_termz": 2}, "problems": 2}]), tok, 0)
