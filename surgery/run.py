@@ -283,7 +283,9 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     quality: dict = {}
     if eval_windows is not None:
         console.rule("evaluation (held-out text, never trained on)")
-        quality["teacher"] = perplexity(lambda ids: teacher(input_ids=ids).logits, eval_windows, device=device)
+        # An align-only run's "teacher" is its source, often an upgraded model: the fast KDA path for it too.
+        quality["teacher"] = perplexity(lambda ids: model_logits(teacher, ids, recipe.runtime.kda_chunk_size),
+                                        eval_windows, device=device)
         console.print(f"teacher held-out perplexity {quality['teacher']['perplexity']:.2f}")
         after_init = stages[recipe.stages[0].name].get("metrics", {}).get("perplexity_after_init")
         if after_init:
