@@ -19,15 +19,12 @@ loader needs the HF module names mapped to Ling's (research/ecosystem.md §3.4),
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
-import torch
 from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -232,8 +229,7 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
 
 def rl(model, stage, ctx: RunContext):
     """RL on verifiable problems in every mode; returns the model (LoRA merged) with per-mode curves."""
-    from ling_surgery.surgery.defaults import sft_trainable
-    from ling_surgery.surgery.sft import StateMarker, resume_point, restore_weights, trainable_groups, with_lora
+    from ling_surgery.surgery.sft import StateMarker, prepare_policy, resume_point, train_to_end
 
     tokenizer = ctx.tokenizer
     if tokenizer.pad_token is None:
@@ -242,28 +238,12 @@ def rl(model, stage, ctx: RunContext):
         raise SurgeryError(f"stages.{stage.name}: the model has no chat template to ask its problems in; run an sft "
                            "stage first or pass a chat model")
     rows = prompt_rows(stage, tokenizer, ctx.seed)
-    if model is ctx.teacher:  # an align-only recipe: the source stays the reference the evaluations compare with
-        model = copy.deepcopy(model)
-    groups = stage.trainable or sft_trainable(model.config.model_type)[0]
-    model.train()
-    if stage.lora is not None:
-        model = with_lora(model, stage.lora, groups)
-    else:
-        trainable_groups(model, groups)
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, groups, trainable_params = prepare_policy(model, stage, ctx)
     out_dir, resume_from = resume_point(ctx)
     progress = RLProgress(ctx, stage)
     callbacks = [progress] + ([StateMarker(ctx)] if out_dir is not None else [])
     trainer = make_trainer(model, tokenizer, stage, ctx, rows, out_dir, callbacks)
-    if resume_from is not None:
-        restore_weights(model, resume_from, stage.lora is not None)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    progress.close()
-    model = trainer.model
-    if stage.lora is not None:
-        model = model.merge_and_unload()
-    seconds = time.perf_counter() - start
+    model, seconds = train_to_end(trainer, model, stage, resume_from, progress)
     history = rl_history(trainer.state.log_history)
     metrics = {
         "prompts": len(rows),

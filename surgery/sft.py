@@ -177,16 +177,7 @@ def sft(model, stage, ctx: RunContext):
     add_thinking_modes(tokenizer, template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if model is ctx.teacher:  # an align-only recipe: the source stays the reference the evaluations compare with
-        model = copy.deepcopy(model)
-    groups = stage.trainable or sft_trainable(model.config.model_type)[0]
-    model.train()
-    if stage.lora is not None:
-        model = with_lora(model, stage.lora, groups)
-    else:
-        trainable_groups(model, groups)
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
+    model, groups, trainable_params = prepare_policy(model, stage, ctx)
     out_dir, resume_from = resume_point(ctx)
     progress = RichProgress(ctx, stage)
     callbacks = [progress] + ([StateMarker(ctx)] if out_dir is not None else [])
@@ -199,15 +190,7 @@ def sft(model, stage, ctx: RunContext):
     if kept == 0:
         raise SurgeryError(f"stages.{stage.name}: no conversation has an answer token within max_length "
                            f"{stage.max_length}; raise it")
-    if resume_from is not None:
-        restore_weights(model, resume_from, stage.lora is not None)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    progress.close()
-    model = trainer.model
-    if stage.lora is not None:
-        model = model.merge_and_unload()
-    seconds = time.perf_counter() - start
+    model, seconds = train_to_end(trainer, model, stage, resume_from, progress)
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
         "conversations": kept,
@@ -231,6 +214,34 @@ def sft(model, stage, ctx: RunContext):
         ship_sampling(model.generation_config, stage.sampling)
         metrics["sampling"] = stage.sampling.model_dump()
     return model.eval().requires_grad_(False), metrics
+
+
+def prepare_policy(model, stage, ctx: RunContext):
+    """(the model a TRL stage trains, its trainable groups, its trainable parameter count): a copy when it is the run's
+    source (an align-only recipe keeps the source as the reference the evaluations compare with), in train mode, with
+    LoRA adapters or the stage's groups unfrozen."""
+    if model is ctx.teacher:
+        model = copy.deepcopy(model)
+    groups = stage.trainable or sft_trainable(model.config.model_type)[0]
+    model.train()
+    if stage.lora is not None:
+        model = with_lora(model, stage.lora, groups)
+    else:
+        trainable_groups(model, groups)
+    return model, groups, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_to_end(trainer, model, stage, resume_from: str | None, progress) -> tuple[torch.nn.Module, float]:
+    """Train from the start or from `resume_from`; (the trained model with LoRA merged, seconds)."""
+    if resume_from is not None:
+        restore_weights(model, resume_from, stage.lora is not None)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    progress.close()
+    model = trainer.model
+    if stage.lora is not None:
+        model = model.merge_and_unload()
+    return model, time.perf_counter() - start
 
 
 def resume_point(ctx: RunContext) -> tuple[Path | None, str | None]:

@@ -143,3 +143,18 @@ def vowel_share(completions, **_):
     """A user reward for RL tests (`helpers:vowel_share`): the share of vowels in each completion, so the completions of
     a tiny random model differ in reward and every update moves the weights."""
     return [sum(c in "aeiou" for c in text) / max(1, len(text)) for text in completions]
+
+
+def kill_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make a stage trained by TRL stop (KeyboardInterrupt) right after its checkpoint at `step` is complete and its
+    training state names it, as a kill there would; `monkeypatch.undo()` lets the next run go through."""
+    from ling_surgery.surgery import sft
+
+    saved = sft.StateMarker.on_save
+
+    def stop(self, args, state, control, **kwargs):
+        saved(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft.StateMarker, "on_save", stop)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import bpe_tokenizer, gguf_ready_student
+from helpers import bpe_tokenizer, gguf_ready_student, kill_after_checkpoint
 from trl import GRPOTrainer
 
 from ling_surgery.surgery import rl as rl_module
@@ -251,20 +251,11 @@ def test_rl_trains_a_tiny_upgraded_model_in_both_modes(upgraded, tmp_path, level
 def test_an_interrupted_rl_stage_resumes_to_the_same_weights(upgraded, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from ling_surgery.surgery import sft as sft_module
-
     run(rl_recipe(upgraded, tmp_path / "whole"), fresh=True)
-    saved = sft_module.StateMarker.on_save
-
-    def stop_after_step_2(self, args, state, control, **kwargs):
-        saved(self, args, state, control, **kwargs)
-        if state.global_step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sft_module.StateMarker, "on_save", stop_after_step_2)
+    kill_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(rl_recipe(upgraded, tmp_path / "broken"), fresh=True)
-    monkeypatch.setattr(sft_module.StateMarker, "on_save", saved)
+    monkeypatch.undo()
     with pytest.raises(SurgeryError, match="interrupted at step 2/4; pass --resume"):
         run(rl_recipe(upgraded, tmp_path / "broken"))
     report = run(rl_recipe(upgraded, tmp_path / "broken"), resume=True)

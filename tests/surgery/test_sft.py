@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import bpe_tokenizer, gguf_ready_student
+from helpers import bpe_tokenizer, gguf_ready_student, kill_after_checkpoint
 
 from ling_surgery.surgery import sft as sft_module
 from ling_surgery.surgery.chat_template import THINK_OPEN, THINK_PREFILL, add_thinking_modes, answer_text
@@ -126,17 +126,10 @@ def test_an_interrupted_sft_resumes_to_the_same_weights(upgraded, tmp_path, monk
     extra = {"lora": "{r: 4, alpha: 8}"} if lora else {}
     recipe = lambda name: align_recipe(model_dir, data, tmp_path / name, **extra)
     run(recipe("whole"), fresh=True)
-    saved = sft_module.StateMarker.on_save
-
-    def stop_after_step_4(self, args, state, control, **kwargs):
-        saved(self, args, state, control, **kwargs)
-        if state.global_step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sft_module.StateMarker, "on_save", stop_after_step_4)
+    kill_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(recipe("broken"), fresh=True)
-    monkeypatch.setattr(sft_module.StateMarker, "on_save", saved)
+    monkeypatch.undo()
     with pytest.raises(SurgeryError, match="interrupted at step 4/6; pass --resume"):
         run(recipe("broken"))
     report = run(recipe("broken"), resume=True)
