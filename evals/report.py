@@ -150,8 +150,16 @@ def rl_rows(stage: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+RL_SMOOTHING = 4  # rollouts in the trailing mean drawn over each curve: one rollout holds only a few problems
+
+
+def trailing_mean(values: list[float], window: int = RL_SMOOTHING) -> list[float]:
+    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
 def rl_plot(stages: dict, path: Path) -> Path | None:
-    """Reward and mean completion length per mode over each RL stage's optimizer steps (one point per rollout)."""
+    """Reward, share of right answers and mean completion length per mode over each RL stage's optimizer steps: one
+    faint point per rollout, and a line through the trailing mean of the last RL_SMOOTHING rollouts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,20 +168,25 @@ def rl_plot(stages: dict, path: Path) -> Path | None:
     histories = {name: st["history"] for name, st in stages.items() if st.get("history")}
     if not histories:
         return None
-    fig, axes = plt.subplots(len(histories), 2, figsize=(10, 3.5 * len(histories)), squeeze=False)
-    for (name, history), (reward_ax, length_ax) in zip(histories.items(), axes):
-        for mode in ("fast", "think", "default"):
-            for ax, metric in ((reward_ax, "reward"), (length_ax, "completion_length")):
+    panels = (("reward", "reward (weighted sum)", None), ("correct", "share of right answers", None),
+              ("completion_length", "mean completion length", "tokens"))
+    fig, axes = plt.subplots(len(histories), len(panels), figsize=(15, 3.5 * len(histories)), squeeze=False)
+    for (name, history), row_axes in zip(histories.items(), axes):
+        for ax, (metric, title, unit) in zip(row_axes, panels):
+            for mode, color in (("fast", "tab:blue"), ("think", "tab:orange"), ("default", "tab:green")):
                 points = [(row["step"], row[f"{mode}/{metric}"]) for row in history if f"{mode}/{metric}" in row]
                 if points:
-                    ax.plot(*zip(*points), marker="o", markersize=3, label=mode)
-        reward_ax.set_title(f"{name}: reward (weighted sum) per mode")
-        length_ax.set_title(f"{name}: mean completion length per mode")
-        length_ax.set_ylabel("tokens")
-        for ax in (reward_ax, length_ax):
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, "o", markersize=3, alpha=0.35, color=color)
+                    ax.plot(steps, trailing_mean(list(values)), color=color,
+                            label=f"{mode} (mean of last {RL_SMOOTHING} rollouts)")
+            ax.set_title(f"{name}: {title} per mode")
             ax.set_xlabel("optimizer step")
+            if unit:
+                ax.set_ylabel(unit)
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.lines:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -158,6 +158,8 @@ class SFTData(Strict):
     modes: list[Mode] = Field(["fast", "think"], min_length=1, description="reasoning-gym and chitchat: the modes "
                               "written (files and datasets carry their own: an answer in <think> markers is think mode)")
     tasks: list[str] | None = Field(None, description="reasoning-gym tasks (unset: [gsm_symbolic])")
+    config: dict[str, Any] = Field({}, description="reasoning-gym: the tasks' settings (reasoning_gym.create_dataset "
+                                   "keywords), e.g. {min_terms: 2, max_terms: 3, max_digits: 1} for chain_sum")
     messages_field: str = Field("messages", description="files and datasets: the field holding the conversation")
     split: str = Field("train", description="hub datasets: the split read")
     traces: Literal["dataset", "teacher"] = Field(
@@ -174,6 +176,8 @@ class SFTData(Strict):
         if self.traces == "teacher" and (self.source != "reasoning-gym" or "think" not in self.modes):
             raise ValueError("traces: teacher writes think-mode solutions to reasoning-gym problems; use it on a "
                              "reasoning-gym source whose modes include think")
+        if self.config and self.source != "reasoning-gym":
+            raise ValueError("config holds reasoning-gym task settings; set it on a reasoning-gym source")
         if self.trace_model is not None and self.traces != "teacher":
             raise ValueError("trace_model is the model that writes traces; set traces: teacher with it")
         return self
@@ -205,10 +209,12 @@ class SFTStage(Strict):
     kind: Literal["sft"] = "sft"
     name: str = "sft"
     data: list[SFTData] = Field(
-        default_factory=lambda: [SFTData(source="reasoning-gym", examples=400, tasks=["gsm_symbolic"]),
+        default_factory=lambda: [SFTData(source="reasoning-gym", examples=320, tasks=["gsm_symbolic"]),
+                                 SFTData(source="reasoning-gym", examples=160, tasks=["chain_sum"],
+                                         config=EASY_ARITHMETIC),
                                  SFTData(source="chitchat", examples=40, modes=["fast"])],
-        min_length=1, description="conversation sources, mixed and shuffled (default sized for a 2-core CPU: 200 "
-        "problems in both modes and 40 chats, two passes in ~19 min at 115 tok/s)")
+        min_length=1, description="conversation sources, mixed and shuffled (default sized for a 2-core CPU: 160 "
+        "word problems and 80 one-digit sums in both modes and 40 chats, two passes in ~18 min at 115 tok/s)")
     epochs: float = Field(2.0, gt=0, description="passes over the data (measured on the CPU demo: a second pass took "
                           "think-mode obedience from 55% to 90%, greedy)")
     batch_size: int = Field(4, ge=1, description="conversations per optimizer step (padded, never packed: packing "
@@ -278,8 +284,8 @@ class RLStage(Strict):
     kind: Literal["rl"] = "rl"
     name: str = "rl"
     data: list[RLData] = Field(
-        default_factory=lambda: [RLData(tasks=["gsm_symbolic"], problems=12),
-                                 RLData(tasks=["chain_sum"], config=EASY_ARITHMETIC, problems=20)],
+        default_factory=lambda: [RLData(tasks=["gsm_symbolic"], problems=8),
+                                 RLData(tasks=["chain_sum"], config=EASY_ARITHMETIC, problems=40)],
         min_length=1, description="problem sources (default sized for a 2-core CPU: the SFT's word problems, and sums "
         "of one-digit numbers the CPU demo's model sometimes gets right, so correctness has something to pay)")
     rewards: list[RewardSpec] = Field(default_factory=default_rewards, min_length=1)

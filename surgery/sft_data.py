@@ -2,11 +2,14 @@
 
 | source                  | what it gives                                                  | modes                                |
 |-------------------------|----------------------------------------------------------------|--------------------------------------|
-| `reasoning-gym`         | seeded verifiable problems (`tasks`, default `gsm_symbolic`)   | think: worked solution, then answer; |
-|                         |                                                                | fast: the bare answer (same problem) |
+| `reasoning-gym`         | seeded verifiable problems (`tasks`, default `gsm_symbolic`;   | think: worked solution, then answer; |
+|                         | task settings in `config`)                                     | fast: the bare answer (same problem) |
 | `chitchat`              | human–human chat (chitchat-dataset, MIT), so the model keeps talking | fast                           |
 | `FILE.jsonl` / `.json`  | rows with a `messages` list of {role, content}                 | as written (a `<think>` answer is think mode) |
 | HF dataset name         | the same rows, streamed through `datasets`                     | as written                           |
+
+Worked solutions are the task's own (`answer_cot`), or written from the problem where the task ships none
+(`WORKED_SOLUTIONS`: chain_sum's running total), or a model's (`traces: teacher`).
 
 Training problems come from seeds below `EVAL_SEED`; evaluation draws its reasoning-gym problems from `EVAL_SEED` on.
 Seeds alone do not keep them apart (a problem's template is drawn from its dataset's seed and its numbers from seed +
@@ -45,7 +48,7 @@ def conversations(source, seed: int, writer=None) -> list[dict]:
         if source.traces == "teacher" and writer is None:
             raise SurgeryError("traces: teacher needs a model to write the traces")
         rows = reasoning_gym_conversations(source.tasks or ["gsm_symbolic"], source.examples, source.modes, seed,
-                                           writer if source.traces == "teacher" else None)
+                                           writer if source.traces == "teacher" else None, source.config)
     elif name == "chitchat":
         rows = chitchat_conversations(source.examples, seed)
     else:
@@ -64,6 +67,29 @@ def conversations(source, seed: int, writer=None) -> list[dict]:
 EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
 
 
+def chain_sum_solution(entry: dict) -> str:
+    """chain_sum's worked solution, which the task does not ship: the running total left to right, one step a line
+    ("8 + 0 + 7" → "8 + 0 = 8\n8 + 7 = 15"); checked against the task's own answer."""
+    first, *rest = entry["metadata"]["expression"].split(" ")
+    total, lines = int(first), []
+    for op, term in zip(rest[::2], rest[1::2]):
+        new = total + int(term) if op == "+" else total - int(term)
+        lines.append(f"{total} {op} {term} = {new}")
+        total = new
+    if str(total) != str(entry["answer"]).strip():
+        raise SurgeryError(f"chain_sum worked solution of {entry['question']!r} gives {total}, not {entry['answer']}")
+    return "\n".join(lines)
+
+
+def _none(entry: dict) -> None:
+    return None
+
+
+# Worked solutions for reasoning-gym tasks that ship none (metadata without answer_cot), so think mode can be taught
+# on them; a task in neither is fast-mode only.
+WORKED_SOLUTIONS = {"chain_sum": chain_sum_solution}
+
+
 def problems(task: str, count: int, seed: int, config: dict | None = None) -> list[dict]:
     """`count` seeded reasoning-gym problems ({question, answer, reasoning or None, entry}); `seed` ≥ EVAL_SEED for
     evaluation; `config`: the task's settings (e.g. EASY_ARITHMETIC for chain_sum)."""
@@ -80,16 +106,17 @@ def problems(task: str, count: int, seed: int, config: dict | None = None) -> li
     out = []
     for entry in dataset:
         cot = (entry.get("metadata") or {}).get("answer_cot")
-        reasoning = _FINAL_LINE.sub("", cot).strip() if cot else None
+        reasoning = _FINAL_LINE.sub("", cot).strip() if cot else WORKED_SOLUTIONS.get(task, _none)(entry)
         out.append({"question": entry["question"], "answer": str(entry["answer"]).strip(), "reasoning": reasoning,
                     "entry": entry, "task": task})
     return out
 
 
 def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str], seed: int,
-                                writer=None) -> list[dict]:
-    """Problems shared out over `tasks`; each problem appears once per mode, so the modes differ only in the answer.
-    With a `writer`, the think-mode reasoning is the writer's own solution of each problem it solved right."""
+                                writer=None, config: dict | None = None) -> list[dict]:
+    """Problems shared out over `tasks` (with their settings `config`); each problem appears once per mode, so the
+    modes differ only in the answer. With a `writer`, the think-mode reasoning is the writer's own solution of each
+    problem it solved right."""
     per_problem = len(modes)
     count = -(-examples // per_problem)
     rows = []
@@ -98,15 +125,15 @@ def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str
         # reasoning-gym draws problem k's numbers from Random(seed + k): training seed ranges stay below EVAL_SEED.
         base = (seed + 100_003 * i) % (EVAL_SEED - MAX_PROBLEMS)
         if writer is None:
-            pool = not_evaluated(task, problems(task, share + share // 50 + 8, base))[:share]
+            pool = not_evaluated(task, problems(task, 4 * share + 8, base, config), config)[:share]
             if len(pool) < share:
                 raise SurgeryError(f"reasoning-gym {task!r}: too many problems coincide with evaluation ones")
         else:
-            pool = solved_problems(task, share, base, writer)
+            pool = solved_problems(task, share, base, writer, config)
         for problem in pool:
             if "think" in modes and not problem["reasoning"]:
                 raise SurgeryError(f"reasoning-gym task {task!r} has no worked solution for think mode; use it with "
-                                   "modes: [fast], or a task that has one (gsm_symbolic)")
+                                   "modes: [fast], traces: teacher, or a task that has one (gsm_symbolic, chain_sum)")
             for mode in modes:
                 rows.append({"messages": [
                     {"role": "system", "content": mode_system_prompt(mode)},
@@ -128,7 +155,7 @@ def not_evaluated(task: str, pool: list[dict], config: dict | None = None) -> li
     return [p for p in pool if p["question"] not in held_out]
 
 
-def solved_problems(task: str, count: int, seed: int, writer) -> list[dict]:
+def solved_problems(task: str, count: int, seed: int, writer, config: dict | None = None) -> list[dict]:
     """`count` problems of `task` that `writer` solved right, its solution as their reasoning (rejection sampling, as
     in STaR / DeepSeek-R1's SFT data); problems are drawn in rounds until enough are solved or `TRACE_ATTEMPTS`×count
     have been tried."""
@@ -137,9 +164,9 @@ def solved_problems(task: str, count: int, seed: int, writer) -> list[dict]:
     solved, tried = [], 0
     # Training seeds stay below EVAL_SEED: never a problem the evaluation asks.
     while len(solved) < count and tried < TRACE_ATTEMPTS * count and seed + tried + count - len(solved) <= EVAL_SEED:
-        batch = problems(task, count - len(solved), seed + tried)  # numbers from Random(seed + k): fresh problems
+        batch = problems(task, count - len(solved), seed + tried, config)  # numbers from Random(seed + k)
         tried += len(batch)
-        batch = not_evaluated(task, batch)
+        batch = not_evaluated(task, batch, config)
         for problem, text in zip(batch, writer.solve([p["question"] for p in batch])):
             if same_number(extract_number(text), problem["answer"]):
                 solved.append(dict(problem, reasoning=text.strip()))

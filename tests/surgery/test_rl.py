@@ -12,7 +12,7 @@ from trl import GRPOTrainer
 
 from ling_surgery.surgery import rl as rl_module
 from ling_surgery.surgery.chat_template import add_thinking_modes
-from ling_surgery.surgery.config import RLStage, load_recipe
+from ling_surgery.surgery.config import ALIGN_STAGES, RLStage, load_recipe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
 from ling_surgery.surgery.lpo import segment_mean, sentence_ends, sentence_ids
@@ -300,3 +300,11 @@ def test_problems_come_in_both_modes_with_their_settings_and_never_from_the_eval
     assert not any(q in evaluated for q in questions)
     with pytest.raises(SurgeryError, match="with config"):
         rl_module.prompt_rows(RLStage(data=[{"tasks": ["chain_sum"], "config": {"max_termz": 2}, "problems": 2}]), tok, 0)
+
+
+def test_the_cpu_align_recipe_is_align_with_its_defaults():
+    # README: `align --config smollm2-135m-align-cpu` is what `align` does with defaults; keep the two in step.
+    shipped = load_recipe("smollm2-135m-align-cpu")
+    defaults = load_recipe(None, base={"stages": ALIGN_STAGES})
+    for stage, default in zip(shipped.stages, defaults.stages, strict=True):
+        assert stage.model_dump() == default.model_dump(), stage.name

@@ -294,3 +294,32 @@ def test_training_problems_are_never_evaluation_problems():
     rows = reasoning_gym_conversations(["gsm_symbolic"], 2000, ["fast"], seed=12345)
     questions = {row["messages"][1]["content"] for row in rows}
     assert len(rows) == 2000 and not questions & evaluation_questions("gsm_symbolic")
+
+
+def test_chain_sum_think_mode_writes_the_running_total_and_checks_it():
+    from ling_surgery.surgery.sft_data import EASY_ARITHMETIC, chain_sum_solution, evaluation_questions
+
+    entry = {"question": "8 + 0 - 9 =", "answer": "-1", "metadata": {"expression": "8 + 0 - 9"}}
+    assert chain_sum_solution(entry) == "8 + 0 = 8\n8 - 9 = -1"
+    with pytest.raises(SurgeryError, match="gives -1, not 7"):
+        chain_sum_solution(dict(entry, answer="7"))
+    stage = SFTStage(data=[{"source": "reasoning-gym", "tasks": ["chain_sum"], "config": EASY_ARITHMETIC,
+                            "examples": 40}])
+    rows = conversations(stage.data[0], seed=0)
+    held_out = evaluation_questions("chain_sum", tuple(sorted(EASY_ARITHMETIC.items())))
+    assert len(rows) == 40 and not {row["messages"][1]["content"] for row in rows} & held_out
+    for row in rows:
+        question, answer = row["messages"][1]["content"], row["messages"][2]["content"]
+        expression = question.rsplit(":", 1)[1].strip(" =")
+        assert len(expression.split()) in (3, 5)  # the config holds: two or three one-digit terms
+        if answer.startswith(THINK_OPEN):
+            steps, final = answer.split("</think>")
+            for step in steps.removeprefix(THINK_OPEN).strip().splitlines():  # each line "a ± b = c", true
+                left, right = step.split(" = ")
+                assert eval(left) == int(right)
+            assert int(right) == int(final) == eval(expression)
+
+
+def test_task_settings_belong_to_reasoning_gym_sources():
+    with pytest.raises(ValueError, match="config holds reasoning-gym task settings"):
+        SFTStage(data=[{"source": "chitchat", "examples": 2, "modes": ["fast"], "config": {"min_terms": 2}}])
