@@ -49,7 +49,7 @@ def prompt_rows(stage, tokenizer, seed: int) -> list[dict]:
     ling-surgery's modes: its default), with what the rewards read (mode, task, answer, reasoning-gym entry)."""
     from ling_surgery.evals.modes import question_text
     from ling_surgery.surgery.chat_template import has_thinking_modes
-    from ling_surgery.surgery.sft_data import MAX_PROBLEMS, EVAL_SEED, not_evaluated, problems
+    from ling_surgery.surgery.sft_data import MAX_PROBLEMS, EVAL_SEED, training_problems
 
     with_modes = has_thinking_modes(tokenizer)
     rows = []
@@ -58,9 +58,7 @@ def prompt_rows(stage, tokenizer, seed: int) -> list[dict]:
         for j, task in enumerate(tasks):
             share = data.problems // len(tasks) + (j < data.problems % len(tasks))
             base = (seed * 7919 + RL_SEED_OFFSET + 100_003 * (31 * i + j)) % (EVAL_SEED - MAX_PROBLEMS)
-            # Small problem spaces share many questions with the evaluation (sums of two one-digit numbers: nearly all
-            # of them are among its first 1,000), so draw four times what is needed.
-            pool = not_evaluated(task, problems(task, 4 * share + 8, base, data.config), data.config)[:share]
+            pool = training_problems(task, share, base, data.config)
             if len(pool) < share:
                 raise SurgeryError(f"stages.{stage.name}: reasoning-gym {task!r} has too few problems outside the "
                                    f"evaluation's for {share}; lower problems or widen its config")

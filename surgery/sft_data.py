@@ -81,10 +81,6 @@ def chain_sum_solution(entry: dict) -> str:
     return "\n".join(lines)
 
 
-def _none(entry: dict) -> None:
-    return None
-
-
 # Worked solutions for reasoning-gym tasks that ship none (metadata without answer_cot), so think mode can be taught
 # on them; a task in neither is fast-mode only.
 WORKED_SOLUTIONS = {"chain_sum": chain_sum_solution}
@@ -106,7 +102,8 @@ def problems(task: str, count: int, seed: int, config: dict | None = None) -> li
     out = []
     for entry in dataset:
         cot = (entry.get("metadata") or {}).get("answer_cot")
-        reasoning = _FINAL_LINE.sub("", cot).strip() if cot else WORKED_SOLUTIONS.get(task, _none)(entry)
+        solver = WORKED_SOLUTIONS.get(task)
+        reasoning = _FINAL_LINE.sub("", cot).strip() if cot else solver(entry) if solver else None
         out.append({"question": entry["question"], "answer": str(entry["answer"]).strip(), "reasoning": reasoning,
                     "entry": entry, "task": task})
     return out
@@ -125,7 +122,7 @@ def reasoning_gym_conversations(tasks: list[str], examples: int, modes: list[str
         # reasoning-gym draws problem k's numbers from Random(seed + k): training seed ranges stay below EVAL_SEED.
         base = (seed + 100_003 * i) % (EVAL_SEED - MAX_PROBLEMS)
         if writer is None:
-            pool = not_evaluated(task, problems(task, 4 * share + 8, base, config), config)[:share]
+            pool = training_problems(task, share, base, config)
             if len(pool) < share:
                 raise SurgeryError(f"reasoning-gym {task!r}: too many problems coincide with evaluation ones")
         else:
@@ -153,6 +150,13 @@ def not_evaluated(task: str, pool: list[dict], config: dict | None = None) -> li
     """`pool` without the problems whose question the evaluation asks (the first EVAL_GUARD of its seed)."""
     held_out = evaluation_questions(task, tuple(sorted((config or {}).items())))
     return [p for p in pool if p["question"] not in held_out]
+
+
+def training_problems(task: str, count: int, seed: int, config: dict | None = None) -> list[dict]:
+    """Up to `count` problems from `seed` on that the evaluation never asks (fewer only where the task's settings leave
+    too few). Small problem spaces share many questions with the evaluation (sums of two one-digit numbers: nearly all
+    of them are among its first 1,000), so four times what is needed are drawn."""
+    return not_evaluated(task, problems(task, 4 * count + 8, seed, config), config)[:count]
 
 
 def solved_problems(task: str, count: int, seed: int, writer, config: dict | None = None) -> list[dict]:
