@@ -245,7 +245,7 @@ class RLData(Strict):
     modes: list[Mode] = Field(["fast", "think"], min_length=1)
 
 
-BUILTIN_REWARDS = ("correctness", "length", "format")
+BUILTIN_REWARDS = ("correctness", "length", "length_by_accuracy", "format")
 
 
 
@@ -254,10 +254,11 @@ class RewardSpec(Strict):
 
     correctness: the task's scorer on the answer after the think block (1 when right). length: Evo-CoT's dynamic length
     reward (Ling 2.0 §4.2, arXiv 2510.22115): p = 0.5 − (l − l_min)/(l_max − l_min) over the group, paid as p when
-    correct and min(p, 0) when wrong — short right answers gain, long wrong ones lose. format: −0.5 when an answer
-    breaks its mode (a think marker in fast mode; a think block that is not closed and followed by an answer in think
-    mode). Or `module:function`, called as TRL calls reward functions (prompts, completions, completion_ids and the
-    dataset columns mode, task, answer; one float per completion)."""
+    correct and min(p, 0) when wrong — short right answers gain, long wrong ones lose; length_by_accuracy: the same
+    times the share of the prompt's group that is right (Evo-CoT's larger weight on easy tasks, smaller on hard).
+    format: −0.5 when an answer breaks its mode (a think marker in fast mode; a think block that is not closed and
+    followed by an answer in think mode). Or `module:function`, called as TRL calls reward functions (prompts,
+    completions, completion_ids and the dataset columns mode, task, answer; one float per completion)."""
 
     name: str
     weight: float = 1.0

@@ -6,6 +6,8 @@
 | `correctness` | the reasoning-gym task's own `score_answer` on the answer after the think block (1 when right)    |
 | `length`      | Evo-CoT's dynamic length reward (Ling 2.0 §4.2, arXiv 2510.22115): per group of completions of one |
 |               | prompt, p(l) = 0.5 − (l − l_min)/(l_max − l_min + 1e-9); p when correct, min(p, 0) when wrong      |
+| `length_by_accuracy` | the same times the group's share of right answers (Evo-CoT's larger α on easy tasks, smaller |
+|               | on hard, measured per prompt): a prompt nobody solves pays no length                              |
 | `format`      | −0.5 when an answer breaks its mode (Evo-CoT's penalty for `<think>` in fast mode; in think mode,  |
 |               | a think block that is not closed and followed by an answer)                                       |
 | `module:function` | a user function with TRL's reward signature                                                   |
@@ -47,15 +49,30 @@ def correctness(prompts, completions, task, entry, **_) -> list[float]:
 
 
 def length(prompts, completions, completion_ids, task, entry, **_) -> list[float]:
-    """Evo-CoT's dynamic length reward over each group of completions of one prompt."""
+    """Evo-CoT's dynamic length reward over each group of completions of one prompt (α: the reward's weight)."""
+    return _dynamic_length(prompts, completions, completion_ids, task, entry, scale_by_accuracy=False)
+
+
+def length_by_accuracy(prompts, completions, completion_ids, task, entry, **_) -> list[float]:
+    """Evo-CoT's dynamic length reward scaled, per prompt, by the share of its group's completions that are right.
+
+    Ling 2.0 §4.2 sets α larger for easy tasks and smaller for hard ones; the group measures that per prompt. With one
+    α, a group with no right answer pays its shortest wrong answer most (0 against down to −0.5): stopping early is
+    paid exactly where the model cannot yet solve the problem. Scaled, that group pays no length at all — and, while
+    the policy is rarely right, most groups pay nothing but correctness and format."""
+    return _dynamic_length(prompts, completions, completion_ids, task, entry, scale_by_accuracy=True)
+
+
+def _dynamic_length(prompts, completions, completion_ids, task, entry, scale_by_accuracy: bool) -> list[float]:
     right = [score >= CORRECT for score in correctness(prompts, completions, task, entry)]
     lengths = [len(ids) for ids in completion_ids]
     out = []
     for start, end in groups(prompts):
         low, high = min(lengths[start:end]), max(lengths[start:end])
+        alpha = sum(right[start:end]) / (end - start) if scale_by_accuracy else 1.0
         for i in range(start, end):
             p = 0.5 - (lengths[i] - low) / (high - low + 1e-9)
-            out.append(p if right[i] else min(p, 0.0))
+            out.append(alpha * (p if right[i] else min(p, 0.0)))
     return out
 
 
@@ -82,7 +99,7 @@ def groups(prompts: list) -> list[tuple[int, int]]:
     return bounds
 
 
-BUILTIN = {"correctness": correctness, "length": length, "format": format}
+BUILTIN = {"correctness": correctness, "length": length, "length_by_accuracy": length_by_accuracy, "format": format}
 assert set(BUILTIN) == set(BUILTIN_REWARDS)
 
 

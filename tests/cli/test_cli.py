@@ -242,7 +242,7 @@ def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path)
          "chitchat has no reasoning to put in think mode"),
         ([str(chat_model), "--chat-template", str(tmp_path / "missing.jinja")], "missing.jinja' not found"),
         ([str(chat_model), "--no-sft", "--set", "stages.rl.rewards=[{name: corectness}]"],
-         "stages.rl.rewards: 'corectness' is not a reward; use correctness, length, format"),
+         "stages.rl.rewards: 'corectness' is not a reward; use correctness, length, length_by_accuracy, format"),
         ([str(chat_model), "--set", "stages.rl.rewards=[{name: 'nomodule:f'}]"], "cannot import 'nomodule'"),
         ([str(chat_model), "--set", "stages.rl.loss_type=cispo"], "loss_type cispo cannot take the sentence-level ratio"),
         ([str(chat_model), "--no-sft", "--no-rl"], "switching off sft and rl leaves the recipe no stage to run"),

@@ -16,7 +16,7 @@ from ling_surgery.surgery.config import ALIGN_STAGES, RLStage, load_recipe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
 from ling_surgery.surgery.lpo import segment_mean, sentence_ends, sentence_ids
-from ling_surgery.surgery.rewards import correctness, format, length
+from ling_surgery.surgery.rewards import correctness, format, length, length_by_accuracy
 from ling_surgery.surgery.run import run
 
 
@@ -34,8 +34,8 @@ def rl_recipe(model, output, **stage):
     sets = ["stages=[{kind: rl}]", "stages.rl.data=[{tasks: [basic_arithmetic], problems: 4}]",
             "stages.rl.num_generations=2", "stages.rl.prompts_per_rollout=4", "stages.rl.updates_per_rollout=2",
             "stages.rl.max_completion_length=10", "stages.rl.lr=1e-3",
-            "stages.rl.rewards=[{name: correctness}, {name: length, weight: 0.5}, {name: format}, "
-            "{name: 'helpers:vowel_share'}]", "eval.tokens=0", "data.seq_len=32", "runtime.save_every=2"]
+            "stages.rl.rewards=[{name: correctness}, {name: length, weight: 0.5}, {name: length_by_accuracy, "
+            "weight: 0.5}, {name: format}, {name: 'helpers:vowel_share'}]", "eval.tokens=0", "data.seq_len=32", "runtime.save_every=2"]
     sets += [f"stages.rl.{k}={v}" for k, v in stage.items()]
     return load_recipe(None, sets, model=str(model), output=str(output))
 
@@ -222,9 +222,30 @@ def test_rewards_score_answers_pay_short_right_answers_and_penalise_broken_modes
     columns = {"task": ["basic_arithmetic"] * 6, "entry": [json.dumps(entry)] * 6}
     scores = correctness(prompts, completions, **columns)
     assert scores[0] == 1.0 and scores[1] < 1.0 and scores[3] == 1.0  # the task's partial credit stays below 1
-    # Groups of equal prompts: fast lengths 1, 2, 5 → p = 0.5, 0.25, −0.5; think 3, 7, 11 → 0.5, 0, −0.5.
-    assert length(prompts, completions, ids, **columns) == pytest.approx([0.5, 0.0, -0.5, 0.5, 0.0, -0.5], abs=1e-8)
+    # Groups of equal prompts: fast lengths 1, 2, 5 → p = 0.5, 0.25, −0.5 (the second wrong: min(p, 0) = 0); think
+    # 3, 7, 11 → 0.5, 0, −0.5. Two of three right in each group: `length_by_accuracy` pays 2/3 of that.
+    evo_cot = [0.5, 0.0, -0.5, 0.5, 0.0, -0.5]
+    assert length(prompts, completions, ids, **columns) == pytest.approx(evo_cot, abs=1e-8)
+    assert length_by_accuracy(prompts, completions, ids, **columns) == pytest.approx([2 / 3 * r for r in evo_cot], abs=1e-8)
     assert format(prompts, completions, ["fast"] * 3 + ["think"] * 3) == [0, 0, -0.5, 0, 0, -0.5]
+
+
+def test_the_length_reward_by_accuracy_scales_with_how_many_of_the_group_are_right():
+    """Evo-CoT's α, larger on easy prompts and smaller on hard: a group nobody solves pays no length (unscaled, its
+    shortest wrong answer would gain over the long ones — a reward for giving up early), a group all right pays it all."""
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=3)[0]
+    gold, prompt = entry["answer"], "<|im_start|>assistant\n"
+    ids = [[1], [1] * 5, [1] * 7, [1] * 9]  # p = 0.5, 0, −0.25, −0.5
+    columns = {"task": ["basic_arithmetic"] * 4, "entry": [json.dumps(entry)] * 4}
+    wrong = [f"{gold}1", f"{gold}2", f"{gold}3", f"{gold}4"]
+    assert length([prompt] * 4, wrong, ids, **columns) == pytest.approx([0, 0, -0.25, -0.5], abs=1e-8)
+    assert length_by_accuracy([prompt] * 4, wrong, ids, **columns) == [0.0] * 4
+    right = [gold] * 4
+    assert length_by_accuracy([prompt] * 4, right, ids, **columns) == length([prompt] * 4, right, ids, **columns)
+    one_right = [gold, *wrong[1:]]  # the short answer right: a quarter of the constant reward
+    assert length_by_accuracy([prompt] * 4, one_right, ids, **columns) == pytest.approx([0.125, 0, -0.0625, -0.125], abs=1e-8)
 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
