@@ -313,6 +313,10 @@ class RLStage(Strict):
     sampling: SamplingSettings | None = Field(
         None, description="how completions are sampled (unset: as the model ships in its generation config — an "
         "aligned model's sampling; temperature 1 for a greedy one)")
+    generation: Literal["auto", "generate", "vllm"] = Field(
+        "auto", description="the rollout sampler: vllm (TRL's colocated vLLM, on CUDA with vllm installed, for models "
+        "vLLM loads as they are), generate (transformers; an upgraded hybrid on CPU: ling-surgery's cached KDA "
+        "sampler), or auto (vllm where it can run, else generate)")
 
     def clip_range(self) -> tuple[float, float]:
         low, high = DEFAULT_EPSILON[self.importance_sampling_level]

@@ -19,6 +19,7 @@ loader needs the HF module names mapped to Ling's (research/ecosystem.md §3.4),
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -35,13 +36,32 @@ from ling_surgery.surgery.lpo import segment_mean, sentence_ids
 RL_SEED_OFFSET = 500_009  # RL problems are drawn from other seeds than SFT's (sft_data: seed·7919 + 31·i)
 
 
-def generation_backend(model_type: str) -> str:
-    """Which sampler the stage uses for a model of this type, and why (the plan prints it)."""
+def rollout_sampler(choice: str, model_type: str, cuda: bool, vllm_installed: bool) -> tuple[bool, str]:
+    """(use vLLM, which sampler and why) for `stages.rl.generation`; a choice that cannot run is a one-line error."""
     from ling_surgery.surgery.sft import _has_fla
 
-    if model_type == "bailing_hybrid" and not _has_fla():
-        return "ling-surgery's cached sampler on the fast KDA path (transformers' reference KDA kernels are slow)"
-    return "transformers generate (vLLM's loader needs Ling's weight names; continuous batching rejects KDA)"
+    if model_type == "bailing_hybrid":
+        if choice == "vllm":
+            raise SurgeryError("stages.rl.generation vllm: vLLM cannot sample an upgraded bailing_hybrid model (its "
+                               "BailingMoeV3 loader needs Ling's weight names, continuous batching rejects KDA); "
+                               "use generation: generate")
+        if not _has_fla():
+            return False, ("ling-surgery's cached sampler on the fast KDA path (transformers' reference KDA kernels "
+                           "are slow; vLLM cannot load bailing_hybrid as exported)")
+        return False, "transformers generate on fla's kernels (vLLM cannot load bailing_hybrid as exported)"
+    if choice == "vllm" and not (cuda and vllm_installed):
+        raise SurgeryError("stages.rl.generation vllm needs " + ("a CUDA device" if not cuda else "the vllm package")
+                           + "; pip install vllm (TRL takes 0.10.2 to 0.17.1) on a GPU machine, or use generation: "
+                           "generate")
+    if choice != "generate" and cuda and vllm_installed:
+        return True, "vLLM colocated in the trainer process (TRL's vllm_mode colocate)"
+    why = ("as asked" if choice == "generate" else
+           "vLLM needs CUDA" if not cuda else "vllm is not installed; pip install vllm for faster rollouts")
+    return False, f"transformers generate ({why})"
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 def prompt_rows(stage, tokenizer, seed: int) -> list[dict]:
@@ -199,6 +219,7 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     temperature, top_p, top_k = sampling_settings(stage, model)
     low, high = stage.clip_range()
     funcs, weights = reward_functions(stage.rewards)
+    use_vllm, _ = rollout_sampler(stage.generation, model.config.model_type, cuda, vllm_installed())
     rows_per_update = stage.prompts_per_rollout * stage.num_generations // stage.updates_per_rollout
     save_every = stage.updates_per_rollout * max(1, math.ceil(ctx.save_every / stage.updates_per_rollout))
     args = GRPOConfig(
@@ -214,7 +235,7 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
         bf16=cuda, gradient_checkpointing=False, use_cpu=not cuda, report_to="none", logging_steps=1,
         save_strategy="steps" if (ctx.save_every and out_dir) else "no", save_steps=save_every, save_total_limit=2,
         seed=ctx.seed, data_seed=ctx.seed, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
-        reward_weights=weights,
+        reward_weights=weights, use_vllm=use_vllm, vllm_mode="colocate",
     )
     trainer = LPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=list(callbacks))
@@ -248,7 +269,8 @@ def rl(model, stage, ctx: RunContext):
         "steps": int(trainer.state.global_step),
         "rollouts": -(-int(trainer.state.global_step) // stage.updates_per_rollout),
         "seconds": round(seconds, 1),
-        "generation": generation_backend(model.config.model_type),
+        "generation": rollout_sampler(stage.generation, model.config.model_type, ctx.device.type == "cuda",
+                                      vllm_installed())[1],
         "importance_sampling_level": stage.importance_sampling_level,
         "clip_range": list(stage.clip_range()),
         "rewards": {spec.name: spec.weight for spec in stage.rewards},

@@ -246,6 +246,8 @@ def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path)
         ([str(chat_model), "--set", "stages.rl.rewards=[{name: 'nomodule:f'}]"], "cannot import 'nomodule'"),
         ([str(chat_model), "--set", "stages.rl.loss_type=cispo"], "loss_type cispo cannot take the sentence-level ratio"),
         ([str(chat_model), "--no-sft", "--no-rl"], "switching off sft and rl leaves the recipe no stage to run"),
+        ([str(chat_model), "--no-sft", "--set", "stages.rl.generation=vllm", "--set", "runtime.device=cpu"],
+         "stages.rl.generation vllm needs a CUDA device"),
     ]
     for args, message in cases:
         result = run_cli("align", *args, "--output", str(tmp_path / "o"))

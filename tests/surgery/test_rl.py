@@ -248,6 +248,27 @@ def test_the_length_reward_by_accuracy_scales_with_how_many_of_the_group_are_rig
     assert length_by_accuracy([prompt] * 4, one_right, ids, **columns) == pytest.approx([0.125, 0, -0.0625, -0.125], abs=1e-8)
 
 
+def test_rollouts_sample_through_vllm_where_it_can_run_and_the_plan_says_why():
+    from ling_surgery.surgery.rl import rollout_sampler
+
+    use, why = rollout_sampler("auto", "llama", cuda=True, vllm_installed=True)
+    assert use and "colocate" in why
+    assert rollout_sampler("vllm", "qwen3", cuda=True, vllm_installed=True)[0]
+    for choice, cuda, installed, reason in [("auto", False, True, "vLLM needs CUDA"),
+                                            ("auto", True, False, "vllm is not installed"),
+                                            ("generate", True, True, "as asked")]:
+        use, why = rollout_sampler(choice, "llama", cuda=cuda, vllm_installed=installed)
+        assert not use and why.startswith("transformers generate") and reason in why
+    # An upgraded hybrid never goes to vLLM (its loader needs Ling's weight names); on CPU it samples on the fast path.
+    assert not rollout_sampler("auto", "bailing_hybrid", cuda=True, vllm_installed=True)[0]
+    assert "fast KDA path" in rollout_sampler("auto", "bailing_hybrid", cuda=False, vllm_installed=False)[1]
+    for model_type, cuda, installed, message in [("bailing_hybrid", True, True, "vLLM cannot sample an upgraded"),
+                                                  ("llama", False, True, "needs a CUDA device"),
+                                                  ("llama", True, False, "needs the vllm package")]:
+        with pytest.raises(SurgeryError, match=message):
+            rollout_sampler("vllm", model_type, cuda=cuda, vllm_installed=installed)
+
+
 # --- the stage --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("level", ["token", "sequence", "sentence"])
