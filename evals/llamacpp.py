@@ -8,6 +8,8 @@ so both run in the same engine at the same dtype and thread count.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,17 @@ class _Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    @functools.cached_property
+    def document_end_id(self) -> int | None:
+        """The document-end token as `surgery.data` picks it from a transformers vocabulary, found by tokenising."""
+        from ling_surgery.surgery.data import DOCUMENT_END_TOKENS
+
+        for token in DOCUMENT_END_TOKENS:
+            ids = self._llm.tokenize(token.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) == 1:
+                return ids[0]
+        return self.eos_token_id
 
 
 class LlamaCppModel:

