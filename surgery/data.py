@@ -204,6 +204,7 @@ class TokenStream:
     tokens: torch.Tensor  # (N,) int64
     starts: torch.Tensor | None = None  # (D,) int64: where each document begins in `tokens`
     source: str = "data"
+    joins: tuple[int, int] | None = None  # (document-end token, paragraph-break token): to make one document of two
 
     @classmethod
     def from_documents(cls, docs: list[str], tokenizer, max_tokens: int | None = None, seed: int = 0,
@@ -221,7 +222,9 @@ class TokenStream:
             if max_tokens is not None and total >= max_tokens:
                 break
         tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), source)
+        joiner = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        joins = (end_id, joiner[0]) if end_id is not None and joiner else None
+        return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), source, joins)
 
     def windows(self, seq_len: int) -> torch.Tensor:
         n = len(self.tokens) // seq_len

@@ -191,7 +191,7 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
             input_ids = next(batches)
             if stage.recall_mix:
                 first_index = ctx.window_start + step * stage.batch_size
-                input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train.tokens, first_index)
+                input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train.tokens, first_index, ctx.train.joins)
             input_ids = input_ids.to(ctx.device)
             with _autocast(ctx):
                 loss = loss_fn(input_ids)

@@ -47,3 +47,18 @@ def test_the_mix_is_a_share_of_windows_chosen_by_index():
     again = mix_copy_windows(batch[10:20], 0.25, stream, first_index=110)
     assert torch.equal(again, mixed[10:20])
     assert torch.equal(mix_copy_windows(batch, 0.0, stream, 0), batch)
+
+
+def test_a_copy_window_is_one_document_and_plain_windows_keep_their_document_ends():
+    END, BREAK = 0, 1
+    stream = torch.randint(1000, 2000, (5000,))
+    window = torch.arange(2, 258)
+    window[::50] = END  # a document ends every 50 tokens
+    out = copy_window(window, stream, seed=3, joins=(END, BREAK))
+    assert (out != END).all() and (out == BREAK).any()
+    assert torch.equal(copy_window(window, stream, seed=3, joins=None)[out != BREAK], out[out != BREAK])
+    batch = window.repeat(8, 1)
+    mixed = mix_copy_windows(batch, 0.5, stream, first_index=0, joins=(END, BREAK))
+    for row in range(8):
+        copied = not torch.equal(mixed[row], batch[row])
+        assert (mixed[row] == END).any() != copied  # only copy windows lose their document ends
