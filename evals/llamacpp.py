@@ -9,7 +9,6 @@ so both run in the same engine at the same dtype and thread count.
 from __future__ import annotations
 
 import functools
-
 import os
 from dataclasses import dataclass
 from pathlib import Path

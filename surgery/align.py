@@ -34,25 +34,21 @@ class AlignmentPlan:
     target: object = None
     target_config: object = None
     derived: list = field(default_factory=list)
+    samplers: dict = field(default_factory=dict)  # rl stage name → which rollout sampler runs it, and why
 
     def table(self) -> Table:
         table = Table(title=f"align: {escape(self.source.name)} ({getattr(self.source_config, 'model_type', '?')})")
         for col in ("stage", "kind", "data", "training"):
             table.add_column(col)
         model_type = getattr(self.source_config, "model_type", "")
-        from ling_surgery.surgery.run import resolve_device
-
-        cuda = resolve_device(self.recipe.runtime.device).type == "cuda"
         for stage in self.recipe.stages:
-            table.add_row(stage.name, stage.kind, *alignment_row(stage, model_type, cuda))
+            table.add_row(stage.name, stage.kind, *alignment_row(stage, model_type, self.samplers.get(stage.name, "")))
         return table
 
 
-def alignment_row(stage, model_type: str, cuda: bool) -> tuple[str, str]:
-    """(data, training) of an sft or rl stage, as the plan shows them."""
+def alignment_row(stage, model_type: str, sampler: str) -> tuple[str, str]:
+    """(data, training) of an sft or rl stage, as the plan shows them (`sampler`: an rl stage's rollout sampler)."""
     if stage.kind == "rl":
-        from ling_surgery.surgery.rl import rollout_sampler, vllm_installed
-
         data = ", ".join(f"{d.source} {'/'.join(d.tasks or ['gsm_symbolic'])} ×{d.problems} problems "
                          f"[{'+'.join(d.modes)}]" for d in stage.data)
         low, high = stage.clip_range()
@@ -60,7 +56,7 @@ def alignment_row(stage, model_type: str, cuda: bool) -> tuple[str, str]:
         training = (f"{stage.importance_sampling_level}-level ratio (ε {low:g}/{high:g}), {stage.loss_type}, "
                     f"{stage.num_generations} samples × {stage.prompts_per_rollout} prompts per rollout in "
                     f"{stage.updates_per_rollout} update(s), ≤{stage.max_completion_length} tokens; rewards: {rewards}; "
-                    f"generation: {rollout_sampler(stage.generation, model_type, cuda, vllm_installed())[1]}")
+                    f"generation: {sampler}")
     else:
         data = ", ".join(f"{d.source}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} [{'+'.join(d.modes)}]"
                          for d in stage.data)
@@ -82,7 +78,8 @@ def plan_alignment(recipe: Recipe) -> AlignmentPlan:
         if stage.kind == "rl":  # a sampler that cannot run here costs a line, not a run
             from ling_surgery.surgery.rl import rollout_sampler, vllm_installed
 
-            rollout_sampler(stage.generation, plan.source_config.model_type, cuda, vllm_installed())
+            _, plan.samplers[stage.name] = rollout_sampler(stage.generation, plan.source_config.model_type, cuda,
+                                                           vllm_installed())
     sft_stages = [stage for stage in recipe.stages if stage.kind == "sft"]
     if sft_stages and not sft_stages[0].chat_template:
         from transformers import AutoTokenizer

@@ -29,7 +29,7 @@ DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
 def locate_documents(source: str) -> tuple[str, Path | str]:
-    """Where a data source lives, without reading it: ("packaged" | "file", path) or ("hub", name)."""
+    """Where a data source lives, without reading it: ("packaged" | "file" | "folder", path) or ("hub", name)."""
     if source in PACKAGED:
         package, rel = PACKAGED[source]
         spec = importlib.util.find_spec(package)  # locate only: the package's __init__ needs the OVOS framework

@@ -107,6 +107,7 @@ class LPOTrainer(GRPOTrainer):
 
     sentence_level = False
     fast_path = False
+    rollout_sampler = ""  # which sampler the rollouts use, and why (the manifest says it)
     kda_chunk_size = 32
 
     def _base(self, model):
@@ -219,7 +220,7 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     temperature, top_p, top_k = sampling_settings(stage, model)
     low, high = stage.clip_range()
     funcs, weights = reward_functions(stage.rewards)
-    use_vllm, _ = rollout_sampler(stage.generation, model.config.model_type, cuda, vllm_installed())
+    use_vllm, sampler = rollout_sampler(stage.generation, model.config.model_type, cuda, vllm_installed())
     rows_per_update = stage.prompts_per_rollout * stage.num_generations // stage.updates_per_rollout
     save_every = stage.updates_per_rollout * max(1, math.ceil(ctx.save_every / stage.updates_per_rollout))
     args = GRPOConfig(
@@ -239,6 +240,7 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     )
     trainer = LPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=list(callbacks))
+    trainer.rollout_sampler = sampler
     trainer.sentence_level = stage.importance_sampling_level == "sentence"
     trainer.fast_path = model.config.model_type == "bailing_hybrid" and not _has_fla()
     trainer.kda_chunk_size = ctx.chunk_size
@@ -269,8 +271,7 @@ def rl(model, stage, ctx: RunContext):
         "steps": int(trainer.state.global_step),
         "rollouts": -(-int(trainer.state.global_step) // stage.updates_per_rollout),
         "seconds": round(seconds, 1),
-        "generation": rollout_sampler(stage.generation, model.config.model_type, ctx.device.type == "cuda",
-                                      vllm_installed())[1],
+        "generation": trainer.rollout_sampler,
         "importance_sampling_level": stage.importance_sampling_level,
         "clip_range": list(stage.clip_range()),
         "rewards": {spec.name: spec.weight for spec in stage.rewards},

@@ -227,7 +227,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     use_bf16 = recipe.runtime.dtype == "bfloat16" or (recipe.runtime.dtype == "auto" and device.type == "cuda")
     if use_bf16 and device.type == "cpu":
         console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
-    teacher, tokenizer = sources.load_model(conversion.source, torch.bfloat16 if use_bf16 else torch.float32, str(device))
+    teacher = sources.load_weights(conversion.source, torch.bfloat16 if use_bf16 else torch.float32, str(device))
     eval_windows = heldout.windows(recipe.eval.seq_len) if heldout is not None else None
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:

@@ -106,12 +106,15 @@ def load_tokenizer(source: Source):
 
 def load_model(source: Source, dtype, device: str = "cpu"):
     """The source model (eval mode, untied from the hub) and its tokenizer (with chat template)."""
+    return load_weights(source, dtype, device), load_tokenizer(source)
+
+
+def load_weights(source: Source, dtype, device: str = "cpu"):
+    """The source model alone (eval mode, frozen)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = source.load_kwargs()
-    tokenizer = load_tokenizer(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
     except OSError as err:
         raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None
     if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
@@ -122,7 +125,7 @@ def load_model(source: Source, dtype, device: str = "cpu"):
             del model.config.quantization_config
     model.to(device).eval()
     model.requires_grad_(False)
-    return model, tokenizer
+    return model
 
 
 def _first_line(err: Exception) -> str:

@@ -13,8 +13,8 @@ same:
 Spans are 8 tokens to a quarter of the window, the second copy starts anywhere after the first, and nothing here
 uses an evaluation's prompts, filler or number formats. A copy window is one document: the document ends inside it
 become a paragraph break, since across a document end a teacher rightly expects unrelated text and would not copy
-(measured: with the ends kept, the CPU demo's passkey recall after distillation fell from 13/18 to 3/18). Each window's randomness is seeded by its index, so a
-resumed stage sees the same windows.
+(measured on the CPU demo, passkey hits after distillation at 512/2k/4k: 3/6, 0/6, 0/6 with the ends kept, 6/6, 2/6,
+0/6 without). Each window's randomness is seeded by its index, so a resumed stage sees the same windows.
 """
 
 from __future__ import annotations
