@@ -85,6 +85,10 @@ class DataConfig(Strict):
     heldout_fraction: float = Field(0.05, gt=0, lt=1, description="documents kept out of training for evaluation")
     seq_len: int = Field(1024, ge=8, description="training window length (tokens); 1024 holds a span and its copy "
                          "(on 256-token windows the upgraded SmolLM2-135M found no pass key at 2k)")
+    attend_across_documents: bool = Field(
+        False, description="training windows hold several documents; false: each is trained as if alone (attention, "
+        "KDA and convolution state restart at every document start, for teacher and student); true: later documents "
+        "see earlier ones")
 
 
 Trainable = Literal["mixers", "kda_mixers", "mla_mixers", "mlp", "norms", "embeddings", "all"]

@@ -29,3 +29,4 @@ class RunContext:
     bf16_autocast: bool = False  # train under bf16 autocast (runtime.dtype bfloat16, or auto on CUDA)
     tokenizer: object = None  # the model's tokenizer (alignment stages give it thinking modes; saved with each stage)
     seed: int = 0
+    separate_documents: bool = True  # training windows keep their documents apart (data.attend_across_documents false)

@@ -233,14 +233,29 @@ class TokenStream:
                                "add text or lower the window length")
         return self.tokens[: n * seq_len].view(n, seq_len)
 
-    def batches(self, seq_len: int, batch_size: int, start: int = 0):
-        """(batch_size, seq_len) batches in order, from window `start`; wraps around when the text runs out (the run
-        says so when it loads the data)."""
+    def positions(self, window_indices: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(len(window_indices), seq_len) position of every token of those windows in its document, restarting at 0
+        at each document start and at the window start (a window may begin inside a document): transformers' packed
+        sequence convention, which keeps documents apart in every layer (`kda.document_index`)."""
+        import torch
+
+        first = window_indices[:, None] * seq_len
+        where = first + torch.arange(seq_len)
+        if self.starts is None or len(self.starts) == 0:
+            return where - first
+        document = torch.searchsorted(self.starts, where, right=True) - 1
+        begins = torch.maximum(self.starts[document.clamp_min(0)], first)
+        return where - begins
+
+    def batches(self, seq_len: int, batch_size: int, start: int = 0, documents: bool = True):
+        """(input_ids, position_ids) batches of (batch_size, seq_len) in order, from window `start`; position_ids
+        restart at each document (`positions`), or are None with `documents=False` (documents then attend across
+        their ends). Wraps around when the text runs out (the run says so when it loads the data)."""
         import torch
 
         windows = self.windows(seq_len)
         i = start
         while True:
             idx = torch.arange(i, i + batch_size) % len(windows)
-            yield windows[idx]
+            yield windows[idx], (self.positions(idx, seq_len) if documents else None)
             i += batch_size

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.defaults import logit_distill_trainable
 from ling_surgery.surgery.errors import SurgeryError
-from ling_surgery.surgery.kda import mixer_forward, position_embeddings, student_logits
+from ling_surgery.surgery.kda import document_index, mixer_forward, position_embeddings, student_logits
 from ling_surgery.surgery.plan import KDA, MLA, mixer_types
 from ling_surgery.surgery.progress import training_progress
-from ling_surgery.surgery.synthetic import mix_copy_windows
+from ling_surgery.surgery.synthetic import copy_rows, mix_copy_windows
 from ling_surgery.surgery.taps import attention_taps
 
 def _mixer_of(name: str, types: list[str], kind: str | None) -> bool:
@@ -183,18 +183,22 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
         result.steps, result.tokens = done, done * tokens_per_step
         if ctx.console is not None:
             ctx.console.print(f"{name}: resuming at step {done}/{steps} from {ctx.state.path.name}")
-    batches = ctx.train.batches(ctx.seq_len, stage.batch_size, start=ctx.window_start + done * stage.batch_size)
+    batches = ctx.train.batches(ctx.seq_len, stage.batch_size, start=ctx.window_start + done * stage.batch_size,
+                                documents=ctx.separate_documents)
     student.train()
     start = time.perf_counter() - result.seconds
     with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
         for step in range(done, steps):
-            input_ids = next(batches)
+            input_ids, position_ids = next(batches)
             if stage.recall_mix:
                 first_index = ctx.window_start + step * stage.batch_size
                 input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train.tokens, first_index, ctx.train.joins)
+                if position_ids is not None:  # a copy window is one document
+                    position_ids[copy_rows(len(input_ids), stage.recall_mix, first_index)] = torch.arange(ctx.seq_len)
             input_ids = input_ids.to(ctx.device)
+            position_ids = None if position_ids is None else position_ids.to(ctx.device)
             with _autocast(ctx):
-                loss = loss_fn(input_ids)
+                loss = loss_fn(input_ids, position_ids)
             if not torch.isfinite(loss):
                 raise SurgeryError(f"stage {name}: loss became {loss.item()}; lower stages.{name}.lr")
             loss.backward()
@@ -226,19 +230,27 @@ def _run(student, stage, ctx: RunContext, loss_fn) -> StageResult:
     return result
 
 
+def teacher_forward(teacher, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+    """The frozen teacher's forward on a training batch. Packed rows (`position_ids` restarting at every document)
+    attend within their own documents: transformers derives that mask from the position ids when it is given neither
+    a mask nor a cache (`masking_utils.find_packed_sequence_indices`), hence no cache here."""
+    return teacher(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+
+
 def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     """Stage `kind: attention_transfer` (LoLCATs §3.1; RADLADS step 1): per-layer relative MSE of mixer outputs."""
     layers = student.model.layers
 
-    def loss_fn(input_ids):
+    def loss_fn(input_ids, position_ids):
         with torch.no_grad(), attention_taps(ctx.teacher, ctx.arch) as taps:
-            ctx.teacher(input_ids=input_ids)
-        rope = position_embeddings(student, taps[0][0])
+            teacher_forward(ctx.teacher, input_ids, position_ids)
+        rope = position_embeddings(student, taps[0][0], position_ids=position_ids)
+        documents = document_index(position_ids)
         losses = []
         for i, layer in enumerate(layers):
             x, y = taps[i]
             y = y.float()
-            pred = mixer_forward(layer, x, rope, ctx.chunk_size).float()
+            pred = mixer_forward(layer, x, rope, ctx.chunk_size, documents).float()
             losses.append(F.mse_loss(pred, y) / y.pow(2).mean().clamp_min(1e-8))
         return torch.stack(losses).mean()
 
@@ -255,9 +267,10 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
 def logit_distill(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     """Stage `kind: logit_distill` (RADLADS step 2): KL(teacher ‖ student) on next-token distributions."""
 
-    def loss_fn(input_ids):
+    def loss_fn(input_ids, position_ids):
         with torch.no_grad():
-            teacher_logits = ctx.teacher(input_ids=input_ids).logits
-        return kl_divergence(teacher_logits, student_logits(student, input_ids, ctx.chunk_size), stage.temperature)
+            teacher_logits = teacher_forward(ctx.teacher, input_ids, position_ids).logits
+        logits = student_logits(student, input_ids, ctx.chunk_size, position_ids)
+        return kl_divergence(teacher_logits, logits, stage.temperature)
 
     return student, _run(student, stage, ctx, loss_fn).summary()

@@ -45,21 +45,24 @@ def chunk_kda(
     chunk_size: int = 16,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA with q/k L2-normalised in the kernel, as `chunk_kimi_delta_attention(..., use_qk_l2norm_in_kernel=True)`.
 
     Shapes: query/key/value/g ``[B, T, H, dk]``, beta ``[B, T, H]``; returns ``[B, T, H, dk]`` and the final
-    state ``[B, H, dk, dv]`` (fp32) when asked. Computation is fp32 whatever the input dtype, and also inside
+    state ``[B, H, dk, dv]`` (fp32) when asked. `documents` ``[B, T]`` (non-decreasing document index of every
+    position, see `document_index`) restarts the recurrence at every document start, exactly as if each document were
+    run alone (what fla's kernels do with ``cu_seqlens``); `initial_state` is the state before the first document. Computation is fp32 whatever the input dtype, and also inside
     autocast (the path every CUDA run takes): autocast would hand bf16 matrices to `solve_triangular`, which has no
     bf16 kernel, and e^{±G} up to e^80 multiplied in bf16 keeps only ~3 significant digits. fla's Triton kernels
     keep this part in fp32 too. The result is returned in the input dtype.
     """
     devices = {t.device.type for t in (query, key, value, g, beta)}
     with torch.autocast(devices.pop(), enabled=False):
-        return _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state)
+        return _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state, documents)
 
 
-def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state):
+def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state, documents):
     in_dtype = query.dtype
     batch, seq_len, heads, dk = key.shape
     dv = value.shape[-1]
@@ -76,6 +79,8 @@ def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, outpu
         # Padded steps have g = 0 and β = 0: no decay and no write, so the state passes through unchanged.
         q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
         beta = F.pad(beta, (0, pad))
+        if documents is not None:  # padded steps belong to the last document (they change nothing anyway)
+            documents = torch.cat([documents, documents[:, -1:].expand(-1, pad)], dim=1)
     n_chunks = (seq_len + pad) // chunk_size
     q, k, v, g = (x.reshape(batch, heads, n_chunks, chunk_size, x.shape[-1]) for x in (q, k, v, g))
     beta = beta.reshape(batch, heads, n_chunks, chunk_size, 1)
@@ -86,10 +91,23 @@ def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, outpu
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
     strict = causal.tril(-1)
 
+    # Packed documents: no pair of positions in different documents interacts (A and the scores are block-diagonal
+    # per document), only positions still in the chunk's first document see the start state S₀ (`sees_start`), and
+    # only the chunk's last document writes the state it passes on. The products e^{G_t - G_s} that remain are
+    # decays between positions of one document, so the result is each document's own recurrence.
+    sees_start = last_writes = None
+    if documents is not None:
+        doc = documents.reshape(batch, 1, n_chunks, chunk_size)
+        same = doc[..., :, None] == doc[..., None, :]  # (B, 1, N, C, C)
+        causal, strict = causal & same, strict & same
+        entering = torch.cat([doc[:, :, :1, :1], doc[:, :, :-1, -1:]], dim=2)  # the document the state S₀ belongs to
+        sees_start = (doc == entering).unsqueeze(-1)  # (B, 1, N, C, 1)
+        last_writes = (doc == doc[..., -1:]).unsqueeze(-1)
+
     # Intra-chunk delta-rule system (I + A) u = β (v - (k ⊙ e^G) S₀), solved for both right-hand sides at once.
     a = ((beta * k_fwd) @ k_bwd.transpose(-1, -2)).masked_fill(~strict, 0.0)
     system = a + torch.eye(chunk_size, dtype=a.dtype, device=a.device)
-    rhs = torch.cat([beta * v, beta * k_fwd], dim=-1)
+    rhs = torch.cat([beta * v, beta * (k_fwd if sees_start is None else k_fwd * sees_start)], dim=-1)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     u_base, w = solved.split([dv, dk], dim=-1)  # u = u_base - w S₀
 
@@ -98,6 +116,10 @@ def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, outpu
     last = log_decay[..., -1:, :]  # G at the chunk end, (B, H, N, 1, dk)
     k_to_end = k * (last - log_decay).exp()
     state_decay = last.exp().transpose(-1, -2)  # (B, H, N, dk, 1)
+    if documents is not None:
+        q_fwd = q_fwd * sees_start
+        k_to_end = k_to_end * last_writes
+        state_decay = state_decay * sees_start[..., -1:, :]  # a document starting in the chunk drops S₀
 
     state = (
         torch.zeros(batch, heads, dk, dv, dtype=torch.float32, device=q.device)
@@ -123,12 +145,13 @@ class KDAState:
 
 
 def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16, state: KDAState | None = None,
-                      return_state: bool = False):
+                      return_state: bool = False, documents: torch.Tensor | None = None):
     """`BailingHybridDeltaAttention.forward` without padding mask, using `chunk_kda`.
 
     Reads the stock module's parameters, so training through this path trains the exported weights. With `state`
     the segment continues an earlier one exactly (the convolution sees the previous inputs, the recurrence starts
-    from S); `return_state` also returns the state at the segment's end.
+    from S); `return_state` also returns the state at the segment's end. `documents` (``[B, T]``, `document_index`)
+    keeps packed documents apart: neither the convolution nor the recurrence reaches across a document start.
     """
     batch, seq_len = hidden_states.shape[:2]
     head_shape = (batch, seq_len, -1, attn.head_dim)
@@ -141,18 +164,50 @@ def kda_mixer_forward(attn, hidden_states: torch.Tensor, chunk_size: int = 16, s
     # Causal: the K−1 inputs before the segment (zeros at the sequence start) are prepended, no padding after.
     tail = mixed.new_zeros(batch, mixed.shape[1], width) if state is None else state.conv_tail.to(mixed.dtype)
     padded = torch.cat([tail, mixed], dim=-1)
-    mixed = ACT2FN[attn.activation](F.conv1d(padded, weight, groups=mixed.shape[1]))
+    mixed = ACT2FN[attn.activation](causal_conv(padded, weight, documents))
     query, key, value = mixed.transpose(1, 2).to(hidden_states.dtype).split([attn.qkv_dim] * 3, dim=-1)
     query, key, value = (x.reshape(head_shape) for x in (query, key, value))
     decay = attn.forget_gate(hidden_states)
     beta = torch.sigmoid(attn.b_proj(hidden_states))
     out, recurrent = chunk_kda(query, key, value, decay, beta, chunk_size=chunk_size,
-                               initial_state=None if state is None else state.recurrent, output_final_state=return_state)
+                               initial_state=None if state is None else state.recurrent, output_final_state=return_state,
+                               documents=documents)
     gate = attn.g_proj(hidden_states).reshape(head_shape)
     out = attn.o_proj(attn.o_norm(out, gate).reshape(batch, seq_len, -1))
     if not return_state:
         return out
     return out, KDAState(padded[..., padded.shape[-1] - width :], recurrent)
+
+
+def causal_conv(padded: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution of ``padded`` ``[B, C, K−1+T]`` (the K−1 earlier inputs, then the segment's) with
+    ``weight`` ``[C, 1, K]``. With `documents` an output sums only the inputs of its own document, as the convolution
+    of each document alone (zeros before its start) would; the K−1 earlier inputs belong to the first document."""
+    if documents is None:
+        return F.conv1d(padded, weight, groups=padded.shape[1])
+    width = weight.shape[-1] - 1
+    owners = torch.cat([documents[:, :1].expand(-1, width), documents], dim=1)
+    own = (owners.unfold(-1, width + 1, 1) == documents[..., None]).to(padded.dtype)  # (B, T, K)
+    taps = padded.unfold(-1, width + 1, 1)  # (B, C, T, K): inputs t−K+1 … t
+    return torch.einsum("bctk,btk,ck->bct", taps, own, weight[:, 0])
+
+
+def document_index(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, T]`` index of the document every position belongs to in packed rows, or None when no row holds more
+    than one. A document starts wherever a position id does not follow the one before by 1 (position ids restart at
+    each document): transformers' packed-sequence convention, which its attention masks and flash-attention follow."""
+    if position_ids is None:
+        return None
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    return find_packed_sequence_indices(position_ids)
+
+
+def document_causal_mask(documents: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` booleans: query t sees key s ≤ t of its own document only."""
+    length = documents.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
 
 
 class LatentPast:
@@ -170,25 +225,32 @@ class LatentPast:
         return kv_nope, k_rot
 
 
-def mixer_forward(layer, hidden_states: torch.Tensor, position_embeddings, chunk_size: int = 16) -> torch.Tensor:
-    """The token mixer of one decoder layer of an upgraded model on already-normalised inputs (causal, no cache)."""
+def mixer_forward(layer, hidden_states: torch.Tensor, position_embeddings, chunk_size: int = 16,
+                  documents: torch.Tensor | None = None) -> torch.Tensor:
+    """The token mixer of one decoder layer of an upgraded model on already-normalised inputs (causal, no cache);
+    `documents` (`document_index`) keeps packed documents apart."""
     if getattr(layer, "block_type", None) == "linear_attention":  # all-MLA targets have no block types
-        return kda_mixer_forward(layer.self_attn, hidden_states, chunk_size)
+        return kda_mixer_forward(layer.self_attn, hidden_states, chunk_size, documents=documents)
     # MLA: the stock module; attention_mask=None lets SDPA apply the causal mask itself.
-    return layer.self_attn(hidden_states, position_embeddings=position_embeddings, attention_mask=None)[0]
+    mask = None if documents is None else document_causal_mask(documents)
+    return layer.self_attn(hidden_states, position_embeddings=position_embeddings, attention_mask=mask)[0]
 
 
-def position_embeddings(model, hidden_states: torch.Tensor, offset: int = 0):
-    positions = torch.arange(offset, offset + hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
-    return model.model.rotary_emb(hidden_states, positions)
+def position_embeddings(model, hidden_states: torch.Tensor, offset: int = 0, position_ids: torch.Tensor | None = None):
+    """RoPE (cos, sin) of a segment after `offset` positions, or at the given (packed: restarting) `position_ids`."""
+    if position_ids is None:
+        position_ids = torch.arange(offset, offset + hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+    return model.model.rotary_emb(hidden_states, position_ids)
 
 
-def student_hidden(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+def student_hidden(model, input_ids: torch.Tensor, chunk_size: int = 16,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final (normed) hidden states of an upgraded model (no cache) through the fast KDA path.
 
-    Causal everywhere, so right-padding a batch leaves every real position exact without a mask.
+    Causal everywhere, so right-padding a batch leaves every real position exact without a mask. Packed rows
+    (`position_ids` restarting at every document) give every document the result it gets alone.
     """
-    return student_extend(model, input_ids, None, chunk_size)[0]
+    return student_extend(model, input_ids, None, chunk_size, position_ids)[0]
 
 
 @dataclass(frozen=True)
@@ -200,23 +262,30 @@ class StudentState:
     layers: tuple
 
 
-def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = None, chunk_size: int = 16):
+def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = None, chunk_size: int = 16,
+                   position_ids: torch.Tensor | None = None):
     """(final normed hidden states of the segment, the state after it): `input_ids` continue the tokens `state`
-    summarises, exactly as if the whole sequence were run at once (one sequence, no padding)."""
+    summarises, exactly as if the whole sequence were run at once (one sequence, no padding). `position_ids` (no
+    `state`) may restart at document starts: packed documents are then kept apart in every layer (`document_index`),
+    and the state returned is not one to continue."""
     inner = model.model
     offset = 0 if state is None else state.length
+    if position_ids is not None and state is not None:
+        raise ValueError("student_extend: position_ids are for packed rows from the start, not for continuing a state")
+    documents = document_index(position_ids)
     hidden = inner.embed_tokens(input_ids)
-    rope = position_embeddings(model, hidden, offset)
+    rope = position_embeddings(model, hidden, offset, position_ids)
     layers = []
     for index, layer in enumerate(inner.layers):
         normed = layer.input_layernorm(hidden)
         previous = None if state is None else state.layers[index]
         if getattr(layer, "block_type", None) == "linear_attention":
-            mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True)
+            mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True,
+                                               documents=documents)
         else:
             past = LatentPast(*(previous or (None, None)))
-            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=_causal_after(offset, normed),
-                                    past_key_values=past)[0]
+            mask = _causal_after(offset, normed) if documents is None else document_causal_mask(documents)
+            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=mask, past_key_values=past)[0]
             carried = (past.kv_nope, past.k_rot)
         layers.append(carried)
         hidden = hidden + mixed
@@ -238,6 +307,8 @@ def lower_right_causal_mask(past: int, length: int, device) -> torch.Tensor:
     return keys[None, :] <= torch.arange(past, past + length, device=device)[:, None]
 
 
-def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
-    """Full forward of an upgraded model (no padding, no cache) through the fast KDA path."""
-    return model.lm_head(student_hidden(model, input_ids, chunk_size))
+def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Full forward of an upgraded model (no padding, no cache) through the fast KDA path; packed rows with
+    `position_ids` restarting at every document (see `student_extend`)."""
+    return model.lm_head(student_hidden(model, input_ids, chunk_size, position_ids))

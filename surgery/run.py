@@ -260,6 +260,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
             state=state if stage.kind != "init" else None, save_every=recipe.runtime.save_every,
             source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
             bf16_autocast=use_bf16, tokenizer=tokenizer, seed=recipe.seed,
+            separate_documents=not recipe.data.attend_across_documents,
         )
         console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
         t = time.perf_counter()

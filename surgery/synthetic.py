@@ -49,15 +49,17 @@ def copy_window(window: torch.Tensor, stream: torch.Tensor, seed: int,
     return out
 
 
+def copy_rows(rows: int, share: float, first_index: int) -> torch.Tensor:
+    """Which rows of a batch become copy windows: about `share` of them, window i chosen by a generator seeded with
+    `first_index + i`, its index in the stage's window sequence."""
+    return torch.tensor([share > 0 and torch.rand(1, generator=torch.Generator().manual_seed(2 * (first_index + row))).item() < share
+                         for row in range(rows)], dtype=torch.bool)
+
+
 def mix_copy_windows(batch: torch.Tensor, share: float, stream: torch.Tensor, first_index: int,
                      joins: tuple[int, int] | None = None) -> torch.Tensor:
-    """The batch with about `share` of its windows turned into copy windows; window i of the batch is chosen (and
-    built) by a generator seeded with `first_index + i`, its index in the stage's window sequence."""
-    if share <= 0:
-        return batch
+    """The batch with the `copy_rows` turned into copy windows, each built by a generator seeded with its index."""
     out = batch.clone()
-    for row in range(len(batch)):
-        index = first_index + row
-        if torch.rand(1, generator=torch.Generator().manual_seed(2 * index)).item() < share:
-            out[row] = copy_window(batch[row], stream, seed=2 * index + 1, joins=joins)
+    for row in copy_rows(len(batch), share, first_index).nonzero().flatten().tolist():
+        out[row] = copy_window(batch[row], stream, seed=2 * (first_index + row) + 1, joins=joins)
     return out

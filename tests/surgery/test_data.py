@@ -120,3 +120,16 @@ def test_bad_data_is_one_line_naming_the_file_and_line(tmp_path, name, content, 
 def test_stream_tensors_are_int64():
     stream = TokenStream.from_documents(["abc"], BosTokenizer())
     assert stream.tokens.dtype == torch.long and stream.starts.dtype == torch.long
+
+
+def test_positions_restart_at_each_document_and_at_each_window():
+    stream = TokenStream(torch.arange(20), starts=torch.tensor([0, 3, 11, 12]))
+    positions = stream.positions(torch.tensor([0, 1, 2]), 6)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2],  # document 2 starts at token 3
+                                  [0, 1, 2, 3, 4, 0],  # window 1 begins inside document 2; document 3 at token 11
+                                  [0, 1, 2, 3, 4, 5]]  # token 12 starts the last document, window 2 begins there
+    ids, pos = next(stream.batches(6, 2, start=2))
+    assert torch.equal(ids, torch.stack([torch.arange(12, 18), torch.arange(0, 6)]))  # wraps around
+    assert torch.equal(pos, torch.stack([positions[2], positions[0]]))
+    assert next(stream.batches(6, 2, documents=False))[1] is None
+    assert TokenStream(torch.arange(12)).positions(torch.tensor([1]), 6).tolist() == [list(range(6))]

@@ -191,3 +191,113 @@ def test_gradient_clipping_measures_latent_rows_at_their_natural_scale():
     assert torch.allclose(reparametrised[0], natural[0], rtol=1e-5)
     assert torch.allclose(reparametrised[1], natural[1], rtol=1e-4)
     assert natural[0].norm() > 0.1  # the clip did not squash the other weight
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_the_teacher_keeps_packed_documents_apart(model_type):
+    from helpers import tiny_model as build
+
+    from ling_surgery.surgery.distill import teacher_forward
+
+    teacher = build(model_type)
+    docs = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 13)]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed = teacher_forward(teacher, torch.cat(docs)[None], positions).logits[0]
+        alone = torch.cat([teacher_forward(teacher, d[None]).logits[0] for d in docs])
+        leaky = teacher_forward(teacher, torch.cat(docs)[None]).logits[0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    assert (leaky[7:] - alone[7:]).abs().max() > 1e-3
+
+
+def _documents_setup(separate: bool):
+    """The hybrid setup on a stream of documents of 5 to 40 tokens (several per 32-token window)."""
+    teacher, student, ctx = _setup(separate_documents=separate)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 41, (80,), generator=g)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    ctx.train = TokenStream(torch.randint(3, 40, (int(lengths.sum()),), generator=g), starts=starts)
+    return teacher, student, ctx
+
+
+def _pieces(ctx, rows):
+    """The documents (token slices) of the first `rows` training windows, each window cut at its document starts."""
+    windows = ctx.train.windows(32)[:rows]
+    positions = ctx.train.positions(torch.arange(rows), 32)
+    out = []
+    for ids, pos in zip(windows, positions):
+        cuts = (pos == 0).nonzero().flatten().tolist() + [32]
+        out.append([ids[a:b] for a, b in zip(cuts, cuts[1:])])
+    return out
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_logit_distill_on_packed_windows_is_the_loss_of_each_document_alone(separate):
+    from ling_surgery.surgery.distill import kl_divergence
+    from ling_surgery.surgery.kda import student_logits
+
+    teacher, student, ctx = _documents_setup(separate)
+    alone = []
+    with torch.no_grad():
+        for pieces in _pieces(ctx, 2):
+            for piece in pieces:
+                t, s = teacher(input_ids=piece[None]).logits, student_logits(student, piece[None], 8)
+                alone.append(kl_divergence(t, s) * len(piece))
+    expected = (sum(alone) / 64).item()
+    stage = LogitDistillStage(tokens=64, batch_size=2, lr=1e-3, trainable=["all"], recall_mix=0)
+    _, result = logit_distill(student, stage, ctx)
+    assert (result["losses"][0] == pytest.approx(expected, rel=1e-3)) == separate  # losses keep 5 decimals
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_attention_transfer_on_packed_windows_is_the_loss_of_each_document_alone(separate):
+    from ling_surgery.surgery.kda import mixer_forward, position_embeddings
+    from ling_surgery.surgery.taps import attention_taps
+
+    teacher, student, ctx = _documents_setup(separate)
+    outputs = {i: ([], []) for i in range(4)}  # per layer: teacher outputs, student outputs, documents side by side
+    with torch.no_grad():
+        for pieces in _pieces(ctx, 2):
+            row = {i: ([], []) for i in range(4)}
+            for piece in pieces:
+                with attention_taps(teacher, get_arch("llama")) as taps:
+                    teacher(input_ids=piece[None])
+                rope = position_embeddings(student, taps[0][0])
+                for i, layer in enumerate(student.model.layers):
+                    row[i][0].append(taps[i][1])
+                    row[i][1].append(mixer_forward(layer, taps[i][0], rope, 8))
+            for i in range(4):
+                outputs[i][0].append(torch.cat(row[i][0], dim=1))
+                outputs[i][1].append(torch.cat(row[i][1], dim=1))
+    losses = []
+    for i in range(4):
+        y, pred = torch.cat(outputs[i][0]), torch.cat(outputs[i][1])
+        losses.append(torch.nn.functional.mse_loss(pred, y) / y.pow(2).mean())
+    expected = torch.stack(losses).mean().item()
+    _, result = attention_transfer(student, AttentionTransferStage(tokens=64, batch_size=2, lr=1e-3, recall_mix=0), ctx)
+    assert (result["losses"][0] == pytest.approx(expected, rel=1e-3)) == separate  # losses keep 5 decimals
+
+
+def test_a_copy_window_in_a_packed_batch_is_one_document():
+    """Copy windows lose their document ends, so they train as one document: with every window a copy window the
+    packed stage computes exactly what the unpacked one does."""
+    stage = LogitDistillStage(tokens=64, batch_size=2, lr=1e-3, trainable=["all"], recall_mix=1.0)
+    _, student, ctx = _documents_setup(True)
+    _, packed = logit_distill(student, stage, ctx)
+    _, student, ctx = _documents_setup(False)
+    _, unpacked = logit_distill(student, stage, ctx)
+    assert packed["losses"] == unpacked["losses"]
+
+
+@pytest.mark.parametrize("stage_fn, stage", [
+    (attention_transfer, AttentionTransferStage(tokens=2 * 64, batch_size=2, lr=3e-3)),
+    (logit_distill, LogitDistillStage(tokens=2 * 64, batch_size=2, lr=3e-3, trainable=["all"])),
+])
+def test_packed_training_steps_run_under_bf16_autocast(stage_fn, stage):
+    _, student, ctx = _documents_setup(True)
+    _, fp32 = stage_fn(student, stage, ctx)
+    _, student, ctx = _documents_setup(True)
+    ctx.bf16_autocast = True
+    _, bf16 = stage_fn(student, stage, ctx)
+    assert bf16["losses"][0] == pytest.approx(fp32["losses"][0], rel=0.05)
+    assert all(torch.isfinite(torch.tensor(bf16["losses"])))
