@@ -92,6 +92,47 @@ def align(
     run_align(recipe, console, resume=resume)
 
 
+def data_sources(specs: list[str]) -> list[dict] | None:
+    """`--data SOURCE[:WEIGHT]` flags as data.train entries (None: the recipe's own)."""
+    entries = []
+    for spec in specs:
+        source, _, weight = spec.rpartition(":")
+        try:
+            entries.append({"source": source, "weight": float(weight)} if source else {"source": spec})
+        except ValueError:  # a colon that is part of the name
+            entries.append({"source": spec})
+    return entries or None
+
+
+@app.command()
+def pretrain(
+    model: str = typer.Argument(..., help="upgraded model folder or run folder"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="the model to distill from (default: the one MODEL "
+                                          "was converted from, as its manifest says): source.teacher"),
+    output: Optional[Path] = OUTPUT,
+    data: list[str] = typer.Option([], "--data", help="training text: 'wikipedia', 'chitchat', a file, folder or HF "
+                                   "dataset, with :WEIGHT for a mixture (repeatable: --data wikipedia:0.7 --data "
+                                   "chitchat:0.3): data.train"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="recipe YAML file or shipped recipe name"),
+    overrides: list[str] = SET,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the stage, its teacher and data; load no weights"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted pretrain into the same --output"),
+) -> None:
+    """Continue training an upgraded MODEL on more text with its teacher in the loop (KL + CE); `run` of a recipe of
+    one `kind: pretrain` stage."""
+    from ling_surgery.surgery.align import align as run_recipe
+    from ling_surgery.surgery.align import plan_recipe
+    from ling_surgery.surgery.config import PRETRAIN_STAGES
+    from ling_surgery.surgery.validate import validate_recipe
+
+    recipe, _ = validate_recipe(config, overrides, base={"stages": PRETRAIN_STAGES}, model=model, teacher=teacher,
+                                data=data_sources(data), output=str(output) if output else None)
+    if dry_run:
+        console.print(plan_recipe(recipe).table())
+        return
+    run_recipe(recipe, console, resume=resume)
+
+
 @app.command()
 def validate(
     recipes: list[str] = typer.Argument(..., help="recipe YAML files or shipped recipe names"),

@@ -15,6 +15,7 @@ from rich.table import Table
 from ling_surgery.surgery import sources
 from ling_surgery.surgery.config import CONVERT_KINDS, Recipe
 from ling_surgery.surgery.defaults import sft_trainable
+from ling_surgery.surgery.errors import SurgeryError
 
 
 def converts(recipe: Recipe) -> bool:
@@ -35,19 +36,35 @@ class AlignmentPlan:
     target_config: object = None
     derived: list = field(default_factory=list)
     samplers: dict = field(default_factory=dict)  # rl stage name → which rollout sampler runs it, and why
+    teacher: sources.Source | None = None  # what pretrain stages distill from (None: no stage needs one)
+    teacher_config: object = None
 
     def table(self) -> Table:
-        table = Table(title=f"align: {escape(self.source.name)} ({getattr(self.source_config, 'model_type', '?')})")
+        model_type = getattr(self.source_config, "model_type", "?")
+        title = f"{escape(self.source.name)} ({model_type})"
+        if self.teacher is not None:
+            title += f", teacher {escape(self.teacher.name)} ({getattr(self.teacher_config, 'model_type', '?')})"
+        table = Table(title=title)
         for col in ("stage", "kind", "data", "training"):
             table.add_column(col)
-        model_type = getattr(self.source_config, "model_type", "")
         for stage in self.recipe.stages:
-            table.add_row(stage.name, stage.kind, *alignment_row(stage, model_type, self.samplers.get(stage.name, "")))
+            table.add_row(stage.name, stage.kind, *alignment_row(stage, model_type, self.samplers.get(stage.name, ""),
+                                                                 self.recipe.data.describe()))
         return table
 
 
-def alignment_row(stage, model_type: str, sampler: str) -> tuple[str, str]:
-    """(data, training) of an sft or rl stage, as the plan shows them (`sampler`: an rl stage's rollout sampler)."""
+def alignment_row(stage, model_type: str, sampler: str, data_source: str = "") -> tuple[str, str]:
+    """(data, training) of a pretrain, sft or rl stage, as the plan shows them (`sampler`: an rl stage's rollout
+    sampler; `data_source`: the recipe's training text, which pretrain reads)."""
+    if stage.kind == "pretrain":
+        loss = " + ".join(f"{w:g}·{term}" for w, term in ((stage.kl_weight, "KL"), (stage.ce_weight, "CE")) if w)
+        from ling_surgery.surgery.defaults import logit_distill_trainable
+
+        groups = stage.trainable or logit_distill_trainable(model_type == "bailing_hybrid")[0]
+        how = f"LoRA r={stage.lora.r} on [{', '.join(groups)}]" if stage.lora else f"[{', '.join(groups)}]"
+        training = (f"{stage.tokens:,} tokens, {loss}, batch {stage.batch_size}×{stage.grad_accumulation}, "
+                    f"{stage.schedule} lr {stage.lr:g}, recall_mix {stage.recall_mix:g}")
+        return escape(data_source), escape(f"{how}, {training}")
     if stage.kind == "rl":
         data = ", ".join(f"{d.source} {'/'.join(d.tasks or ['gsm_symbolic'])} ×{d.problems} problems "
                          f"[{'+'.join(d.modes)}]" for d in stage.data)
@@ -71,6 +88,8 @@ def plan_alignment(recipe: Recipe) -> AlignmentPlan:
     load, so a model without one costs a line, not a run)."""
     source = sources.resolve_source(recipe.source.model, recipe.source.revision)
     plan = AlignmentPlan(source, sources.load_config(source), recipe)
+    if any(stage.kind == "pretrain" for stage in recipe.stages):
+        plan.teacher, plan.teacher_config = pretrain_teacher(recipe, source, plan.source_config)
     from ling_surgery.surgery.run import resolve_device
 
     cuda = resolve_device(recipe.runtime.device).type == "cuda"
@@ -90,6 +109,31 @@ def plan_alignment(recipe: Recipe) -> AlignmentPlan:
         if not has_thinking_modes(tokenizer):
             read_format(tokenizer)
     return plan
+
+
+UPGRADED_TYPES = ("bailing_hybrid", "deepseek_v3")  # what `convert` builds: hybrid-linear and all-mla targets
+
+
+def pretrain_teacher(recipe: Recipe, source: sources.Source, source_config) -> tuple[sources.Source, object]:
+    """The teacher of a recipe that pretrains an upgraded model without converting it: source.teacher, else the
+    model it was converted from. Checked before any weights load: an upgraded student, a teacher that exists, and
+    one tokenizer for both (the KL compares their distributions token by token)."""
+    if source_config.model_type not in UPGRADED_TYPES:
+        raise SurgeryError(f"pretrain trains an upgraded model ({' or '.join(UPGRADED_TYPES)}); {source.name!r} is "
+                           f"{source_config.model_type}: convert it first (ling-surgery convert), then pretrain the result")
+    if recipe.source.teacher is not None:
+        teacher = sources.resolve_source(recipe.source.teacher)
+    else:
+        teacher = sources.recorded_teacher(source)
+        if teacher is None:
+            raise SurgeryError(f"pretrain needs a teacher and {source.name!r} records none (no ling_surgery_manifest"
+                               ".json naming its source); pass --teacher SRC (source.teacher)")
+    teacher_config = sources.load_config(teacher)
+    student_vocab = sources.load_tokenizer(source).get_vocab()
+    if sources.load_tokenizer(teacher).get_vocab() != student_vocab:
+        raise SurgeryError(f"teacher {teacher.name!r} and {source.name!r} tokenize differently; pass the teacher the "
+                           "model was converted from (--teacher)")
+    return teacher, teacher_config
 
 
 def plan_recipe(recipe: Recipe):

@@ -27,6 +27,9 @@ class Strict(BaseModel):
 class SourceConfig(Strict):
     model: str = Field("smollm2-135m", description="HF folder, hub id, .gguf file or embedded name")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    teacher: str | None = Field(None, description="the model a recipe that does not convert distills from (pretrain "
+                                "on an upgraded model); unset: the model it was converted from, as its "
+                                "ling_surgery_manifest.json says. A converting recipe's teacher is its source")
 
 
 class MLAShape(Strict):
@@ -78,10 +81,24 @@ class PlanConfig(Strict):
         return data
 
 
-class DataConfig(Strict):
-    train: str = Field("wikipedia", description="'wikipedia' (packaged), a .txt/.jsonl/.json/.parquet file or HF dataset")
+class DataSource(Strict):
+    """One source of a training mixture."""
+
+    source: str = Field(description="'wikipedia' or 'chitchat' (packaged), a .txt/.md/.jsonl/.json/.parquet file or "
+                        "folder, or a HF dataset (streamed)")
+    weight: float = Field(1.0, gt=0, description="its share of the training tokens (weights are normalised)")
     text_field: str = "text"
+    subset: str | None = Field(None, description="HF dataset config name")
+
+
+class DataConfig(Strict):
+    train: list[DataSource] = Field(
+        min_length=1, description="one source ('wikipedia', 'chitchat', a .txt/.jsonl/.json/.parquet file or folder, "
+        "or a HF dataset) or a weighted mixture: [{source: wikipedia, weight: 0.7}, {source: chitchat, weight: 0.3}]")
+    text_field: str = Field("text", description="the text column of a single source given as a string")
     subset: str | None = Field(None, description="HF dataset config name (e.g. sample-10BT); hub data is streamed")
+    epochs: int = Field(1, ge=1, description="passes the stages may make over the training text: text that runs out "
+                        "before the stages' tokens is an error, or with epochs > 1 read again (reshuffled)")
     heldout_fraction: float = Field(0.05, gt=0, lt=1, description="documents kept out of training for evaluation")
     seq_len: int = Field(1024, ge=8, description="training window length (tokens); 1024 holds a span and its copy "
                          "(on 256-token windows the upgraded SmolLM2-135M found no pass key at 2k)")
@@ -89,6 +106,26 @@ class DataConfig(Strict):
         False, description="training windows hold several documents; false: each is trained as if alone (attention, "
         "KDA and convolution state restart at every document start, for teacher and student); true: later documents "
         "see earlier ones")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data):
+        # `train: wikipedia` (with text_field/subset beside it) is a mixture of one.
+        if isinstance(data, dict) and isinstance(data.get("train", "wikipedia"), str):
+            one = {"source": data.get("train", "wikipedia"), "text_field": data.get("text_field", "text"),
+                   "subset": data.get("subset")}
+            data = {**data, "train": [one]}
+        return data
+
+    def sources(self) -> list[DataSource]:
+        """The training sources with their weights normalised to shares."""
+        total = sum(e.weight for e in self.train)
+        return [e.model_copy(update={"weight": e.weight / total}) for e in self.train]
+
+    def describe(self) -> str:
+        """'wikipedia' or 'wikipedia 70% + chitchat 30%'."""
+        entries = self.sources()
+        return entries[0].source if len(entries) == 1 else " + ".join(f"{e.source} {e.weight:.0%}" for e in entries)
 
 
 Trainable = Literal["mixers", "kda_mixers", "mla_mixers", "mlp", "norms", "embeddings", "all"]
@@ -111,6 +148,15 @@ class InitStage(Strict):
     kda_half_life_max: float = Field(2048.0, gt=0, description="longest KDA forget-gate half-life at init (tokens)")
 
 
+class LoraSettings(Strict):
+    """LoRA (PEFT) on every linear layer of the mixers and MLPs; the KDA conv, the output and latent norms and the
+    forget gates train fully (PEFT cannot put LoRA on a depthwise conv); merged into the weights on export."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class TrainingStage(Strict):
     tokens: int = Field(ge=1, description="training tokens (steps = tokens // (batch_size × seq_len))")
     batch_size: int = Field(1, ge=1, description="windows per step")
@@ -121,6 +167,18 @@ class TrainingStage(Strict):
     trainable: list[Trainable] = Field(min_length=1, description="parameter groups that train; the rest stay frozen")
     recall_mix: float = Field(0.0, ge=0, le=1, description="share of training windows in which a span is written twice "
                               "(text or random tokens), so distillation trains copying (surgery/synthetic.py)")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches of batch_size windows per optimizer step")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="after warm-up: cosine to min_lr_ratio, wsd (constant, then a linear decay over the last "
+        "decay_fraction of the steps), or constant")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the learning rate at the end of a cosine or wsd schedule, "
+                                "as a share of lr")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps in the final decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clipping")
+    activation_checkpointing: bool = Field(False, description="recompute each layer in the backward pass instead of "
+                                           "keeping its activations (less memory, ~1/3 more compute)")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters on the trainable groups' linear layers "
+                                      "instead of the layers themselves (merged into the weights at the end)")
 
 
 class AttentionTransferStage(TrainingStage):
@@ -148,6 +206,34 @@ class LogitDistillStage(TrainingStage):
         "MLA layers keep the copying attention transfer taught them), [mixers, mlp, norms] for all-MLA")
     recall_mix: float = Field(0.5, ge=0, le=1, description="share of training windows in which a span is written "
                               "twice, so the KL is also taken where the teacher copies (surgery/synthetic.py)")
+
+
+class PretrainStage(TrainingStage):
+    """Continual pretraining with the teacher in the loop (RADLADS step 2 at scale; Ling 2.6): kl_weight ·
+    KL(teacher ‖ student) + ce_weight · next-token cross-entropy on the data, after logit_distill or alone on an
+    upgraded model (`ling-surgery pretrain`)."""
+
+    kind: Literal["pretrain"] = "pretrain"
+    name: str = "pretrain"
+    tokens: int = Field(262_144, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    trainable: list[Trainable] | None = Field(
+        None, min_length=1, description="unset: as logit_distill — [kda_mixers, mlp, norms] for hybrids (training the "
+        "MLA layers erased the copying attention transfer taught them), [mixers, mlp, norms] for all-MLA")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "wsd", description="after warm-up: wsd (constant, then a linear decay over the last decay_fraction of the "
+        "steps: a run can be continued from before its decay), cosine to min_lr_ratio, or constant")
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher ‖ student) on next-token distributions")
+    ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy on the data itself")
+    temperature: float = Field(1.0, gt=0, description="distillation temperature of the KL term")
+    recall_mix: float = Field(0.25, ge=0, le=1, description="share of training windows in which a span is written "
+                              "twice, so continued training keeps the copying the distillation stages taught")
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight are both 0: the stage would learn nothing; set one above 0")
+        return self
 
 
 Mode = Literal["fast", "think"]
@@ -185,15 +271,6 @@ class SFTData(Strict):
         if self.trace_model is not None and self.traces != "teacher":
             raise ValueError("trace_model is the model that writes traces; set traces: teacher with it")
         return self
-
-
-class LoraSettings(Strict):
-    """LoRA (PEFT) on every linear layer of the mixers and MLPs; the KDA conv, the output and latent norms and the
-    forget gates train fully (PEFT cannot put LoRA on a depthwise conv); merged into the weights on export."""
-
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class SamplingSettings(Strict):
@@ -328,13 +405,14 @@ class RLStage(Strict):
         return low, self.epsilon_high if self.epsilon_high is not None else (low if self.epsilon is not None else high)
 
 
-Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage, SFTStage, RLStage],
+Stage = Annotated[Union[InitStage, AttentionTransferStage, LogitDistillStage, PretrainStage, SFTStage, RLStage],
                   Field(discriminator="kind")]
-STAGE_KINDS = ("init", "attention_transfer", "logit_distill", "sft", "rl")
+STAGE_KINDS = ("init", "attention_transfer", "logit_distill", "pretrain", "sft", "rl")
 CONVERT_KINDS = ("init", "attention_transfer", "logit_distill")  # the stages that build and recover an upgraded model
 ALIGN_KINDS = ("sft", "rl")
 DEFAULT_STAGES = [{"kind": kind} for kind in CONVERT_KINDS]
 ALIGN_STAGES = [{"kind": kind} for kind in ALIGN_KINDS]  # `align`: SFT, then RL
+PRETRAIN_STAGES = [{"kind": "pretrain"}]  # `pretrain`
 
 
 def _check_task_names(tasks: list[str]) -> None:
@@ -461,6 +539,9 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
         problems.append("stages: `kind: init` must come before the alignment stages (convert, then align)")
     if [s.kind for s in recipe.stages].count("init") > 1:
         problems.append("stages: only one `kind: init` stage is allowed")
+    if recipe.source.teacher is not None and "init" in kinds:
+        problems.append("source.teacher: a recipe that converts distills from its source (source.model); remove "
+                        "source.teacher, or run the conversion first and pretrain the upgraded model after")
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"stages: name {name!r} is used twice; give each stage a unique `name`")
     for stage in recipe.stages:
@@ -471,12 +552,12 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
                             f"data.seq_len window ({stage_seq_len(stage, recipe)}): calibration would read nothing; "
                             "raise it, or set 0 for plain inits")
         if isinstance(stage, TrainingStage):
-            step = stage.batch_size * stage_seq_len(stage, recipe)
+            step = stage.batch_size * stage.grad_accumulation * stage_seq_len(stage, recipe)
             if stage.tokens < step:
                 where = f"stages.{stage.name}.seq_len" if stage.seq_len else "data.seq_len"
                 problems.append(
                     f"stages.{stage.name}.tokens {stage.tokens} buys no optimizer step: one step is batch_size × "
-                    f"{where} = {step} tokens; raise tokens or lower batch_size"
+                    f"grad_accumulation × {where} = {step} tokens; raise tokens or lower batch_size"
                 )
     for stage in recipe.stages:
         if stage.kind == "rl":
@@ -609,7 +690,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] = (), bas
     return validate_raw(raw)
 
 
-FLAG_KEYS = {"output": "export.output", "model": "source.model"}
+FLAG_KEYS = {"output": "export.output", "model": "source.model", "teacher": "source.teacher", "data": "data.train"}
 
 
 def validate_raw(raw: dict) -> Recipe:
@@ -725,7 +806,7 @@ def _all_paths(schema: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 _STAGE_SCHEMAS = {"init": InitStage, "attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage,
-                  "sft": SFTStage, "rl": RLStage}
+                  "pretrain": PretrainStage, "sft": SFTStage, "rl": RLStage}
 
 
 def _known_keys(loc: list, raw: dict) -> list[str]:
@@ -742,6 +823,10 @@ def _known_keys(loc: list, raw: dict) -> list[str]:
             continue
         field = schema.model_fields.get(key)
         annotation = getattr(field, "annotation", None)
+        items = getattr(annotation, "__args__", (None,))[0] if getattr(annotation, "__origin__", None) is list else None
+        if isinstance(items, type) and issubclass(items, BaseModel) and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+            schema, i = items, i + 2  # an entry of a list of records (data.train.0.source)
+            continue
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
         schema = annotation

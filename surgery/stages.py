@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ling_surgery.surgery.context import RunContext
-from ling_surgery.surgery.distill import attention_transfer, logit_distill
+from ling_surgery.surgery.distill import attention_transfer, logit_distill, pretrain
 from ling_surgery.surgery.init_maps import build_student, init_student_state, mla_energy_kept
 from ling_surgery.surgery.kda import student_logits
 from ling_surgery.surgery.rl import rl
@@ -62,6 +62,7 @@ STAGES = {
     "init": init,
     "attention_transfer": attention_transfer,
     "logit_distill": logit_distill,
+    "pretrain": pretrain,
     "sft": sft,
     "rl": rl,
 }

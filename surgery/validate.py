@@ -46,12 +46,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
         except SurgeryError as err:
             problems.append(f"source.model: {err}")
         problems += recall_problems(recipe, shape)
-    try:
-        kind, _ = locate_documents(recipe.data.train)
-        if kind == "hub":
-            notes.append(f"data {recipe.data.train!r} is a hub dataset: checked when `run` loads it")
-    except SurgeryError as err:
-        problems.append(f"data.train: {err}")
+    for i, entry in enumerate(recipe.data.train):
+        try:
+            kind, _ = locate_documents(entry.source)
+            if kind == "hub":
+                notes.append(f"data {entry.source!r} is a hub dataset: checked when `run` loads it")
+        except SurgeryError as err:
+            problems.append(f"data.train{'' if len(recipe.data.train) == 1 else f'.{i}'}: {err}")
     problems += alignment_problems(recipe)
     if problems:
         raise RecipeError(problems, recipe)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,18 +189,20 @@ def test_recipes_ls_show_cp(tmp_path):
         (["convert", "{model}", "--output", "o", "--set", "data.train={latin1}"], "latin1.txt:1: not UTF-8 text"),
         (["convert", "{model}", "--output", "o", "--set", "data.train={tiny}", "--set", "data.seq_len=64",
           "--set", "eval.tokens=0"], "training text of"),
+        (["convert", "{model}", "--output", "o", "--set", "data.train={data}", "--set", "data.seq_len=32"],
+         "runs out after"),
         (["convert", "{model}", "--output", "o", "--set", "stages.init.calibration_tokens=100"],
          "calibration_tokens 100 is less than one data.seq_len window (1024)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, message):
-    model, _ = source
+    model, data = source
     (tmp_path / "exists").mkdir()
     (tmp_path / "blocked").write_text("a file, not a folder")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "tiny.txt").write_text("too short to fill a window")
-    args = [a.format(model=model, exists=tmp_path / "exists", blocked=tmp_path / "blocked", bad_jsonl=tmp_path / "bad.jsonl",
+    args = [a.format(model=model, data=data, exists=tmp_path / "exists", blocked=tmp_path / "blocked", bad_jsonl=tmp_path / "bad.jsonl",
                      latin1=tmp_path / "latin1.txt", tiny=tmp_path / "tiny.txt") for a in args]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -265,3 +268,86 @@ def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in _error_line(result) and "Traceback" not in result.stderr
         assert not (tmp_path / "o").exists()
+
+
+PRETRAIN_BUDGET = ["--set", "data.seq_len=32", "--set", "data.heldout_fraction=0.3", "--set", "stages.pretrain.batch_size=2",
+                   "--set", "eval.tokens=128", "--set", "eval.seq_len=32", "--set", "runtime.save_every=5"]
+
+
+@pytest.fixture(scope="module")
+def upgraded(source, tmp_path_factory):
+    """The tiny source converted (no per-stage evals): a folder whose manifest names its teacher."""
+    model, data = source
+    out = tmp_path_factory.mktemp("upgraded") / "run"
+    budget = TINY_BUDGET[:-2]  # all but the per-stage evals
+    assert "each_stage" in TINY_BUDGET[-1]
+    result = run_cli("convert", str(model), "--output", str(out), "--set", f"data.train={data}", *budget,
+                     "--set", "export.verify=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_pretrain_continues_an_upgraded_model_with_the_teacher_it_was_converted_from(source, upgraded, tmp_path):
+    model, data = source
+    out = tmp_path / "pretrained"
+    result = run_cli("pretrain", str(upgraded), "--data", str(data), "--output", str(out), *PRETRAIN_BUDGET,
+                     "--set", "stages.pretrain.tokens=640", "--set", "stages.pretrain.ce_weight=0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "stages" / "1-pretrain" / "ling_surgery_manifest.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["steps"] == 10 and metrics["perplexity_before"]["perplexity"] > 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["export_check"]["bit_exact"]
+    exported = json.loads((out / "model" / "ling_surgery_manifest.json").read_text())
+    assert exported["ling_surgery"]["roles"] == ["teacher", "upgraded"]
+    assert exported["recipe"]["source"]["teacher"] is None and exported["recipe"]["source"]["model"] == str(upgraded)
+    # The pretrained model names the teacher in turn (its source's), so it can be pretrained again without --teacher.
+    dry = run_cli("pretrain", str(out), "--dry-run")
+    assert dry.returncode == 0 and f"teacher{model}" in "".join(dry.stderr.split()), dry.stderr[-2000:]
+
+
+def test_pretrain_sigkill_then_resume_gives_the_same_weights(source, upgraded, tmp_path):
+    _, data = source
+    args = ["pretrain", str(upgraded), "--data", str(data), *PRETRAIN_BUDGET, "--set", "stages.pretrain.tokens=12800",
+            "--set", "stages.pretrain.grad_accumulation=2", "--set", "export.verify=false", "--set", "eval.tokens=0"]
+    unbroken = run_cli(*args, "--output", str(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    out = tmp_path / "broken"
+    command, env = cli(*args, "--output", str(out))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "stages" / ".1-pretrain.resume.json"
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    resumed = run_cli(*args, "--output", str(out), "--resume")
+    assert resumed.returncode == 0 and "resuming at step" in resumed.stderr, resumed.stderr[-3000:]
+    expected = load_file(tmp_path / "unbroken" / "model" / "model.safetensors")
+    actual = load_file(out / "model" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_pretrain_bad_input_is_one_line_exit_2(source, upgraded, tmp_path):
+    from helpers import bpe_tokenizer, tiny_model
+
+    model, _ = source
+    other = tmp_path / "other-teacher"  # another tokenizer
+    tok = bpe_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(other)
+    tok.save_pretrained(other)
+    bare = tmp_path / "no-manifest"  # an upgraded model that does not say what it was converted from
+    shutil.copytree(upgraded / "model", bare, ignore=shutil.ignore_patterns("ling_surgery_manifest.json"))
+    cases = [
+        ([str(model)], "pretrain trains an upgraded model (bailing_hybrid or deepseek_v3)"),
+        ([str(upgraded), "--teacher", str(other)], "tokenize differently"),
+        ([str(bare)], "records none"),
+        ([str(upgraded), "--set", "stages.pretrain.kl_weight=0"], "kl_weight and ce_weight are both 0"),
+        ([str(upgraded), "--teacher", str(tmp_path / "missing")], "not found"),
+    ]
+    for args, message in cases:
+        result = run_cli("pretrain", *args, "--output", str(tmp_path / "o"))
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -53,7 +53,7 @@ def test_bad_values_name_the_key_path_in_one_line(override, message):
 
 
 def test_a_stage_window_that_buys_no_step_names_the_stage_window():
-    with pytest.raises(SurgeryError, match=r"one step is batch_size × stages.logit_distill.seq_len = 8192 tokens"):
+    with pytest.raises(SurgeryError, match=r"one step is batch_size × grad_accumulation × stages.logit_distill.seq_len = 8192 tokens"):
         load_recipe("ci-smoke", ["stages.logit_distill.seq_len=4096"])
 
 
@@ -63,7 +63,7 @@ def test_a_stage_window_that_buys_no_step_names_the_stage_window():
         ([{"kind": "logit_distill"}], "the first stage must be `kind: init`"),
         ([{"kind": "init"}, {"kind": "init", "name": "again"}], "only one `kind: init`"),
         ([{"kind": "init"}, {"kind": "logit_distill"}, {"kind": "logit_distill"}], "name 'logit_distill' is used twice"),
-        ([{"kind": "init"}, {"kind": "ppo"}], "stages.ppo: `kind` must be one of init, attention_transfer, logit_distill, sft, rl"),
+        ([{"kind": "init"}, {"kind": "ppo"}], "stages.ppo: `kind` must be one of init, attention_transfer, logit_distill, pretrain, sft, rl"),
         ([{"kind": "sft"}, {"kind": "init"}], "the first stage must be `kind: init`"),
         ([], "the recipe has no stages"),
     ],

@@ -133,3 +133,62 @@ def test_positions_restart_at_each_document_and_at_each_window():
     assert torch.equal(pos, torch.stack([positions[2], positions[0]]))
     assert next(stream.batches(6, 2, documents=False))[1] is None
     assert TokenStream(torch.arange(12)).positions(torch.tensor([1]), 6).tolist() == [list(range(6))]
+
+
+class WordTokenizer:
+    """One token per word (ids from a growing table), documents ended by id 1."""
+
+    eos_token_id = 1
+
+    def __init__(self):
+        self.table = {"<end>": 1}
+
+    def get_vocab(self):
+        return {"<|endoftext|>": 1}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [self.table.setdefault(w, len(self.table) + 1) for w in text.split()]}
+
+
+def _source(name, n_docs, words=5):
+    return [" ".join(f"{name}{d}w{i}" for i in range(words)) for d in range(n_docs)]
+
+
+def test_a_mixture_holds_each_sources_share_in_every_prefix():
+    tok = WordTokenizer()
+    sources = [("a", _source("a", 400), 0.7), ("b", _source("b", 400, words=11), 0.3)]
+    stream = TokenStream.from_mixture(sources, tok, max_tokens=3000, seed=0)
+    assert len(stream.tokens) == 3000
+    assert stream.shares == pytest.approx({"a": 0.7, "b": 0.3}, abs=0.01)
+    names = {v: k[0] for k, v in tok.table.items()}
+    ends = torch.cat([stream.starts[1:], torch.tensor([len(stream.tokens)])])
+    for prefix in (300, 1000, 2000):  # tokens of a's documents (their end tokens included) among the first `prefix`
+        share = sum(min(end, prefix) - start for start, end in zip(stream.starts.tolist(), ends.tolist())
+                    if start < prefix and names[int(stream.tokens[start])] == "a") / prefix
+        assert share == pytest.approx(0.7, abs=12 / prefix + 0.005)  # within one document (12 tokens) of the share
+
+
+def test_text_that_runs_out_is_an_error_naming_the_source_unless_epochs_allow_another_pass():
+    tok = WordTokenizer()
+    sources = [("wiki", _source("a", 100), 0.5), ("chat", _source("b", 10), 0.5)]  # chat: 60 tokens
+    with pytest.raises(SurgeryError, match=r"'chat' runs out after 60 tokens .* set data.epochs: 2"):
+        TokenStream.from_mixture(sources, tok, max_tokens=400, needed=200, label="training text")
+    two = TokenStream.from_mixture(sources, tok, max_tokens=400, needed=110, epochs=2)
+    assert len(two.tokens) >= 110
+    first_pass = TokenStream.from_mixture([("chat", _source("b", 10), 1.0)], tok, epochs=2)
+    docs = first_pass.tokens.view(20, 6)[:, 0].tolist()
+    assert sorted(docs[:10]) == sorted(docs[10:]) and docs[:10] != docs[10:]  # the second pass is reshuffled
+
+
+def test_a_single_source_keeps_its_seeded_order():
+    tok = WordTokenizer()
+    docs = _source("a", 50)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist()
+    stream = TokenStream.from_documents(docs, tok, seed=3)
+    expected = [tok.table[f"a{d}w0"] for d in order]
+    assert stream.tokens.view(50, 6)[:, 0].tolist() == expected
+
+
+def test_chitchat_is_a_packaged_corpus_of_conversations():
+    docs = load_documents("chitchat")
+    assert len(docs) > 7000 and all(docs) and sum("\n" in d for d in docs) > 3000  # one line per turn

@@ -148,7 +148,7 @@ def _latent_mean_squares(student, ids):
 def test_training_keeps_the_latent_norm_in_its_linear_regime(bf16):
     """Per-row learning rates scale AdamW's steps on the tiny latent rows: training lowers the loss and the latent
     stays far below the norm's ε (without them, one step of ~lr per element would be ~1000× the rows' size)."""
-    from ling_surgery.surgery.distill import latent_row_rates
+    from ling_surgery.surgery.training import latent_row_rates
 
     teacher, student, ctx = _all_mla_setup("linear", bf16_autocast=bf16)
     ids = ctx.train.windows(32)[:2]
@@ -164,7 +164,7 @@ def test_training_keeps_the_latent_norm_in_its_linear_regime(bf16):
 
 
 def test_normalising_latents_train_with_plain_rates():
-    from ling_surgery.surgery.distill import latent_row_rates
+    from ling_surgery.surgery.training import latent_row_rates
 
     _, student, ctx = _all_mla_setup("per_token")
     assert latent_row_rates(student, ctx.train.windows(32)[:1], 8) == {}
@@ -174,7 +174,7 @@ def test_gradient_clipping_measures_latent_rows_at_their_natural_scale():
     """Rows scaled by s (the linear-regime latent) get gradients scaled by 1/s; with their rate s the clipped
     gradients of every other weight are what they would be without the reparametrisation (a plain global clip
     scaled them by ~s, so KDA mixers trained beside MLA layers barely moved)."""
-    from ling_surgery.surgery.distill import clip_gradients
+    from ling_surgery.surgery.training import clip_gradients
 
     g = torch.Generator().manual_seed(0)
     other_grad, row_grad = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g)
@@ -301,3 +301,54 @@ def test_packed_training_steps_run_under_bf16_autocast(stage_fn, stage):
     _, bf16 = stage_fn(student, stage, ctx)
     assert bf16["losses"][0] == pytest.approx(fp32["losses"][0], rel=0.05)
     assert all(torch.isfinite(torch.tensor(bf16["losses"])))
+
+
+def test_next_token_loss_never_asks_a_document_for_the_next_ones_first_token():
+    from ling_surgery.surgery.distill import next_token_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(1, 9, 50, generator=g), torch.randint(0, 50, (1, 9), generator=g)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    alone = [torch.nn.functional.cross_entropy(logits[0, a : b - 1], ids[0, a + 1 : b], reduction="sum")
+             for a, b in ((0, 4), (4, 9))]
+    assert next_token_loss(logits, ids, positions).item() == pytest.approx((sum(alone) / 7).item(), rel=1e-6)
+    assert next_token_loss(logits, ids, None).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)])
+def test_pretrain_lowers_its_loss_and_reports_perplexity_before_and_after(weights):
+    from ling_surgery.surgery.config import PretrainStage
+    from ling_surgery.surgery.distill import pretrain
+
+    _, student, ctx = _setup()  # the repetitive stream: a clear trend in a few steps
+    ctx.eval_windows = ctx.train.windows(32)[-8:]
+    stage = PretrainStage(tokens=20 * 64, batch_size=2, lr=3e-3, kl_weight=weights[0], ce_weight=weights[1],
+                          schedule="cosine", trainable=["all"])
+    student, result = pretrain(student, stage, ctx)
+    losses = result["losses"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    before, after = result["perplexity_before"]["perplexity"], result["perplexity_after"]["perplexity"]
+    assert after < before if weights[1] else math.isfinite(after)  # KL alone moves it toward the teacher's
+    assert not student.training and not any(p.requires_grad for p in student.parameters())
+
+
+def test_pretrain_with_lora_trains_adapters_and_merges_them():
+    from ling_surgery.surgery.config import LoraSettings, PretrainStage
+    from ling_surgery.surgery.distill import pretrain
+
+    _, student, ctx = _documents_setup(True)
+    before = _weights_of(student)
+    stage = PretrainStage(tokens=4 * 64, batch_size=2, lr=3e-3, trainable=["mixers", "mlp"], lora=LoraSettings(r=4))
+    merged, result = pretrain(student, stage, ctx)
+    after = _weights_of(merged)
+    assert after.keys() == before.keys()  # merged: no adapter tensors left, the stock names
+    assert result["trainable_params"] < 0.5 * sum(p.numel() for p in before.values())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any(".mlp." in n for n in changed) and any(".self_attn." in n for n in changed)
+    frozen = ("model.embed_tokens", "input_layernorm", "post_attention_layernorm", "model.norm")
+    assert not any(part in n for n in changed for part in frozen)  # the groups that do not train
+
+
+def _weights_of(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}

@@ -1,0 +1,264 @@
+"""The training loop of every stage that trains with its own loop: attention_transfer, logit_distill and pretrain.
+
+One loop on `accelerate.Accelerator` (one process here; the same code scales over processes in the next step):
+packed windows from the run's token stream (documents kept apart, `TokenStream.positions`), optional copy windows,
+gradient accumulation, warm-up then a cosine or WSD schedule, gradient clipping, AdamW on the stage's trainable groups
+(or LoRA adapters), per-row rates for MLA latents in their linear regime, and in-stage checkpoints written atomically
+for `--resume` — weights, optimizer, schedule, RNG and data position — so a killed stage resumed ends bit-equal to an
+unbroken one. A stage supplies only its loss: `loss_fn(input_ids, position_ids) -> scalar`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from ling_surgery.surgery.context import RunContext
+from ling_surgery.surgery.defaults import logit_distill_trainable
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.kda import student_logits
+from ling_surgery.surgery.plan import KDA, MLA, mixer_types
+from ling_surgery.surgery.progress import training_progress
+from ling_surgery.surgery.synthetic import copy_rows, mix_copy_windows
+
+
+def _mixer_of(name: str, types: list[str], kind: str | None) -> bool:
+    """Whether a parameter belongs to a token mixer (of one kind — KDA or MLA — when `kind` is given)."""
+    match = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
+    return match is not None and (kind is None or types[int(match.group(1))] == kind)
+
+
+# Predicates on (parameter name, per-layer mixer kinds). The per-kind mixer groups let a stage train the KDA layers
+# while the MLA layers keep what attention transfer gave them (or the reverse).
+TRAINABLE_GROUPS = {
+    "mixers": lambda n, types: _mixer_of(n, types, None),
+    "kda_mixers": lambda n, types: _mixer_of(n, types, KDA),
+    "mla_mixers": lambda n, types: _mixer_of(n, types, MLA),
+    "mlp": lambda n, types: ".mlp." in n,
+    "norms": lambda n, types: "layernorm" in n or n == "model.norm.weight",
+    "embeddings": lambda n, types: n in ("model.embed_tokens.weight", "lm_head.weight"),
+    "all": lambda n, types: True,
+}
+
+
+@dataclass
+class StageResult:
+    name: str
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    trainable_params: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        head = self.losses[: max(1, len(self.losses) // 10)]
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "trainable_params": self.trainable_params,
+            "loss_first": round(sum(head) / len(head), 5) if self.losses else None,
+            "loss_last": round(sum(tail) / len(tail), 5) if self.losses else None,
+            "losses": [round(x, 5) for x in self.losses],
+        }
+
+
+def select_trainable(model: torch.nn.Module, groups: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze everything but the named groups; every group must match at least one parameter."""
+    chosen, types = [], mixer_types(model.config)
+    for group in groups:
+        if not any(TRAINABLE_GROUPS[group](n, types) for n, _ in model.named_parameters()):
+            raise SurgeryError(f"trainable group {group!r} matches no parameter of the student")
+    for name, param in model.named_parameters():
+        keep = any(TRAINABLE_GROUPS[g](name, types) for g in groups)
+        param.requires_grad_(keep)
+        if keep:
+            chosen.append(param)
+    return chosen
+
+
+def latent_row_rates(student, input_ids: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
+    """Per-row learning-rate multipliers for MLA down-projections whose latent RMSNorm works in its linear regime.
+
+    There (`init_maps.latent_norm_init`) the latent rows of `kv_a_proj_with_mqa` are ~1e-5 of the map they carry
+    and the norm's weight scales them back: AdamW's steps, ~lr per element whatever the weight's size, would throw
+    them out of the regime in one step. Scaling each row's step by sqrt(ε + ms)/w — the ratio between the row and
+    the map it carries — gives it the relative step any other weight gets. Measured once per stage on its first
+    window with the stage's starting weights, so a resumed stage gets the same rates. Layers whose latent mean square
+    is above ε normalise as usual and train as usual.
+    """
+    from ling_surgery.surgery.init_maps import LATENT_NORM_EPS
+
+    norms = {f"model.layers.{i}.self_attn": layer.self_attn.kv_a_layernorm for i, layer in enumerate(student.model.layers)
+             if hasattr(layer.self_attn, "kv_a_layernorm")}
+    if not norms:
+        return {}
+    mean_square: dict[str, float] = {}
+
+    def record(name):
+        def hook(module, args):
+            mean_square[name] = args[0].float().pow(2).mean().item()
+        return hook
+
+    handles = [norm.register_forward_pre_hook(record(name)) for name, norm in norms.items()]
+    try:
+        with torch.no_grad():
+            student_logits(student, input_ids, chunk_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rates = {}
+    for name, norm in norms.items():
+        if mean_square[name] < LATENT_NORM_EPS:
+            latent = ((LATENT_NORM_EPS + mean_square[name]) ** 0.5 / norm.weight.detach().float().abs()).clamp(max=1.0)
+            rows = student.get_submodule(f"{name}.kv_a_proj_with_mqa").weight.shape[0]
+            rates[f"{name}.kv_a_proj_with_mqa.weight"] = torch.cat([latent, latent.new_ones(rows - len(latent))])
+    return rates
+
+
+def clip_gradients(params, row_rates: dict, max_norm: float, clip=torch.nn.utils.clip_grad_norm_) -> None:
+    """Clip the global gradient norm, with latent rows in their linear regime measured at their natural scale.
+
+    Those rows are ~1e-5 of the map they carry (`latent_row_rates`), so their gradients are ~1e5 too large: left
+    as they are they set the global norm alone, and clipping to it scaled every other gradient to ~nothing (KDA
+    mixers trained beside such MLA layers moved 10-20x less in attention transfer). Their gradients are multiplied
+    by the row rates first: AdamW's step does not depend on a constant per-element scale of the gradient, and the
+    rates scale the step afterwards as before. `clip` is the engine's clipping (`Accelerator.clip_grad_norm_`)."""
+    with torch.no_grad():
+        for p, rate in row_rates.items():
+            if p.grad is not None:
+                p.grad.mul_(rate)
+    clip(params, max_norm)
+
+
+def lr_factor(step: int, total: int, stage) -> float:
+    """The learning-rate multiplier of optimizer step `step` of `total`: linear warm-up over `warmup_steps`, then
+
+    - cosine: from 1 down to `min_lr_ratio` at the last step;
+    - wsd (warmup-stable-decay; MiniCPM, Hu et al. 2024 §4.1): 1 until the last `decay_fraction` of the steps, then
+      linearly down to `min_lr_ratio` — a run can be continued from before its decay;
+    - constant: 1.
+    """
+    warmup, floor = stage.warmup_steps, stage.min_lr_ratio
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if stage.schedule == "constant":
+        return 1.0
+    if stage.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_steps = max(1, round(stage.decay_fraction * total))
+    into_decay = step - (total - decay_steps) + 1
+    return 1.0 if into_decay <= 0 else 1 - (1 - floor) * min(1.0, into_decay / decay_steps)
+
+
+def autocast(ctx: RunContext):
+    # bf16 autocast when the run asks for it (runtime.dtype, auto: CUDA only; most CPUs run bf16 far slower than fp32).
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.bf16_autocast else nullcontext()
+
+
+def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, StageResult]:
+    """Train `student`'s trainable groups (or LoRA adapters on them) on `loss_fn` for `stage.tokens` tokens (see the
+    module doc); returns the trained model (adapters merged) and the result.
+
+    An optimizer step takes `grad_accumulation` micro-batches of `batch_size` windows; the loss recorded per step is
+    their mean. Window i of the stage is `ctx.window_start + i`, so the data position of a resumed stage is its step.
+    `loss_fn` calls the student it was given: LoRA wraps that model's layers in place.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=ctx.device.type == "cpu")
+    name, accumulation = stage.name, stage.grad_accumulation
+    result = StageResult(name)
+    windows_per_step = stage.batch_size * accumulation
+    tokens_per_step = windows_per_step * ctx.seq_len
+    steps = stage.tokens // tokens_per_step
+    groups = stage.trainable or logit_distill_trainable(KDA in mixer_types(student.config))[0]
+    first = ctx.train.windows(ctx.seq_len)[ctx.window_start : ctx.window_start + 1].to(ctx.device)
+    rates = latent_row_rates(student, first, ctx.chunk_size)
+    trained = student
+    if stage.lora is not None:
+        from ling_surgery.surgery.sft import with_lora
+
+        trained = with_lora(student, stage.lora, groups)  # the adapters (and norms, convs) train; base weights stay
+    else:
+        select_trainable(student, groups)
+    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    params = list(trainable.values())
+    result.trainable_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, stage))
+    # Under LoRA the latent rows are frozen base weights (their names gain a prefix): no rates apply.
+    row_rates = {trainable[n]: r.to(ctx.device)[:, None] for n, r in rates.items() if n in trainable}
+    done = 0
+    saved = ctx.state.load(map_location=ctx.device) if ctx.state is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(saved["params"][n])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"].cpu())
+        done, result.losses, result.seconds = saved["step"], saved["losses"], saved["seconds"]
+        result.steps, result.tokens = done, done * tokens_per_step
+        if ctx.console is not None:
+            ctx.console.print(f"{name}: resuming at step {done}/{steps} from {ctx.state.path.name}")
+    next_window = ctx.window_start + done * windows_per_step
+    batches = ctx.train.batches(ctx.seq_len, stage.batch_size, start=next_window, documents=ctx.separate_documents)
+    student.train()
+    start = time.perf_counter() - result.seconds
+    with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
+        for step in range(done, steps):
+            step_loss = 0.0
+            for _ in range(accumulation):
+                input_ids, position_ids = next(batches)
+                if stage.recall_mix:
+                    input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train.tokens, next_window,
+                                                 ctx.train.joins)
+                    if position_ids is not None:  # a copy window is one document
+                        position_ids[copy_rows(len(input_ids), stage.recall_mix, next_window)] = torch.arange(ctx.seq_len)
+                next_window += stage.batch_size
+                input_ids = input_ids.to(ctx.device)
+                position_ids = None if position_ids is None else position_ids.to(ctx.device)
+                with autocast(ctx):
+                    loss = loss_fn(input_ids, position_ids)
+                if not torch.isfinite(loss):
+                    raise SurgeryError(f"stage {name}: loss became {loss.item()} at step {step}; lower stages.{name}.lr")
+                accelerator.backward(loss / accumulation)
+                step_loss += loss.item() / accumulation
+            clip_gradients(params, row_rates, stage.max_grad_norm, accelerator.clip_grad_norm_)
+            before = {p: p.detach().clone() for p in row_rates}
+            optimizer.step()
+            with torch.no_grad():
+                for p, rate in row_rates.items():
+                    p.copy_(before[p] + (p - before[p]) * rate)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_loss)
+            result.steps += 1
+            result.tokens += tokens_per_step
+            progress.advance(tokens_per_step, loss=step_loss, lr=scheduler.get_last_lr()[0])
+            if ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps:
+                ctx.state.save({
+                    "step": step + 1,
+                    "next_window": next_window,  # the data position (recomputed from the step; kept to read)
+                    "params": {n: p.detach().clone() for n, p in trainable.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "losses": list(result.losses),
+                    "seconds": time.perf_counter() - start,
+                }, step + 1, steps)
+    result.seconds = time.perf_counter() - start
+    if stage.lora is not None:
+        student = trained.merge_and_unload()
+    student.eval()
+    student.requires_grad_(False)
+    return student, result
