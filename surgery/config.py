@@ -99,6 +99,9 @@ class DataConfig(Strict):
     subset: str | None = Field(None, description="HF dataset config name (e.g. sample-10BT); hub data is streamed")
     epochs: int = Field(1, ge=1, description="passes the stages may make over the training text: text that runs out "
                         "before the stages' tokens is an error, or with epochs > 1 read again (reshuffled)")
+    reread: bool = Field(False, description="a recipe that trains an existing upgraded model (pretrain) starts each "
+                         "source after the documents the run that made the model read (its manifest's data_read); true: "
+                         "read them again")
     heldout_fraction: float = Field(0.05, gt=0, lt=1, description="documents kept out of training for evaluation")
     seq_len: int = Field(1024, ge=8, description="training window length (tokens); 1024 holds a span and its copy "
                          "(on 256-token windows the upgraded SmolLM2-135M found no pass key at 2k)")

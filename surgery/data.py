@@ -213,11 +213,16 @@ def document_ids(tokenizer, text: str, end_id: int | None) -> list[int]:
 
 
 class _DocumentReader:
-    """A source's documents in a seeded order, pass after pass (each reshuffled) up to `epochs` passes."""
+    """A source's documents in a seeded order, pass after pass (each reshuffled) up to `epochs` passes, after the
+    first `skip` (documents an earlier run read). The order depends on the seed alone, not on the mixture, so a source
+    is read in the same order whatever it is mixed with — which is what lets a later run skip what an earlier read."""
 
-    def __init__(self, docs: list[str], seed: int, index: int, epochs: int):
-        self.docs, self.seed, self.index, self.epochs = docs, seed, index, epochs
-        self.passes, self.order, self.exhausted = 0, [], not docs
+    def __init__(self, docs: list[str], seed: int, epochs: int, skip: int = 0):
+        self.docs, self.seed, self.epochs = docs, seed, epochs
+        self.passes, self.order, self.exhausted, self.read = 0, [], not docs, 0
+        for _ in range(skip):
+            if self.next() is None:
+                break
 
     def next(self) -> str | None:
         import torch
@@ -226,10 +231,10 @@ class _DocumentReader:
             if self.passes == self.epochs:
                 self.exhausted = True
                 return None
-            # Pass 0 of a single source keeps the order `from_documents` always had (seeded by the run's seed).
-            g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.index + 7_919 * self.passes)
+            g = torch.Generator().manual_seed(self.seed + 7_919 * self.passes)
             self.order = torch.randperm(len(self.docs), generator=g).tolist()[::-1]
             self.passes += 1
+        self.read += 1
         return self.docs[self.order.pop()]
 
 
@@ -242,6 +247,19 @@ class TokenStream:
     source: str = "data"
     joins: tuple[int, int] | None = None  # (document-end token, paragraph-break token): to make one document of two
     shares: dict | None = None  # source name → its share of the tokens (a mixture's, as built)
+    source_names: tuple = ()  # the mixture's sources, in order
+    document_sources: torch.Tensor | None = None  # (D,) which source each document came from
+    skipped: dict | None = None  # source name → documents skipped before the stream (read by an earlier run)
+
+    def documents_read(self, tokens: int) -> dict[str, int]:
+        """Per source, the documents a reader of the first `tokens` tokens has started (skipped ones included):
+        where a later run continues without reading them again."""
+        read = dict(self.skipped or {})
+        if self.document_sources is not None:
+            begun = self.document_sources[self.starts < tokens]
+            for index, name in enumerate(self.source_names):
+                read[name] = read.get(name, 0) + int((begun == index).sum())
+        return read
 
     @classmethod
     def from_documents(cls, docs: list[str], tokenizer, max_tokens: int | None = None, seed: int = 0,
@@ -251,16 +269,19 @@ class TokenStream:
 
     @classmethod
     def from_mixture(cls, sources: list[tuple[str, list[str], float]], tokenizer, max_tokens: int | None = None,
-                     seed: int = 0, epochs: int = 1, needed: int | None = None,
-                     label: str = "data") -> "TokenStream":
+                     seed: int = 0, epochs: int = 1, needed: int | None = None, label: str = "data",
+                     skip: dict[str, int] | None = None) -> "TokenStream":
         """Documents of several (name, documents, share) sources interleaved so that every prefix of the stream holds
         each source's share of the tokens (the source furthest below its share gives the next document), up to
-        `max_tokens`. Each source is read in a seeded order of its own, `epochs` times at most (reshuffled per pass);
-        a source that runs out before the stream holds `needed` tokens is an error naming it."""
+        `max_tokens`. Each source is read in a seeded order, `epochs` times at most (reshuffled per pass), after its
+        first `skip[name]` documents; a source that runs out before the stream holds `needed` tokens is an error
+        naming it."""
         import torch
 
         end_id = document_end_id(tokenizer)
-        readers = [_DocumentReader(docs, seed, index, epochs) for index, (_, docs, _) in enumerate(sources)]
+        skip = skip or {}
+        readers = [_DocumentReader(docs, seed, epochs, skip.get(name, 0)) for name, docs, _ in sources]
+        document_sources = []
         taken = [0] * len(sources)
         pieces, starts, total = [], [], 0  # one int64 tensor per document: 8 bytes a token, not a Python int each
         while max_tokens is None or total < max_tokens:
@@ -275,13 +296,16 @@ class TokenStream:
                     raise SurgeryError(
                         f"{label}: {name!r} runs out after {taken[i]:,} tokens ({epochs} pass(es) over its "
                         f"{len(sources[i][1]):,} documents) while the stages read {needed:,} tokens, {share:.0%} of them "
-                        f"from it: add text, lower the stages' tokens or its weight, or set data.epochs: {epochs + 1}")
+                        f"from it: add text, lower the stages' tokens or its weight, or set data.epochs: {epochs + 1}"
+                        + (f" (or data.reread: true: {skip[name]:,} of its documents were skipped as read by the run "
+                           "that made the model)" if skip.get(name) else ""))
                 if len(sources) > 1 and max_tokens is not None:
                     break  # the mixture's shares hold only while every source still has text
                 continue
             ids = document_ids(tokenizer, text, end_id)
             pieces.append(torch.tensor(ids, dtype=torch.long))
             starts.append(total)
+            document_sources.append(i)
             total += len(ids)
             taken[i] += len(ids)
         tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
@@ -289,7 +313,8 @@ class TokenStream:
         joins = (end_id, joiner[0]) if end_id is not None and joiner else None
         shares = {name: t / max(1, total) for (name, _, _), t in zip(sources, taken)}
         return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), label, joins,
-                   shares)
+                   shares, tuple(name for name, _, _ in sources), torch.tensor(document_sources, dtype=torch.long),
+                   {name: skip.get(name, 0) for name, _, _ in sources})
 
     def windows(self, seq_len: int) -> torch.Tensor:
         n = len(self.tokens) // seq_len

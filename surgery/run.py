@@ -176,10 +176,35 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
     return _execute(recipe, conversion, folder, statuses, start, console, from_stage)
 
 
-def _text_streams(recipe: Recipe, tokenizer, console: Console):
+def documents_to_skip(recipe: Recipe, conversion) -> dict[str, int]:
+    """Per source, the documents the run that made this recipe's source model read (so pretraining an upgraded model
+    does not train again on its conversion's text): only for a recipe that does not convert, with the same seed,
+    held-out split and text fields, and not `data.reread`."""
+    from ling_surgery.surgery.align import converts
+    from ling_surgery.surgery.sources import recorded_data_read
+
+    if converts(recipe) or recipe.data.reread:
+        return {}
+    read = recorded_data_read(conversion.source)
+    if not read or read.get("seed") != recipe.seed or read.get("heldout_fraction") != recipe.data.heldout_fraction:
+        return {}
+    return {entry.source: read["sources"][entry.source]["documents"] for entry in recipe.data.train
+            if entry.source in read.get("sources", {}) and read["sources"][entry.source].get("text_field") == entry.text_field
+            and read["sources"][entry.source].get("subset") == entry.subset}
+
+
+def data_read(recipe: Recipe, train, offsets: list[int]) -> dict:
+    """What this run's stages read of each training source, for the manifest (`documents_to_skip` of a later run)."""
+    counts = train.documents_read(offsets[-1])
+    return {"seed": recipe.seed, "heldout_fraction": recipe.data.heldout_fraction,
+            "sources": {e.source: {"documents": counts.get(e.source, 0), "text_field": e.text_field, "subset": e.subset}
+                        for e in recipe.data.train}}
+
+
+def _text_streams(recipe: Recipe, tokenizer, console: Console, skip: dict[str, int] | None = None):
     """(train, held-out or None, each stage's first training token): the recipe's text as token streams, checked to
     hold a window for every stage and for the evaluation, and to hold every token the stages read (within
-    data.epochs passes: text is never silently read again)."""
+    data.epochs passes: text is never silently read again). `skip`: documents per source an earlier run read."""
     from ling_surgery.surgery.data import TokenStream, load_documents, split_heldout
 
     offsets = stage_offsets(recipe)
@@ -197,7 +222,8 @@ def _text_streams(recipe: Recipe, tokenizer, console: Console):
         heldout_sources.append((entry.source, heldout_docs, entry.weight))
     name = recipe.data.describe()
     train = TokenStream.from_mixture(train_sources, tokenizer, max_tokens=train_tokens, seed=recipe.seed,
-                                     epochs=recipe.data.epochs, needed=offsets[-1], label=f"training text of {name!r}")
+                                     epochs=recipe.data.epochs, needed=offsets[-1], label=f"training text of {name!r}",
+                                     skip=skip)
     train.windows(longest)
     heldout = None
     if recipe.eval.tokens:
@@ -209,6 +235,9 @@ def _text_streams(recipe: Recipe, tokenizer, console: Console):
     mix = "" if len(entries) == 1 else " (" + ", ".join(f"{n} {share:.0%}" for n, share in train.shares.items()) + ")"
     console.print(f"data: {counts}; {len(train.tokens):,} train tokens{mix}, "
                   f"{0 if heldout is None else len(heldout.tokens):,} held-out tokens")
+    if skip:
+        console.print("data: skipping what the source model's run trained on (data.reread: true reads it again): "
+                      + ", ".join(f"{n} {k:,} documents" for n, k in skip.items()))
     return train, heldout, offsets
 
 
@@ -223,7 +252,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     t = time.perf_counter()
     # Read, tokenise and check the text before anything is written or the teacher loads: bad data costs a line.
     tokenizer = sources.load_tokenizer(conversion.source)
-    train, heldout, offsets = _text_streams(recipe, tokenizer, console)
+    train, heldout, offsets = _text_streams(recipe, tokenizer, console, documents_to_skip(recipe, conversion))
     (folder.root / "stages").mkdir(parents=True, exist_ok=True)
     (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     device = resolve_device(recipe.runtime.device)
@@ -298,10 +327,12 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
         save_model(model, tokenizer, folder.stage_dir(i, stage), manifest, replace=True)
         state.clear()
         console.print(f"stage {stage.name}: checkpoint {folder.stage_dir(i, stage)} ({seconds:.0f} s)")
-    return finalize(recipe, conversion, folder, model, teacher, tokenizer, eval_windows, train, device, console, timings)
+    return finalize(recipe, conversion, folder, model, teacher, tokenizer, eval_windows, train, device, console, timings,
+                    data_read(recipe, train, offsets))
 
 
-def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, eval_windows, train, device, console, timings) -> dict:
+def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, eval_windows, train, device, console, timings,
+             read: dict | None = None) -> dict:
     """Held-out evaluation of teacher and upgraded model, then the model/ folder and the report."""
     from ling_surgery.surgery.sources import recorded_teacher
     from ling_surgery.evals.perplexity import perplexity
@@ -339,6 +370,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         "source": conversion.source.name,
         "teacher": teacher_of.reference() if teacher_of is not None else None,
         "teacher_revision": teacher_of.revision if teacher_of is not None else None,
+        "data_read": read,  # per source, the documents the stages read: a later pretrain starts after them
         "source_kind": conversion.source.kind,
         "target": (f"{conversion.target.model_type} ({conversion.target.architecture})" if conversion.target
                    else f"{model.config.model_type} (as the source: aligned, not converted)"),

@@ -109,6 +109,18 @@ def recorded_teacher(source: Source) -> Source | None:
     return resolve_source(origin, revision)
 
 
+def recorded_data_read(source: Source) -> dict | None:
+    """What the run that made a model folder read of its training text ({seed, heldout_fraction, sources: {name:
+    {documents, text_field, subset}}}), as its ling_surgery_manifest.json records it; None when it does not."""
+    manifest = Path(source.location) / "ling_surgery_manifest.json"
+    if source.kind != "folder" or not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))["ling_surgery"].get("data_read")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def load_config(source: Source):
     """The source's config only (no weights): enough for planning and validation."""
     from transformers import AutoConfig

