@@ -769,10 +769,18 @@ def _drop_failing_keys(raw: dict, locs: list[tuple]) -> bool:
             keys.append(target)
     for mapping, key in keys:
         mapping.pop(key, None)
+    changed = bool(keys)
     for index in sorted(stage_entries, reverse=True):
         if isinstance(raw.get("stages"), list) and index < len(raw["stages"]):
-            del raw["stages"][index]
-    return bool(keys or stage_entries)
+            entry = raw["stages"][index]
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            bare = {"kind": kind, **({"name": entry["name"]} if "name" in entry else {})} if kind in STAGE_KINDS else None
+            if bare is not None and entry != bare:
+                raw["stages"][index] = bare  # a stage whose fields clash keeps its place (with defaults), so no
+            else:  # spurious "no stages" or ordering problem follows the real one
+                del raw["stages"][index]
+            changed = True
+    return changed
 
 
 def _named_loc(loc: list, raw: dict) -> list[str]:

