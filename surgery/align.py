@@ -14,8 +14,9 @@ from rich.table import Table
 
 from ling_surgery.surgery import sources
 from ling_surgery.surgery.config import CONVERT_KINDS, Recipe
-from ling_surgery.surgery.defaults import sft_trainable
+from ling_surgery.surgery.defaults import logit_distill_trainable, sft_trainable
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.targets import TARGETS
 
 
 def converts(recipe: Recipe) -> bool:
@@ -58,8 +59,6 @@ def alignment_row(stage, model_type: str, sampler: str, data_source: str = "") -
     sampler; `data_source`: the recipe's training text, which pretrain reads)."""
     if stage.kind == "pretrain":
         loss = " + ".join(f"{w:g}·{term}" for w, term in ((stage.kl_weight, "KL"), (stage.ce_weight, "CE")) if w)
-        from ling_surgery.surgery.defaults import logit_distill_trainable
-
         groups = stage.trainable or logit_distill_trainable(model_type == "bailing_hybrid")[0]
         how = f"LoRA r={stage.lora.r} on [{', '.join(groups)}]" if stage.lora else f"[{', '.join(groups)}]"
         training = (f"{stage.tokens:,} tokens, {loss}, batch {stage.batch_size}×{stage.grad_accumulation}, "
@@ -72,7 +71,8 @@ def alignment_row(stage, model_type: str, sampler: str, data_source: str = "") -
         rewards = ", ".join(f"{r.name} {r.weight:g}" for r in stage.rewards)
         training = (f"{stage.importance_sampling_level}-level ratio (ε {low:g}/{high:g}), {stage.loss_type}, "
                     f"{stage.num_generations} samples × {stage.prompts_per_rollout} prompts per rollout in "
-                    f"{stage.updates_per_rollout} update(s), ≤{stage.max_completion_length} tokens; rewards: {rewards}; "
+                    f"{stage.updates_per_rollout} update(s), ≤{stage.max_completion_length} tokens; "
+                    f"rewards: {rewards}; "
                     f"generation: {sampler}")
     else:
         data = ", ".join(f"{d.source}{' ' + '/'.join(d.tasks) if d.tasks else ''} ×{d.examples} [{'+'.join(d.modes)}]"
@@ -111,7 +111,7 @@ def plan_alignment(recipe: Recipe) -> AlignmentPlan:
     return plan
 
 
-UPGRADED_TYPES = ("bailing_hybrid", "deepseek_v3")  # what `convert` builds: hybrid-linear and all-mla targets
+UPGRADED_TYPES = tuple(target.model_type for target in TARGETS.values())  # what `convert` builds
 
 
 def pretrain_teacher(recipe: Recipe, source: sources.Source, source_config) -> tuple[sources.Source, object]:
@@ -120,7 +120,8 @@ def pretrain_teacher(recipe: Recipe, source: sources.Source, source_config) -> t
     one tokenizer for both (the KL compares their distributions token by token)."""
     if source_config.model_type not in UPGRADED_TYPES:
         raise SurgeryError(f"pretrain trains an upgraded model ({' or '.join(UPGRADED_TYPES)}); {source.name!r} is "
-                           f"{source_config.model_type}: convert it first (ling-surgery convert), then pretrain the result")
+                           f"{source_config.model_type}: convert it first (ling-surgery convert), then pretrain the "
+                           "result")
     if recipe.source.teacher is not None:
         teacher = sources.resolve_source(recipe.source.teacher)
     else:

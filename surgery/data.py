@@ -219,7 +219,7 @@ class _DocumentReader:
 
     def __init__(self, docs: list[str], seed: int, epochs: int, skip: int = 0):
         self.docs, self.seed, self.epochs = docs, seed, epochs
-        self.passes, self.order, self.exhausted, self.read = 0, [], not docs, 0
+        self.passes, self.order, self.exhausted = 0, [], not docs
         for _ in range(skip):
             if self.next() is None:
                 break
@@ -234,7 +234,6 @@ class _DocumentReader:
             g = torch.Generator().manual_seed(self.seed + 7_919 * self.passes)
             self.order = torch.randperm(len(self.docs), generator=g).tolist()[::-1]
             self.passes += 1
-        self.read += 1
         return self.docs[self.order.pop()]
 
 
@@ -246,10 +245,17 @@ class TokenStream:
     starts: torch.Tensor | None = None  # (D,) int64: where each document begins in `tokens`
     source: str = "data"
     joins: tuple[int, int] | None = None  # (document-end token, paragraph-break token): to make one document of two
-    shares: dict | None = None  # source name → its share of the tokens (a mixture's, as built)
     source_names: tuple = ()  # the mixture's sources, in order
     document_sources: torch.Tensor | None = None  # (D,) which source each document came from
     skipped: dict | None = None  # source name → documents skipped before the stream (read by an earlier run)
+
+    def shares(self) -> dict[str, float]:
+        """Per source, its share of the stream's tokens."""
+        import torch
+
+        lengths = torch.diff(self.starts, append=torch.tensor([len(self.tokens)]))
+        per_source = torch.zeros(len(self.source_names)).index_add_(0, self.document_sources, lengths.float())
+        return {name: float(n) / max(1, len(self.tokens)) for name, n in zip(self.source_names, per_source)}
 
     def documents_read(self, tokens: int) -> dict[str, int]:
         """Per source, the documents a reader of the first `tokens` tokens has started (skipped ones included):
@@ -311,9 +317,8 @@ class TokenStream:
         tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
         joiner = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
         joins = (end_id, joiner[0]) if end_id is not None and joiner else None
-        shares = {name: t / max(1, total) for (name, _, _), t in zip(sources, taken)}
         return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), label, joins,
-                   shares, tuple(name for name, _, _ in sources), torch.tensor(document_sources, dtype=torch.long),
+                   tuple(name for name, _, _ in sources), torch.tensor(document_sources, dtype=torch.long),
                    {name: skip.get(name, 0) for name, _, _ in sources})
 
     def windows(self, seq_len: int) -> torch.Tensor:
@@ -340,7 +345,7 @@ class TokenStream:
     def batches(self, seq_len: int, batch_size: int, start: int = 0, documents: bool = True):
         """(input_ids, position_ids) batches of (batch_size, seq_len) in order, from window `start`; position_ids
         restart at each document (`positions`), or are None with `documents=False` (documents then attend across
-        their ends). Wraps around when the text runs out (the run says so when it loads the data)."""
+        their ends). Wraps around past the end (the run refuses text that would run out, `from_mixture(needed=)`)."""
         import torch
 
         windows = self.windows(seq_len)

@@ -6,6 +6,9 @@ at once; the loss is the per-layer MSE normalised by the teacher output's energy
 
 Stage 2, end-to-end distillation (RADLADS step 2): KL(p_teacher ‖ p_student) on next-token distributions with
 the teacher frozen, through the student's own (fast, exact) forward.
+
+Then continual pretraining (`kind: pretrain`): the same KL, plus next-token cross-entropy, on more text. All three
+train through the shared loop of `training.py`; each supplies only its loss.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def pretrain(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     """Stage `kind: pretrain`: continual pretraining with the teacher in the loop, kl_weight · KL(teacher ‖ student)
     + ce_weight · next-token CE, on packed documents. Reports held-out perplexity before and after the stage (on a
     quarter of the held-out windows), so its gain is in its manifest."""
-    before = _heldout_perplexity(student, ctx)
+    before = heldout_perplexity(student, ctx)
 
     def loss_fn(input_ids, position_ids):
         logits = student_logits(student, input_ids, ctx.chunk_size, position_ids, stage.activation_checkpointing)
@@ -100,14 +103,16 @@ def pretrain(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     student, result = train(student, stage, ctx, loss_fn)
     metrics = result.summary()
     if before is not None:
-        metrics["perplexity_before"], metrics["perplexity_after"] = before, _heldout_perplexity(student, ctx)
+        metrics["perplexity_before"], metrics["perplexity_after"] = before, heldout_perplexity(student, ctx)
         if ctx.console is not None:
             ctx.console.print(f"{stage.name}: held-out perplexity {before['perplexity']:.3f} → "
                               f"{metrics['perplexity_after']['perplexity']:.3f}")
     return student, metrics
 
 
-def _heldout_perplexity(model, ctx: RunContext) -> dict | None:
+def heldout_perplexity(model, ctx: RunContext) -> dict | None:
+    """An upgraded model's perplexity on a quarter of the run's held-out windows (the full set is scored once, at the
+    end of the run), or None when the run holds none out."""
     if ctx.eval_windows is None:
         return None
     from ling_surgery.evals.perplexity import perplexity

@@ -52,8 +52,8 @@ def chunk_kda(
     Shapes: query/key/value/g ``[B, T, H, dk]``, beta ``[B, T, H]``; returns ``[B, T, H, dk]`` and the final
     state ``[B, H, dk, dv]`` (fp32) when asked. `documents` ``[B, T]`` (non-decreasing document index of every
     position, see `document_index`) restarts the recurrence at every document start, exactly as if each document were
-    run alone (what fla's kernels do with ``cu_seqlens``); `initial_state` is the state before the first document. Computation is fp32 whatever the input dtype, and also inside
-    autocast (the path every CUDA run takes): autocast would hand bf16 matrices to `solve_triangular`, which has no
+    run alone (what fla's kernels do with ``cu_seqlens``); `initial_state` is the state before the first document.
+    Computation is fp32 whatever the input dtype, and also inside autocast (the path every CUDA run takes): autocast would hand bf16 matrices to `solve_triangular`, which has no
     bf16 kernel, and e^{±G} up to e^80 multiplied in bf16 keeps only ~3 significant digits. fla's Triton kernels
     keep this part in fp32 too. The result is returned in the input dtype.
     """
@@ -276,6 +276,8 @@ def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = 
     documents = document_index(position_ids)
     hidden = inner.embed_tokens(input_ids)
     rope = position_embeddings(model, hidden, offset, position_ids)
+    # One mask serves every MLA layer.
+    mla_mask = _causal_after(offset, hidden) if documents is None else document_causal_mask(documents)
 
     def run_layer(layer, hidden, previous):
         normed = layer.input_layernorm(hidden)
@@ -284,8 +286,7 @@ def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = 
                                                documents=documents)
         else:
             past = LatentPast(*(previous or (None, None)))
-            mask = _causal_after(offset, normed) if documents is None else document_causal_mask(documents)
-            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=mask, past_key_values=past)[0]
+            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=mla_mask, past_key_values=past)[0]
             carried = (past.kv_nope, past.k_rot)
         hidden = hidden + mixed
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), carried

@@ -188,9 +188,10 @@ def documents_to_skip(recipe: Recipe, conversion) -> dict[str, int]:
     read = recorded_data_read(conversion.source)
     if not read or read.get("seed") != recipe.seed or read.get("heldout_fraction") != recipe.data.heldout_fraction:
         return {}
-    return {entry.source: read["sources"][entry.source]["documents"] for entry in recipe.data.train
-            if entry.source in read.get("sources", {}) and read["sources"][entry.source].get("text_field") == entry.text_field
-            and read["sources"][entry.source].get("subset") == entry.subset}
+    recorded = read.get("sources", {})
+    same = [e for e in recipe.data.train if e.source in recorded
+            and (recorded[e.source].get("text_field"), recorded[e.source].get("subset")) == (e.text_field, e.subset)]
+    return {e.source: recorded[e.source]["documents"] for e in same}
 
 
 def data_read(recipe: Recipe, train, offsets: list[int]) -> dict:
@@ -232,7 +233,7 @@ def _text_streams(recipe: Recipe, tokenizer, console: Console, skip: dict[str, i
         heldout.windows(recipe.eval.seq_len)
     counts = ", ".join(f"{len(t):,} train / {len(h):,} held-out documents of {n!r}"
                        for (n, t, _), (_, h, _) in zip(train_sources, heldout_sources))
-    mix = "" if len(entries) == 1 else " (" + ", ".join(f"{n} {share:.0%}" for n, share in train.shares.items()) + ")"
+    mix = "" if len(entries) == 1 else " (" + ", ".join(f"{n} {share:.0%}" for n, share in train.shares().items()) + ")"
     console.print(f"data: {counts}; {len(train.tokens):,} train tokens{mix}, "
                   f"{0 if heldout is None else len(heldout.tokens):,} held-out tokens")
     if skip:
@@ -343,7 +344,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
 
     t = time.perf_counter()
     refusal = vllm_refusal(model.config)
-    teacher_config = getattr(conversion, "teacher_config", None)  # pretrain on an upgraded model: its own teacher
+    teacher_source = getattr(conversion, "teacher", None)  # pretrain on an upgraded model: its own teacher
     stages = {s.name: (read_manifest(folder.stage_dir(i, s)) or {}) for i, s in enumerate(recipe.stages)}
     quality: dict = {}
     if eval_windows is not None:
@@ -364,8 +365,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
     timings["total"] = round(sum(timings.values()), 1)
     # The teacher this model answers to, so `pretrain` finds it: the pretrain teacher, the source of a conversion, or
     # (an align-only run) whatever its source answered to.
-    teacher_of = (conversion.teacher if teacher_config is not None else
-                  conversion.source if conversion.target else recorded_teacher(conversion.source))
+    teacher_of = teacher_source or (conversion.source if conversion.target else recorded_teacher(conversion.source))
     meta = {
         "source": conversion.source.name,
         "teacher": teacher_of.reference() if teacher_of is not None else None,
@@ -379,12 +379,13 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
                  if conversion.plan is not None else None),
         "vllm": refusal or "serves it",
         # the column names of the report: an align-only run compares the model with itself before alignment
-        "roles": ["teacher", "upgraded"] if conversion.target or teacher_config is not None else ["before", "aligned"],
+        "roles": ["teacher", "upgraded"] if conversion.target or teacher_source else ["before", "aligned"],
         "device": str(device),
         "seed": recipe.seed,
         "versions": versions(),
     }
-    t_costs, s_costs = model_costs(teacher_config or conversion.source_config), model_costs(model.config)
+    t_costs = model_costs(conversion.teacher_config if teacher_source else conversion.source_config)
+    s_costs = model_costs(model.config)
     summaries = {name: m.get("metrics", {}) for name, m in stages.items() if m.get("kind") != "init"}
     model = model.cpu()  # the fresh-process check reloads on CPU in fp32: compare like with like
     probe = train.windows(min(64, recipe.data.seq_len))[:1]
@@ -416,8 +417,7 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         del model
         contexts = None if recipe.eval.inference else ()
         report["benchmarks"] = run_eval(
-            {"teacher": conversion.teacher.name if teacher_config is not None else recipe.source.model,
-             "student": str(folder.model)},
+            {"teacher": teacher_source.name if teacher_source else recipe.source.model, "student": str(folder.model)},
             recipe.eval.tasks, recipe.eval.limit,
             folder.root / "eval", contexts, seed=recipe.seed, device=recipe.runtime.device, console=console,
         )

@@ -90,15 +90,20 @@ def resolve_source(model: str | None, revision: str | None = None) -> Source:
     )
 
 
+def _export_manifest(source: Source) -> dict | None:
+    """The ling_surgery_manifest.json of a model folder ling-surgery wrote, or None."""
+    from ling_surgery.surgery.export import read_manifest
+
+    saved = read_manifest(Path(source.location)) if source.kind == "folder" else None
+    return saved if isinstance(saved, dict) else None
+
+
 def recorded_teacher(source: Source) -> Source | None:
     """The model an upgraded model folder was converted from, as its ling_surgery_manifest.json records it."""
-    manifest = Path(source.location) / "ling_surgery_manifest.json"
-    if source.kind != "folder" or not manifest.is_file():
-        return None
+    saved = _export_manifest(source)
     try:
-        saved = json.loads(manifest.read_text(encoding="utf-8"))
         meta, recorded = saved.get("ling_surgery", {}), saved["recipe"]["source"]
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
     if "teacher" in meta:  # what the run that made this model distilled from (None: it had no teacher)
         origin, revision = meta["teacher"], meta.get("teacher_revision")
@@ -112,12 +117,9 @@ def recorded_teacher(source: Source) -> Source | None:
 def recorded_data_read(source: Source) -> dict | None:
     """What the run that made a model folder read of its training text ({seed, heldout_fraction, sources: {name:
     {documents, text_field, subset}}}), as its ling_surgery_manifest.json records it; None when it does not."""
-    manifest = Path(source.location) / "ling_surgery_manifest.json"
-    if source.kind != "folder" or not manifest.is_file():
-        return None
     try:
-        return json.loads(manifest.read_text(encoding="utf-8"))["ling_surgery"].get("data_read")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return _export_manifest(source)["ling_surgery"].get("data_read")
+    except (KeyError, TypeError, AttributeError):
         return None
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 
 from ling_surgery.surgery.context import RunContext
-from ling_surgery.surgery.distill import attention_transfer, logit_distill, pretrain
+from ling_surgery.surgery.distill import attention_transfer, heldout_perplexity, logit_distill, pretrain
 from ling_surgery.surgery.init_maps import build_student, init_student_state, mla_energy_kept
-from ling_surgery.surgery.kda import student_logits
 from ling_surgery.surgery.rl import rl
 from ling_surgery.surgery.sft import sft
 from ling_surgery.surgery.taps import collect_stats
@@ -35,12 +34,7 @@ def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     if ctx.console is not None and energy:
         ctx.console.print(energy_table(energy))
     if ctx.eval_windows is not None:
-        from ling_surgery.evals.perplexity import perplexity
-
-        quarter = ctx.eval_windows[: max(1, len(ctx.eval_windows) // 4)]
-        metrics["perplexity_after_init"] = perplexity(
-            lambda ids: student_logits(student, ids, ctx.chunk_size), quarter, device=ctx.device
-        )
+        metrics["perplexity_after_init"] = heldout_perplexity(student, ctx)
         if ctx.console is not None:
             ctx.console.print(f"upgraded model straight after init: perplexity {metrics['perplexity_after_init']['perplexity']:.4g}")
     return student, metrics

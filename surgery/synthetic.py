@@ -52,8 +52,10 @@ def copy_window(window: torch.Tensor, stream: torch.Tensor, seed: int,
 def copy_rows(rows: int, share: float, first_index: int) -> torch.Tensor:
     """Which rows of a batch become copy windows: about `share` of them, window i chosen by a generator seeded with
     `first_index + i`, its index in the stage's window sequence."""
-    return torch.tensor([share > 0 and torch.rand(1, generator=torch.Generator().manual_seed(2 * (first_index + row))).item() < share
-                         for row in range(rows)], dtype=torch.bool)
+    def chosen(index: int) -> bool:
+        return share > 0 and torch.rand(1, generator=torch.Generator().manual_seed(2 * index)).item() < share
+
+    return torch.tensor([chosen(first_index + row) for row in range(rows)], dtype=torch.bool)
 
 
 def mix_copy_windows(batch: torch.Tensor, share: float, stream: torch.Tensor, first_index: int,

@@ -181,8 +181,10 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     tokens_per_step = windows_per_step * ctx.seq_len
     steps = stage.tokens // tokens_per_step
     groups = stage.trainable or logit_distill_trainable(KDA in mixer_types(student.config))[0]
-    first = ctx.train.windows(ctx.seq_len)[ctx.window_start : ctx.window_start + 1].to(ctx.device)
-    rates = latent_row_rates(student, first, ctx.chunk_size)
+    rates = {}
+    if stage.lora is None:  # under LoRA the latent rows are frozen base weights: no rates apply
+        first = ctx.train.windows(ctx.seq_len)[ctx.window_start : ctx.window_start + 1].to(ctx.device)
+        rates = latent_row_rates(student, first, ctx.chunk_size)
     trained = student
     if stage.lora is not None:
         from ling_surgery.surgery.sft import with_lora
@@ -195,7 +197,6 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     result.trainable_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, stage))
-    # Under LoRA the latent rows are frozen base weights (their names gain a prefix): no rates apply.
     row_rates = {trainable[n]: r.to(ctx.device)[:, None] for n, r in rates.items() if n in trainable}
     done = 0
     saved = ctx.state.load(map_location=ctx.device) if ctx.state is not None else None

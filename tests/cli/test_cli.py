@@ -75,14 +75,7 @@ def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, t
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
 
     out = tmp_path / "broken"
-    command, env = cli(*args, "--output", str(out))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "stages" / ".3-logit_distill.resume.json"
-    deadline = time.time() + 300
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    state = kill_once_saved(args, out, ".3-logit_distill.resume.json")
     assert json.loads(state.read_text())["step"] < 100
 
     refused = run_cli(*args, "--output", str(out))
@@ -90,8 +83,27 @@ def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, t
     resumed = run_cli(*args, "--output", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step" in resumed.stderr
-    expected = load_file(tmp_path / "unbroken" / "model" / "model.safetensors")
-    actual = load_file(out / "model" / "model.safetensors")
+    assert_same_weights(tmp_path / "unbroken", out)
+
+
+def kill_once_saved(args: list[str], out, state_name: str):
+    """Start `args --output out` and SIGKILL it as soon as its in-stage state `stages/state_name` exists (mid-stage);
+    returns that state file."""
+    command, env = cli(*args, "--output", str(out))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "stages" / state_name
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    return state
+
+
+def assert_same_weights(run_a, run_b):
+    """The exported models of two run folders hold the same tensors, bit for bit."""
+    expected = load_file(run_a / "model" / "model.safetensors")
+    actual = load_file(run_b / "model" / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
@@ -325,25 +337,16 @@ def test_pretrain_continues_an_upgraded_model_with_the_teacher_it_was_converted_
 
 def test_pretrain_sigkill_then_resume_gives_the_same_weights(source, upgraded, tmp_path):
     _, data = source  # one long document, read from its start (data.reread: the conversion read other text anyway)
-    args = ["pretrain", str(upgraded), "--data", str(data), *PRETRAIN_BUDGET, "--set", "data.reread=true", "--set", "stages.pretrain.tokens=12800",
-            "--set", "stages.pretrain.grad_accumulation=2", "--set", "export.verify=false", "--set", "eval.tokens=0"]
+    args = ["pretrain", str(upgraded), "--data", str(data), *PRETRAIN_BUDGET, "--set", "data.reread=true",
+            "--set", "stages.pretrain.tokens=12800", "--set", "stages.pretrain.grad_accumulation=2",
+            "--set", "export.verify=false", "--set", "eval.tokens=0"]
     unbroken = run_cli(*args, "--output", str(tmp_path / "unbroken"))
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     out = tmp_path / "broken"
-    command, env = cli(*args, "--output", str(out))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "stages" / ".1-pretrain.resume.json"
-    deadline = time.time() + 300
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    kill_once_saved(args, out, ".1-pretrain.resume.json")
     resumed = run_cli(*args, "--output", str(out), "--resume")
     assert resumed.returncode == 0 and "resuming at step" in resumed.stderr, resumed.stderr[-3000:]
-    expected = load_file(tmp_path / "unbroken" / "model" / "model.safetensors")
-    actual = load_file(out / "model" / "model.safetensors")
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
+    assert_same_weights(tmp_path / "unbroken", out)
 
 
 def test_pretrain_bad_input_is_one_line_exit_2(source, upgraded, tmp_path):

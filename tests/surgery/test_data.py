@@ -159,7 +159,7 @@ def test_a_mixture_holds_each_sources_share_in_every_prefix():
     sources = [("a", _source("a", 400), 0.7), ("b", _source("b", 400, words=11), 0.3)]
     stream = TokenStream.from_mixture(sources, tok, max_tokens=3000, seed=0)
     assert len(stream.tokens) == 3000
-    assert stream.shares == pytest.approx({"a": 0.7, "b": 0.3}, abs=0.01)
+    assert stream.shares() == pytest.approx({"a": 0.7, "b": 0.3}, abs=0.01)
     names = {v: k[0] for k, v in tok.table.items()}
     ends = torch.cat([stream.starts[1:], torch.tensor([len(stream.tokens)])])
     for prefix in (300, 1000, 2000):  # tokens of a's documents (their end tokens included) among the first `prefix`
