@@ -81,11 +81,11 @@ def measure(model: str, contexts: tuple[int, ...], decode_tokens: int = 16, devi
     rows = []
     with torch.no_grad():
         # Warm-up (allocator, thread pool, lazy kernel setup), so it is not billed to the shortest context's row.
-        warm = lm.model(input_ids=text.tokens[:16][None].to(lm.device), use_cache=True)
+        warm = lm.model(input_ids=text[:16][None].to(lm.device), use_cache=True)
         lm.model(input_ids=warm.logits[:, -1:].argmax(-1), past_key_values=warm.past_key_values, use_cache=True)
         del warm
         for context in sorted(contexts):
-            ids = text.tokens[:context][None].to(lm.device)
+            ids = text[:context][None].to(lm.device)
             sync(lm.device)
             start = time.perf_counter()
             out = lm.model(input_ids=ids, use_cache=True)

@@ -206,25 +206,38 @@ def document_end_id(tokenizer) -> int | None:
 def document_ids(tokenizer, text: str, end_id: int | None) -> list[int]:
     """A document as the tokenizer expects it: its special tokens (BOS where it adds one), then the document end (the
     text's own blank-line end when the tokenizer has no end token)."""
+    return batch_document_ids(tokenizer, [text], end_id)[0]
+
+
+def batch_document_ids(tokenizer, texts: list[str], end_id: int | None) -> list[list[int]]:
+    """`document_ids` of many documents in one tokenizer call (a fast tokenizer encodes the batch in parallel)."""
+    from transformers import PreTrainedTokenizerBase
+
     if end_id is None:
-        return tokenizer(text + "\n\n", add_special_tokens=True)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return ids if ids and ids[-1] == end_id else ids + [end_id]
+        texts = [text + "\n\n" for text in texts]
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+    else:  # another engine's tokenizer (llama.cpp) takes one text at a time
+        encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
+    if end_id is None:
+        return encoded
+    return [ids if ids and ids[-1] == end_id else ids + [end_id] for ids in encoded]
 
 
 class _DocumentReader:
-    """A source's documents in a seeded order, pass after pass (each reshuffled) up to `epochs` passes, after the
-    first `skip` (documents an earlier run read). The order depends on the seed alone, not on the mixture, so a source
-    is read in the same order whatever it is mixed with — which is what lets a later run skip what an earlier read."""
+    """Indices of a source's `n` documents in a seeded order, pass after pass (each reshuffled) up to `epochs` passes,
+    after the first `skip` (documents an earlier run read). The order depends on the seed alone, not on the mixture,
+    so a source is read in the same order whatever it is mixed with — which is what lets a later run skip what an
+    earlier read."""
 
-    def __init__(self, docs: list[str], seed: int, epochs: int, skip: int = 0):
-        self.docs, self.seed, self.epochs = docs, seed, epochs
-        self.passes, self.order, self.exhausted = 0, [], not docs
+    def __init__(self, n: int, seed: int, epochs: int, skip: int = 0):
+        self.n, self.seed, self.epochs = n, seed, epochs
+        self.passes, self.order, self.exhausted = 0, [], not n
         for _ in range(skip):
             if self.next() is None:
                 break
 
-    def next(self) -> str | None:
+    def next(self) -> int | None:
         import torch
 
         if not self.order:
@@ -232,40 +245,94 @@ class _DocumentReader:
                 self.exhausted = True
                 return None
             g = torch.Generator().manual_seed(self.seed + 7_919 * self.passes)
-            self.order = torch.randperm(len(self.docs), generator=g).tolist()[::-1]
+            self.order = torch.randperm(self.n, generator=g).tolist()[::-1]
             self.passes += 1
-        return self.docs[self.order.pop()]
+        return self.order.pop()
 
 
 @dataclass
 class TokenStream:
-    """Documents tokenised one after another into one stream, cut into fixed-length windows."""
+    """Documents one after another in one token stream, cut into fixed-length windows.
 
-    tokens: torch.Tensor  # (N,) int64
-    starts: torch.Tensor | None = None  # (D,) int64: where each document begins in `tokens`
+    The stream is an index over its sources' tokens (`token_cache.DocumentTokens`, memory-mapped when they come from
+    the token cache): which document comes where. Tokens are read when a window is (`take`), so a stream of billions
+    of tokens costs three int64 per document in RAM."""
+
+    parts: tuple  # per source, its documents' tokens (token_cache.DocumentTokens)
+    starts: torch.Tensor  # (D,) int64: where each document begins in the stream
+    document_sources: torch.Tensor  # (D,) which source (index into parts) each document comes from
+    document_index: torch.Tensor  # (D,) which of its source's documents
+    length: int  # tokens in the stream (the last document may be cut)
     source: str = "data"
     joins: tuple[int, int] | None = None  # (document-end token, paragraph-break token): to make one document of two
     source_names: tuple = ()  # the mixture's sources, in order
-    document_sources: torch.Tensor | None = None  # (D,) which source each document came from
     skipped: dict | None = None  # source name → documents skipped before the stream (read by an earlier run)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, positions: torch.Tensor) -> torch.Tensor:
+        """The tokens at stream `positions` (any shape, each in [0, len)), as int64."""
+        import numpy as np
+        import torch
+
+        flat = positions.reshape(-1)
+        document = torch.searchsorted(self.starts, flat, right=True) - 1
+        source = self.document_sources[document]
+        out = np.empty(len(flat), dtype=np.int64)
+        for index, part in enumerate(self.parts):
+            chosen = (source == index).nonzero().flatten()
+            if len(chosen):
+                first = torch.from_numpy(part.offsets)[self.document_index[document[chosen]]]
+                where = (first + flat[chosen] - self.starts[document[chosen]]).numpy()
+                out[chosen.numpy()] = part.tokens[where]
+        return torch.from_numpy(out).view(positions.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """Tokens by position: an int, a slice or an index tensor (`stream[picks]`, `stream[:16]`)."""
+        import torch
+
+        if isinstance(index, slice):
+            return self.take(torch.arange(self.length)[index])
+        if isinstance(index, int):
+            return self.take(torch.tensor([range(self.length)[index]]))[0]
+        return self.take(torch.as_tensor(index) % self.length)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The whole stream in RAM (small streams: evaluation text, tests)."""
+        return self[:]
 
     def shares(self) -> dict[str, float]:
         """Per source, its share of the stream's tokens."""
         import torch
 
-        lengths = torch.diff(self.starts, append=torch.tensor([len(self.tokens)]))
+        lengths = torch.diff(self.starts, append=torch.tensor([self.length]))
         per_source = torch.zeros(len(self.source_names)).index_add_(0, self.document_sources, lengths.float())
-        return {name: float(n) / max(1, len(self.tokens)) for name, n in zip(self.source_names, per_source)}
+        return {name: float(n) / max(1, self.length) for name, n in zip(self.source_names, per_source)}
 
     def documents_read(self, tokens: int) -> dict[str, int]:
         """Per source, the documents a reader of the first `tokens` tokens has started (skipped ones included):
         where a later run continues without reading them again."""
         read = dict(self.skipped or {})
-        if self.document_sources is not None:
-            begun = self.document_sources[self.starts < tokens]
-            for index, name in enumerate(self.source_names):
-                read[name] = read.get(name, 0) + int((begun == index).sum())
+        begun = self.document_sources[self.starts < tokens]
+        for index, name in enumerate(self.source_names):
+            read[name] = read.get(name, 0) + int((begun == index).sum())
         return read
+
+    @classmethod
+    def of_tokens(cls, tokens: torch.Tensor, starts: torch.Tensor | None = None, source: str = "data") -> "TokenStream":
+        """A stream of the given tokens, documents beginning at `starts` (one document when None)."""
+        import numpy as np
+        import torch
+
+        from ling_surgery.surgery.token_cache import TOKEN_DTYPE, DocumentTokens
+
+        starts = torch.zeros(1, dtype=torch.long) if starts is None else starts.long()
+        offsets = np.append(starts.numpy(), len(tokens)).astype(np.int64)
+        part = DocumentTokens(tokens.numpy().astype(TOKEN_DTYPE), offsets)
+        return cls((part,), starts, torch.zeros(len(starts), dtype=torch.long), torch.arange(len(starts)), len(tokens),
+                   source, source_names=(source,))
 
     @classmethod
     def from_documents(cls, docs: list[str], tokenizer, max_tokens: int | None = None, seed: int = 0,
@@ -274,59 +341,61 @@ class TokenStream:
         return cls.from_mixture([(source, docs, 1.0)], tokenizer, max_tokens, seed, label=source)
 
     @classmethod
-    def from_mixture(cls, sources: list[tuple[str, list[str], float]], tokenizer, max_tokens: int | None = None,
-                     seed: int = 0, epochs: int = 1, needed: int | None = None, label: str = "data",
+    def from_mixture(cls, sources: list[tuple], tokenizer, max_tokens: int | None = None, seed: int = 0,
+                     epochs: int = 1, needed: int | None = None, label: str = "data",
                      skip: dict[str, int] | None = None) -> "TokenStream":
-        """Documents of several (name, documents, share) sources interleaved so that every prefix of the stream holds
-        each source's share of the tokens (the source furthest below its share gives the next document), up to
-        `max_tokens`. Each source is read in a seeded order, `epochs` times at most (reshuffled per pass), after its
-        first `skip[name]` documents; a source that runs out before the stream holds `needed` tokens is an error
-        naming it."""
+        """Documents of several (name, documents, share) sources — documents as texts or already tokenised
+        (`token_cache.DocumentTokens`) — interleaved so that every prefix of the stream holds each source's share of
+        the tokens (the source furthest below its share gives the next document), up to `max_tokens`. Each source is
+        read in a seeded order, `epochs` times at most (reshuffled per pass), after its first `skip[name]` documents;
+        a source that runs out before the stream holds `needed` tokens is an error naming it."""
         import torch
+
+        from ling_surgery.surgery.token_cache import DocumentTokens
 
         end_id = document_end_id(tokenizer)
         skip = skip or {}
-        readers = [_DocumentReader(docs, seed, epochs, skip.get(name, 0)) for name, docs, _ in sources]
-        document_sources = []
+        parts = [docs if isinstance(docs, DocumentTokens) else DocumentTokens.tokenize(docs, tokenizer, end_id)
+                 for _, docs, _ in sources]
+        lengths = [part.lengths.tolist() for part in parts]
+        readers = [_DocumentReader(len(part), seed, epochs, skip.get(name, 0)) for (name, _, _), part in zip(sources, parts)]
+        starts, document_sources, document_index = [], [], []
         taken = [0] * len(sources)
-        pieces, starts, total = [], [], 0  # one int64 tensor per document: 8 bytes a token, not a Python int each
+        total = 0
         while max_tokens is None or total < max_tokens:
             live = [i for i, r in enumerate(readers) if not r.exhausted]
             if not live:
                 break
             i = max(live, key=lambda j: (sources[j][2] * (total + 1) - taken[j], -j))
-            text = readers[i].next()
-            if text is None:  # this source ran out
+            document = readers[i].next()
+            if document is None:  # this source ran out
                 if needed is not None and total < needed:
                     name, _, share = sources[i]
                     raise SurgeryError(
                         f"{label}: {name!r} runs out after {taken[i]:,} tokens ({epochs} pass(es) over its "
-                        f"{len(sources[i][1]):,} documents) while the stages read {needed:,} tokens, {share:.0%} of them "
+                        f"{len(parts[i]):,} documents) while the stages read {needed:,} tokens, {share:.0%} of them "
                         f"from it: add text, lower the stages' tokens or its weight, or set data.epochs: {epochs + 1}"
                         + (f" (or data.reread: true: {skip[name]:,} of its documents were skipped as read by the run "
                            "that made the model)" if skip.get(name) else ""))
                 if len(sources) > 1 and max_tokens is not None:
                     break  # the mixture's shares hold only while every source still has text
                 continue
-            ids = document_ids(tokenizer, text, end_id)
-            pieces.append(torch.tensor(ids, dtype=torch.long))
             starts.append(total)
             document_sources.append(i)
-            total += len(ids)
-            taken[i] += len(ids)
-        tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+            document_index.append(document)
+            total += lengths[i][document]
+            taken[i] += lengths[i][document]
         joiner = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
         joins = (end_id, joiner[0]) if end_id is not None and joiner else None
-        return cls(tokens[:max_tokens] if max_tokens else tokens, torch.tensor(starts, dtype=torch.long), label, joins,
-                   tuple(name for name, _, _ in sources), torch.tensor(document_sources, dtype=torch.long),
-                   {name: skip.get(name, 0) for name, _, _ in sources})
+        return cls(tuple(parts), torch.tensor(starts, dtype=torch.long), torch.tensor(document_sources, dtype=torch.long),
+                   torch.tensor(document_index, dtype=torch.long), min(total, max_tokens or total), label, joins,
+                   tuple(name for name, _, _ in sources), {name: skip.get(name, 0) for name, _, _ in sources})
 
-    def windows(self, seq_len: int) -> torch.Tensor:
-        n = len(self.tokens) // seq_len
-        if n == 0:
-            raise SurgeryError(f"{self.source} holds {len(self.tokens)} tokens, not enough for one window of {seq_len}; "
+    def windows(self, seq_len: int) -> "Windows":
+        if self.length < seq_len:
+            raise SurgeryError(f"{self.source} holds {self.length} tokens, not enough for one window of {seq_len}; "
                                "add text or lower the window length")
-        return self.tokens[: n * seq_len].view(n, seq_len)
+        return Windows(self, seq_len)
 
     def positions(self, window_indices: torch.Tensor, seq_len: int) -> torch.Tensor:
         """(len(window_indices), seq_len) position of every token of those windows in its document, restarting at 0
@@ -336,7 +405,7 @@ class TokenStream:
 
         first = window_indices[:, None] * seq_len
         where = first + torch.arange(seq_len)
-        if self.starts is None or len(self.starts) == 0:
+        if len(self.starts) == 0:
             return where - first
         document = torch.searchsorted(self.starts, where, right=True) - 1
         begins = torch.maximum(self.starts[document.clamp_min(0)], first)
@@ -354,3 +423,29 @@ class TokenStream:
             idx = torch.arange(i, i + batch_size) % len(windows)
             yield windows[idx], (self.positions(idx, seq_len) if documents else None)
             i += batch_size
+
+
+class Windows:
+    """A stream cut into `seq_len`-token windows (the tail shorter than one dropped), read on indexing: `windows[i]`
+    (seq_len,), `windows[a:b]` or `windows[index_tensor]` (n, seq_len)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+
+    def __len__(self) -> int:
+        return len(self.stream) // self.seq_len
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.seq_len
+
+    def __getitem__(self, index) -> torch.Tensor:
+        import torch
+
+        if isinstance(index, int):
+            return self[torch.tensor([range(len(self))[index]])][0]
+        rows = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index)
+        return self.stream.take(rows[:, None] * self.seq_len + torch.arange(self.seq_len))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

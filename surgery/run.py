@@ -206,21 +206,23 @@ def _text_streams(recipe: Recipe, tokenizer, console: Console, skip: dict[str, i
     """(train, held-out or None, each stage's first training token): the recipe's text as token streams, checked to
     hold a window for every stage and for the evaluation, and to hold every token the stages read (within
     data.epochs passes: text is never silently read again). `skip`: documents per source an earlier run read."""
-    from ling_surgery.surgery.data import TokenStream, load_documents, split_heldout
+    from ling_surgery.surgery.data import TokenStream
+    from ling_surgery.surgery.token_cache import cache_root, split_tokens
 
     offsets = stage_offsets(recipe)
     longest = max(stage_seq_len(stage, recipe) for stage in recipe.stages)
     train_tokens = offsets[-1] + 4 * longest
     fraction, entries = recipe.data.heldout_fraction, recipe.data.sources()
-    train_sources, heldout_sources = [], []
+    train_sources, heldout_sources, cached = [], [], []
     for entry in entries:
         # Streamed hub data: read enough text for both splits (≈ 8 characters per token is generous for any
         # tokenizer), for this source's share of the tokens.
         max_chars = 8 * max(int(entry.weight * train_tokens / (1 - fraction)), int(entry.weight * recipe.eval.tokens / fraction))
-        train_docs, heldout_docs = split_heldout(load_documents(entry.source, entry.text_field, max_chars, entry.subset),
-                                                 fraction)
-        train_sources.append((entry.source, train_docs, entry.weight))
-        heldout_sources.append((entry.source, heldout_docs, entry.weight))
+        train_part, heldout_part, from_cache = split_tokens(entry.source, entry.text_field, entry.subset, fraction,
+                                                            max_chars, tokenizer, console)
+        train_sources.append((entry.source, train_part, entry.weight))
+        heldout_sources.append((entry.source, heldout_part, entry.weight))
+        cached.append(from_cache)
     name = recipe.data.describe()
     train = TokenStream.from_mixture(train_sources, tokenizer, max_tokens=train_tokens, seed=recipe.seed,
                                      epochs=recipe.data.epochs, needed=offsets[-1], label=f"training text of {name!r}",
@@ -234,8 +236,12 @@ def _text_streams(recipe: Recipe, tokenizer, console: Console, skip: dict[str, i
     counts = ", ".join(f"{len(t):,} train / {len(h):,} held-out documents of {n!r}"
                        for (n, t, _), (_, h, _) in zip(train_sources, heldout_sources))
     mix = "" if len(entries) == 1 else " (" + ", ".join(f"{n} {share:.0%}" for n, share in train.shares().items()) + ")"
-    console.print(f"data: {counts}; {len(train.tokens):,} train tokens{mix}, "
-                  f"{0 if heldout is None else len(heldout.tokens):,} held-out tokens")
+    console.print(f"data: {counts}; {len(train):,} train tokens{mix}, "
+                  f"{0 if heldout is None else len(heldout):,} held-out tokens")
+    for state, names in (("read from", [e.source for e, hit in zip(entries, cached) if hit]),
+                         ("tokenised once into", [e.source for e, hit in zip(entries, cached) if not hit])):
+        if names:
+            console.print(f"data: {', '.join(names)} {state} the token cache {cache_root() / 'tokens'}")
     if skip:
         console.print("data: skipping what the source model's run trained on (data.reread: true reads it again): "
                       + ", ".join(f"{n} {k:,} documents" for n, k in skip.items()))
@@ -267,7 +273,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     teacher_source = getattr(conversion, "teacher", None)  # pretrain on an upgraded model: its own teacher
     teacher = sources.load_weights(teacher_source or conversion.source, torch.bfloat16 if use_bf16 else torch.float32,
                                    str(device))
-    eval_windows = heldout.windows(recipe.eval.seq_len) if heldout is not None else None
+    eval_windows = heldout.windows(recipe.eval.seq_len)[:] if heldout is not None else None
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:
         conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)

@@ -24,9 +24,10 @@ import torch
 MIN_SPAN = 8
 
 
-def copy_window(window: torch.Tensor, stream: torch.Tensor, seed: int,
+def copy_window(window: torch.Tensor, stream, seed: int,
                 joins: tuple[int, int] | None = None) -> torch.Tensor:
-    """`window` (T,) with a span written twice (see the module doc); T ≥ 4·MIN_SPAN, else unchanged. `joins`:
+    """`window` (T,) with a span written twice (see the module doc); T ≥ 4·MIN_SPAN, else unchanged. `stream`: where
+    random spans come from, a token tensor or a `data.TokenStream` (both index by a tensor of positions). `joins`:
     (document-end token, paragraph-break token), the first replaced by the second so the window is one document."""
     length = len(window)
     if length < 4 * MIN_SPAN:
@@ -58,7 +59,7 @@ def copy_rows(rows: int, share: float, first_index: int) -> torch.Tensor:
     return torch.tensor([chosen(first_index + row) for row in range(rows)], dtype=torch.bool)
 
 
-def mix_copy_windows(batch: torch.Tensor, share: float, stream: torch.Tensor, first_index: int,
+def mix_copy_windows(batch: torch.Tensor, share: float, stream, first_index: int,
                      joins: tuple[int, int] | None = None) -> torch.Tensor:
     """The batch with the `copy_rows` turned into copy windows, each built by a generator seeded with its index."""
     out = batch.clone()

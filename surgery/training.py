@@ -221,7 +221,7 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             for _ in range(accumulation):
                 input_ids, position_ids = next(batches)
                 if stage.recall_mix:
-                    input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train.tokens, next_window,
+                    input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train, next_window,
                                                  ctx.train.joins)
                     if position_ids is not None:  # a copy window is one document
                         position_ids[copy_rows(len(input_ids), stage.recall_mix, next_window)] = torch.arange(ctx.seq_len)

@@ -123,7 +123,7 @@ def test_stream_tensors_are_int64():
 
 
 def test_positions_restart_at_each_document_and_at_each_window():
-    stream = TokenStream(torch.arange(20), starts=torch.tensor([0, 3, 11, 12]))
+    stream = TokenStream.of_tokens(torch.arange(20), starts=torch.tensor([0, 3, 11, 12]))
     positions = stream.positions(torch.tensor([0, 1, 2]), 6)
     assert positions.tolist() == [[0, 1, 2, 0, 1, 2],  # document 2 starts at token 3
                                   [0, 1, 2, 3, 4, 0],  # window 1 begins inside document 2; document 3 at token 11
@@ -132,7 +132,7 @@ def test_positions_restart_at_each_document_and_at_each_window():
     assert torch.equal(ids, torch.stack([torch.arange(12, 18), torch.arange(0, 6)]))  # wraps around
     assert torch.equal(pos, torch.stack([positions[2], positions[0]]))
     assert next(stream.batches(6, 2, documents=False))[1] is None
-    assert TokenStream(torch.arange(12)).positions(torch.tensor([1]), 6).tolist() == [list(range(6))]
+    assert TokenStream.of_tokens(torch.arange(12)).positions(torch.tensor([1]), 6).tolist() == [list(range(6))]
 
 
 class WordTokenizer:

@@ -24,7 +24,7 @@ def _setup(**ctx_fields):
     target = target_config(teacher.config, make_plan(4, 2), recipe)
     g = torch.Generator().manual_seed(0)
     # A repetitive token stream so a few steps of training show a clear trend.
-    stream = TokenStream(torch.randint(3, 40, (64,), generator=g).repeat(40))
+    stream = TokenStream.of_tokens(torch.randint(3, 40, (64,), generator=g).repeat(40))
     stats = collect_stats(teacher, get_arch("llama"), [stream.windows(32)[:4]])
     state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, target, stats, recipe.stages[0])
     student = build_student(state, target)
@@ -126,7 +126,7 @@ def _all_mla_setup(latent_norm: str, **ctx_fields):
                          stages=[{"kind": "init", "latent_norm": latent_norm}])
     target = target_config(teacher.config, make_plan(4, 1), recipe)
     g = torch.Generator().manual_seed(0)
-    stream = TokenStream(torch.randint(3, 40, (64,), generator=g).repeat(40))
+    stream = TokenStream.of_tokens(torch.randint(3, 40, (64,), generator=g).repeat(40))
     stats = collect_stats(teacher, get_arch("llama"), [stream.windows(32)[:4]])
     state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, target, stats, recipe.stages[0])
     return teacher, build_student(state, target), RunContext(teacher, get_arch("llama"), stream, 32, torch.device("cpu"), 8,
@@ -216,7 +216,7 @@ def _documents_setup(separate: bool):
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(5, 41, (80,), generator=g)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
-    ctx.train = TokenStream(torch.randint(3, 40, (int(lengths.sum()),), generator=g), starts=starts)
+    ctx.train = TokenStream.of_tokens(torch.randint(3, 40, (int(lengths.sum()),), generator=g), starts=starts)
     return teacher, student, ctx
 
 
