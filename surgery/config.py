@@ -231,11 +231,19 @@ class PretrainStage(TrainingStage):
     temperature: float = Field(1.0, gt=0, description="distillation temperature of the KL term")
     recall_mix: float = Field(0.25, ge=0, le=1, description="share of training windows in which a span is written "
                               "twice, so continued training keeps the copying the distillation stages taught")
+    teacher_topk: int = Field(0, ge=0, description="0: the teacher runs in the loop; k > 0: its top-k next-token "
+                              "log-probabilities are computed once before the stage, stored in the run folder "
+                              "(teacher-logits/) and read from disk, and the KL is over those k tokens plus one bucket "
+                              "for the rest (surgery/teacher_logits.py); on a GPU the teacher leaves it while the "
+                              "student trains")
 
     @model_validator(mode="after")
     def _some_loss(self):
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise ValueError("kl_weight and ce_weight are both 0: the stage would learn nothing; set one above 0")
+        if self.teacher_topk and self.kl_weight == 0:
+            raise ValueError(f"teacher_topk {self.teacher_topk} stores the teacher's logits for the KL term, but "
+                             "kl_weight is 0: set kl_weight above 0 or teacher_topk: 0")
         return self
 
 

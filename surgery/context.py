@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,3 +31,5 @@ class RunContext:
     tokenizer: object = None  # the model's tokenizer (alignment stages give it thinking modes; saved with each stage)
     seed: int = 0
     separate_documents: bool = True  # training windows keep their documents apart (data.attend_across_documents false)
+    work_dir: Path | None = None  # the run folder: files a stage keeps beside its checkpoints (teacher-logits/)
+    teacher_name: str = "teacher"  # where the teacher came from (keys what is computed from it)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.kda import document_index, mixer_forward, position_embeddings, student_logits
 from ling_surgery.surgery.taps import attention_taps
+from ling_surgery.surgery.teacher_logits import topk_kl_divergence
 from ling_surgery.surgery.training import train
 
 
@@ -33,7 +34,7 @@ def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module
     """Stage `kind: attention_transfer` (LoLCATs §3.1; RADLADS step 1): per-layer relative MSE of mixer outputs."""
     layers = student.model.layers
 
-    def loss_fn(input_ids, position_ids):
+    def loss_fn(input_ids, position_ids, window):
         with torch.no_grad(), attention_taps(ctx.teacher, ctx.arch) as taps:
             teacher_forward(ctx.teacher, input_ids, position_ids)
         rope = position_embeddings(student, taps[0][0], position_ids=position_ids)
@@ -64,7 +65,7 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
 def logit_distill(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     """Stage `kind: logit_distill` (RADLADS step 2): KL(teacher ‖ student) on next-token distributions."""
 
-    def loss_fn(input_ids, position_ids):
+    def loss_fn(input_ids, position_ids, window):
         with torch.no_grad():
             teacher_logits = teacher_forward(ctx.teacher, input_ids, position_ids).logits
         logits = student_logits(student, input_ids, ctx.chunk_size, position_ids, stage.activation_checkpointing)
@@ -85,14 +86,20 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, position_ids:
 
 def pretrain(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     """Stage `kind: pretrain`: continual pretraining with the teacher in the loop, kl_weight · KL(teacher ‖ student)
-    + ce_weight · next-token CE, on packed documents. Reports held-out perplexity before and after the stage (on a
-    quarter of the held-out windows), so its gain is in its manifest."""
+    + ce_weight · next-token CE, on packed documents. With `teacher_topk: k` the KL reads the teacher's top-k computed
+    once before the stage (`teacher_logits.py`), and on a GPU the teacher waits in host memory meanwhile. Reports
+    held-out perplexity before and after the stage (on a quarter of the held-out windows), so its gain is in its
+    manifest."""
     before = heldout_perplexity(student, ctx)
+    stored = stored_teacher_topk(stage, ctx) if stage.teacher_topk and stage.kl_weight else None
 
-    def loss_fn(input_ids, position_ids):
+    def loss_fn(input_ids, position_ids, window):
         logits = student_logits(student, input_ids, ctx.chunk_size, position_ids, stage.activation_checkpointing)
         loss = logits.new_zeros((), dtype=torch.float32)
-        if stage.kl_weight:
+        if stage.kl_weight and stored is not None:
+            logprobs, indices = (t.to(logits.device) for t in stored.batch(window, len(input_ids)))
+            loss = loss + stage.kl_weight * topk_kl_divergence(logprobs, indices, logits, stage.temperature)
+        elif stage.kl_weight:
             with torch.no_grad():
                 teacher_logits = teacher_forward(ctx.teacher, input_ids, position_ids).logits
             loss = loss + stage.kl_weight * kl_divergence(teacher_logits, logits, stage.temperature)
@@ -100,14 +107,37 @@ def pretrain(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
             loss = loss + stage.ce_weight * next_token_loss(logits, input_ids, position_ids)
         return loss
 
-    student, result = train(student, stage, ctx, loss_fn)
+    teacher_device = next(ctx.teacher.parameters()).device
+    if stored is not None and teacher_device.type != "cpu":
+        ctx.teacher.to("cpu")  # its logits are on disk: the accelerator's memory is the student's
+    try:
+        student, result = train(student, stage, ctx, loss_fn)
+    finally:
+        ctx.teacher.to(teacher_device)
     metrics = result.summary()
+    if stored is not None:
+        metrics["teacher_topk"] = {"k": stored.k, "folder": str(stored.folder)}
     if before is not None:
         metrics["perplexity_before"], metrics["perplexity_after"] = before, heldout_perplexity(student, ctx)
         if ctx.console is not None:
             ctx.console.print(f"{stage.name}: held-out perplexity {before['perplexity']:.3f} → "
                               f"{metrics['perplexity_after']['perplexity']:.3f}")
     return student, metrics
+
+
+def stored_teacher_topk(stage, ctx: RunContext):
+    """The teacher's top-k for every micro-batch the stage trains on, from the run folder or computed now."""
+    from itertools import islice
+
+    from ling_surgery.surgery.teacher_logits import teacher_topk
+    from ling_surgery.surgery.token_cache import cache_root
+    from ling_surgery.surgery.training import autocast, stage_batches
+
+    micro_batches = stage.tokens // (stage.batch_size * stage.grad_accumulation * ctx.seq_len) * stage.grad_accumulation
+    root = (ctx.work_dir if ctx.work_dir is not None else cache_root()) / "teacher-logits"
+    return teacher_topk(ctx.teacher, lambda: islice(stage_batches(stage, ctx, ctx.window_start), micro_batches),
+                        stage.teacher_topk, stage.temperature, ctx.seq_len, ctx.window_start,
+                        micro_batches * stage.batch_size, ctx.teacher_name, root, ctx.console, lambda: autocast(ctx))
 
 
 def heldout_perplexity(model, ctx: RunContext) -> dict | None:

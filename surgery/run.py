@@ -274,6 +274,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     teacher = sources.load_weights(teacher_source or conversion.source, torch.bfloat16 if use_bf16 else torch.float32,
                                    str(device))
     eval_windows = heldout.windows(recipe.eval.seq_len)[:] if heldout is not None else None
+    teacher_reference = (teacher_source or conversion.source).reference()
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:
         conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)
@@ -306,7 +307,8 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
             state=state if stage.kind != "init" else None, save_every=recipe.runtime.save_every,
             source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
             bf16_autocast=use_bf16, tokenizer=tokenizer, seed=recipe.seed,
-            separate_documents=not recipe.data.attend_across_documents,
+            separate_documents=not recipe.data.attend_across_documents, work_dir=folder.root,
+            teacher_name=teacher_reference,
         )
         console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
         t = time.perf_counter()

@@ -5,7 +5,8 @@ packed windows from the run's token stream (documents kept apart, `TokenStream.p
 gradient accumulation, warm-up then a cosine or WSD schedule, gradient clipping, AdamW on the stage's trainable groups
 (or LoRA adapters), per-row rates for MLA latents in their linear regime, and in-stage checkpoints written atomically
 for `--resume` — weights, optimizer, schedule, RNG and data position — so a killed stage resumed ends bit-equal to an
-unbroken one. A stage supplies only its loss: `loss_fn(input_ids, position_ids) -> scalar`.
+unbroken one. A stage supplies only its loss: `loss_fn(input_ids, position_ids, window) -> scalar` (`window`:
+the stage window index of the micro-batch's first row).
 """
 
 from __future__ import annotations
@@ -164,6 +165,21 @@ def autocast(ctx: RunContext):
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.bf16_autocast else nullcontext()
 
 
+def stage_batches(stage, ctx: RunContext, start: int):
+    """A stage's micro-batches from its window `start` on: (first window, input_ids, position_ids), `batch_size`
+    windows each, copy windows mixed in (`recall_mix`; each seeded by its window index, so the batches from any
+    start are the ones an unbroken stage reads there)."""
+    window = start
+    for input_ids, position_ids in ctx.train.batches(ctx.seq_len, stage.batch_size, start=start,
+                                                     documents=ctx.separate_documents):
+        if stage.recall_mix:
+            input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train, window, ctx.train.joins)
+            if position_ids is not None:  # a copy window is one document
+                position_ids[copy_rows(len(input_ids), stage.recall_mix, window)] = torch.arange(ctx.seq_len)
+        yield window, input_ids, position_ids
+        window += stage.batch_size
+
+
 def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, StageResult]:
     """Train `student`'s trainable groups (or LoRA adapters on them) on `loss_fn` for `stage.tokens` tokens (see the
     module doc); returns the trained model (adapters merged) and the result.
@@ -211,25 +227,18 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
         result.steps, result.tokens = done, done * tokens_per_step
         if ctx.console is not None:
             ctx.console.print(f"{name}: resuming at step {done}/{steps} from {ctx.state.path.name}")
-    next_window = ctx.window_start + done * windows_per_step
-    batches = ctx.train.batches(ctx.seq_len, stage.batch_size, start=next_window, documents=ctx.separate_documents)
+    batches = stage_batches(stage, ctx, ctx.window_start + done * windows_per_step)
     student.train()
     start = time.perf_counter() - result.seconds
     with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
         for step in range(done, steps):
             step_loss = 0.0
             for _ in range(accumulation):
-                input_ids, position_ids = next(batches)
-                if stage.recall_mix:
-                    input_ids = mix_copy_windows(input_ids, stage.recall_mix, ctx.train, next_window,
-                                                 ctx.train.joins)
-                    if position_ids is not None:  # a copy window is one document
-                        position_ids[copy_rows(len(input_ids), stage.recall_mix, next_window)] = torch.arange(ctx.seq_len)
-                next_window += stage.batch_size
+                window, input_ids, position_ids = next(batches)
                 input_ids = input_ids.to(ctx.device)
                 position_ids = None if position_ids is None else position_ids.to(ctx.device)
                 with autocast(ctx):
-                    loss = loss_fn(input_ids, position_ids)
+                    loss = loss_fn(input_ids, position_ids, window)
                 if not torch.isfinite(loss):
                     raise SurgeryError(f"stage {name}: loss became {loss.item()} at step {step}; lower stages.{name}.lr")
                 accelerator.backward(loss / accumulation)
@@ -249,7 +258,7 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             if ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps:
                 ctx.state.save({
                     "step": step + 1,
-                    "next_window": next_window,  # the data position (recomputed from the step; kept to read)
+                    "next_window": window + stage.batch_size,  # the data position (recomputed from the step; kept to read)
                     "params": {n: p.detach().clone() for n, p in trainable.items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
