@@ -118,6 +118,12 @@ class DataConfig(Strict):
             one = {"source": data.get("train", "wikipedia"), "text_field": data.get("text_field", "text"),
                    "subset": data.get("subset")}
             data = {**data, "train": [one]}
+        elif isinstance(data, dict) and isinstance(data.get("train"), list):
+            for key, default in (("text_field", "text"), ("subset", None)):
+                entries = [e for e in data["train"] if isinstance(e, dict)]
+                if data.get(key, default) != default and any(e.get(key, default) != data[key] for e in entries):
+                    raise ValueError(f"data.{key} applies to a single source given as a string; with a list of "
+                                     f"sources, set {key} on each entry, e.g. {{source: ..., {key}: {data[key]}}}")
         return data
 
     def sources(self) -> list[DataSource]:

@@ -115,3 +115,13 @@ def test_a_stage_whose_fields_clash_is_one_problem_not_two():
     with pytest.raises(RecipeError) as err:
         load_recipe(None, ["stages=[{kind: pretrain, kl_weight: 0}]"])
     assert len(err.value.problems) == 1 and "kl_weight and ce_weight are both 0" in err.value.problems[0]
+
+
+def test_a_text_field_beside_a_list_of_sources_is_refused_not_ignored():
+    with pytest.raises(SurgeryError, match=r"data.text_field applies to a single source given as a string; with a list "
+                                           r"of sources, set text_field on each entry"):
+        load_recipe(None, ["data.train=[{source: a.jsonl}, {source: b.jsonl}]", "data.text_field=body"])
+    recipe = load_recipe(None, ["data.train=[{source: a.jsonl, text_field: body}]", "data.text_field=body"])
+    assert recipe.data.train[0].text_field == "body"
+    dumped = Recipe.model_validate(recipe.model_dump(mode="json"))  # a saved recipe (both keys) loads again
+    assert dumped.data == recipe.data
