@@ -422,7 +422,8 @@ def main() -> None:
     try:
         app()
     except SurgeryError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # N launched processes meet the same bad input: one says it
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: finished stages are kept; continue with `ling-surgery run RECIPE --resume`")

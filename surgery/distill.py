@@ -20,7 +20,7 @@ from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.kda import document_index, mixer_forward, position_embeddings, student_logits
 from ling_surgery.surgery.taps import attention_taps
 from ling_surgery.surgery.teacher_logits import topk_kl_divergence
-from ling_surgery.surgery.training import train
+from ling_surgery.surgery.training import mean_over_processes, train
 
 
 def teacher_forward(teacher, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
@@ -39,6 +39,9 @@ def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module
             teacher_forward(ctx.teacher, input_ids, position_ids)
         rope = position_embeddings(student, taps[0][0], position_ids=position_ids)
         documents = document_index(position_ids)
+        # Each layer's error relative to its teacher output's energy over the global batch (all processes), so that
+        # N data-parallel processes train as one.
+        energy = mean_over_processes(torch.stack([taps[i][1].float().pow(2).mean() for i in range(len(layers))]))
         losses = []
         for i, layer in enumerate(layers):
             x, y = taps[i]
@@ -48,7 +51,7 @@ def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module
                                                          use_reentrant=False).float()
             else:
                 pred = mixer_forward(layer, x, rope, ctx.chunk_size, documents).float()
-            losses.append(F.mse_loss(pred, y) / y.pow(2).mean().clamp_min(1e-8))
+            losses.append(F.mse_loss(pred, y) / energy[i].clamp_min(1e-8))
         return torch.stack(losses).mean()
 
     student, result = train(student, stage, ctx, loss_fn)
@@ -76,12 +79,16 @@ def logit_distill(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dic
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Mean next-token cross-entropy; in packed rows a document's last token is not asked for the next document's
-    first (the position that starts a document has position id 0)."""
+    """Mean next-token cross-entropy over the global batch's targets (all data-parallel processes); in packed rows a
+    document's last token is not asked for the next document's first (the position that starts a document has
+    position id 0)."""
     targets = input_ids[:, 1:].clone()
     if position_ids is not None:
         targets[position_ids[:, 1:] == 0] = -100
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    total = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    # Per process: its sum over the mean count of targets per process, so the engine's average over processes is
+    # the mean over every target of the global batch (processes hold different numbers of document starts).
+    return total / mean_over_processes((targets != -100).sum().float())
 
 
 def pretrain(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:

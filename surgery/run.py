@@ -158,7 +158,10 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
     from ling_surgery.surgery.align import plan_recipe
 
     console = console or Console(stderr=True)
-    folder = open_run_folder(recipe.export.output, fresh=fresh)
+    processes = process_state(recipe)
+    if not processes.is_main_process:
+        console = Console(stderr=True, quiet=True)  # one process speaks (and writes) for all
+    folder = open_run_folder(recipe.export.output, fresh=fresh and processes.is_main_process)
     conversion = plan_recipe(recipe)
     recipe = conversion.recipe  # plan values derived from the source are part of what runs and is fingerprinted
     statuses = stage_statuses(recipe, folder)
@@ -257,12 +260,16 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     from ling_surgery.surgery.stages import STAGES
 
     t = time.perf_counter()
+    processes = process_state(recipe)
+    main = processes.is_main_process
     # Read, tokenise and check the text before anything is written or the teacher loads: bad data costs a line.
     tokenizer = sources.load_tokenizer(conversion.source)
-    train, heldout, offsets = _text_streams(recipe, tokenizer, console, documents_to_skip(recipe, conversion))
-    (folder.root / "stages").mkdir(parents=True, exist_ok=True)
-    (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    device = resolve_device(recipe.runtime.device)
+    with processes.main_process_first():  # the main process fills the token cache; the others read it
+        train, heldout, offsets = _text_streams(recipe, tokenizer, console, documents_to_skip(recipe, conversion))
+    if main:
+        (folder.root / "stages").mkdir(parents=True, exist_ok=True)
+        (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    device = processes.device if processes.device.type == "cuda" else resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
 
     console.print(f"loading {conversion.source.name} ({conversion.source.kind}) …")
@@ -277,10 +284,11 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     teacher_reference = (teacher_source or conversion.source).reference()
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:
-        conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)
+        with processes.main_process_first():  # measured and kept by the main process, read by the others
+            conversion = measured_placement(recipe, conversion, teacher, tokenizer, train, folder, console)
 
     stage_eval = None
-    if recipe.eval.each_stage.tasks:
+    if recipe.eval.each_stage.tasks and main:
         from ling_surgery.evals.trajectory import StageEvaluator
 
         stage_eval = StageEvaluator(recipe.eval.each_stage, teacher, tokenizer, device, recipe.runtime.kda_chunk_size,
@@ -298,8 +306,9 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     for status in statuses[start:]:
         i, stage = status.index, status.stage
         state = folder.training_state(i, stage, status.fingerprint)
-        if stage.name == from_stage or not state.matches():
+        if (stage.name == from_stage or not state.matches()) and main:
             state.clear()  # --from starts the stage over; a state from another recipe is useless
+        processes.wait_for_everyone()  # every process starts the stage from the same saved state (or none)
         seq_len = stage_seq_len(stage, recipe)
         ctx = RunContext(
             teacher=teacher, arch=conversion.arch, train=train, seq_len=seq_len, device=device,
@@ -333,9 +342,13 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
         }
-        save_model(model, tokenizer, folder.stage_dir(i, stage), manifest, replace=True)
-        state.clear()
+        if main:
+            save_model(model, tokenizer, folder.stage_dir(i, stage), manifest, replace=True)
+            state.clear()
+        processes.wait_for_everyone()
         console.print(f"stage {stage.name}: checkpoint {folder.stage_dir(i, stage)} ({seconds:.0f} s)")
+    if not main:
+        return {}  # the main process evaluates, exports and reports
     return finalize(recipe, conversion, folder, model, teacher, tokenizer, eval_windows, train, device, console, timings,
                     data_read(recipe, train, offsets))
 
@@ -485,6 +498,14 @@ def load_checkpoint(path: Path, device):
         raise SurgeryError(f"checkpoint {str(path)!r} is missing; rerun its stage with --from")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device).eval().requires_grad_(False)
+
+
+def process_state(recipe: Recipe):
+    """The data-parallel processes this run is one of (accelerate's state: one process unless started by
+    `accelerate launch` or torchrun), on the recipe's device kind."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=resolve_device(recipe.runtime.device).type == "cpu")
 
 
 def resolve_device(device: str):

@@ -88,9 +88,9 @@ def teacher_topk(teacher, batches, k: int, temperature: float, seq_len: int, fir
                  teacher_name: str, root: Path, console=None, autocast=nullcontext) -> TeacherTopK:
     """The teacher's top-k for a stage's `windows` windows from `first_window`, from `root/<key>` or computed there
     now. `batches()` yields the stage's micro-batches (window, input_ids, position_ids) in training order; it is read
-    twice: once to key the text, once to compute. The teacher runs under `autocast()`, as it does in the loop."""
-    from ling_surgery.surgery.distill import teacher_forward
-    from ling_surgery.surgery.progress import training_progress
+    twice: once to key the text, once to compute. The teacher runs under `autocast()`, as it does in the loop.
+    Over several processes the main one computes and the others read what it wrote."""
+    from accelerate import PartialState
 
     digest = hashlib.sha256()
     for _, input_ids, position_ids in batches():
@@ -100,7 +100,18 @@ def teacher_topk(teacher, batches, k: int, temperature: float, seq_len: int, fir
     meta = {"format": FORMAT, "teacher": teacher_name, "k": k, "temperature": temperature, "seq_len": seq_len,
             "first_window": first_window, "windows": windows, "batches_sha256": digest.hexdigest()}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()[:32]
-    folder = root / key
+    on_cpu = next(teacher.parameters()).device.type == "cpu"
+    with PartialState(cpu=on_cpu).main_process_first():
+        return _open_or_compute(teacher, batches, meta, key, root / key, root, rows=windows * seq_len, console=console,
+                                autocast=autocast)
+
+
+def _open_or_compute(teacher, batches, meta: dict, key: str, folder: Path, root: Path, rows: int, console,
+                     autocast) -> TeacherTopK:
+    from ling_surgery.surgery.distill import teacher_forward
+    from ling_surgery.surgery.progress import training_progress
+
+    k, first_window, seq_len, temperature = meta["k"], meta["first_window"], meta["seq_len"], meta["temperature"]
     stored = open_topk(folder, key)
     if stored is not None:
         if console is not None:
@@ -109,7 +120,6 @@ def teacher_topk(teacher, batches, k: int, temperature: float, seq_len: int, fir
     for stale in root.glob(f"{key}.partial-*"):  # a killed run's
         shutil.rmtree(stale, ignore_errors=True)
     partial = root / f"{key}.partial-{os.getpid()}"
-    rows = windows * seq_len
     device = next(teacher.parameters()).device
     try:
         partial.mkdir(parents=True)

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console
 
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.defaults import logit_distill_trainable
@@ -165,6 +166,25 @@ def autocast(ctx: RunContext):
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.bf16_autocast else nullcontext()
 
 
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """`value` (no gradient) averaged over the data-parallel processes; itself in one process. For a loss's
+    normaliser that must be the global batch's so that N processes train as one."""
+    from accelerate.utils import reduce
+
+    return reduce(value.detach(), "mean")
+
+
+class _LossModule(torch.nn.Module):
+    """A stage's loss as a module over the model it trains, so the engine's wrapper (DDP, FSDP) sees the forward."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, input_ids, position_ids, window):
+        return self.loss_fn(input_ids, position_ids, window)
+
+
 def stage_batches(stage, ctx: RunContext, start: int):
     """A stage's micro-batches from its window `start` on: (first window, input_ids, position_ids), `batch_size`
     windows each, copy windows mixed in (`recall_mix`; each seeded by its window index, so the batches from any
@@ -192,6 +212,16 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
 
     accelerator = Accelerator(cpu=ctx.device.type == "cpu")
     name, accumulation = stage.name, stage.grad_accumulation
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if stage.batch_size % processes:
+        raise SurgeryError(f"stages.{name}.batch_size {stage.batch_size} does not split over {processes} processes: "
+                           f"use a multiple of {processes} (it is the global batch; each process trains "
+                           "batch_size / processes windows of it)")
+    rows = stage.batch_size // processes
+    console = ctx.console if accelerator.is_main_process else None
+    if console is not None and processes > 1:
+        console.print(f"{name}: {processes} processes ({accelerator.distributed_type.value}), {rows} of each "
+                      f"micro-batch's {stage.batch_size} windows per process")
     result = StageResult(name)
     windows_per_step = stage.batch_size * accumulation
     tokens_per_step = windows_per_step * ctx.seq_len
@@ -211,6 +241,9 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
     params = list(trainable.values())
     result.trainable_params = sum(p.numel() for p in params)
+    # Data parallelism through the engine: the loss runs inside a module that accelerate wraps (DDP over N processes,
+    # nothing over one), so the engine averages the gradients; each process trains its share of every micro-batch.
+    engine = accelerator.prepare_model(_LossModule(trained, loss_fn))
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, stage))
     row_rates = {trainable[n]: r.to(ctx.device)[:, None] for n, r in rates.items() if n in trainable}
@@ -225,24 +258,30 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
         torch.set_rng_state(saved["rng"].cpu())
         done, result.losses, result.seconds = saved["step"], saved["losses"], saved["seconds"]
         result.steps, result.tokens = done, done * tokens_per_step
-        if ctx.console is not None:
-            ctx.console.print(f"{name}: resuming at step {done}/{steps} from {ctx.state.path.name}")
+        if console is not None:
+            console.print(f"{name}: resuming at step {done}/{steps} from {ctx.state.path.name}")
     batches = stage_batches(stage, ctx, ctx.window_start + done * windows_per_step)
     student.train()
     start = time.perf_counter() - result.seconds
-    with training_progress(name, steps * tokens_per_step, ctx.console, completed=done * tokens_per_step) as progress:
+    with training_progress(name, steps * tokens_per_step, console or Console(quiet=True),
+                           completed=done * tokens_per_step) as progress:
         for step in range(done, steps):
-            step_loss = 0.0
-            for _ in range(accumulation):
+            step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            for micro in range(accumulation):
                 window, input_ids, position_ids = next(batches)
-                input_ids = input_ids.to(ctx.device)
-                position_ids = None if position_ids is None else position_ids.to(ctx.device)
-                with autocast(ctx):
-                    loss = loss_fn(input_ids, position_ids, window)
-                if not torch.isfinite(loss):
-                    raise SurgeryError(f"stage {name}: loss became {loss.item()} at step {step}; lower stages.{name}.lr")
-                accelerator.backward(loss / accumulation)
-                step_loss += loss.item() / accumulation
+                mine = slice(rank * rows, (rank + 1) * rows)  # this process's rows of the global micro-batch
+                input_ids = input_ids[mine].to(ctx.device)
+                position_ids = None if position_ids is None else position_ids[mine].to(ctx.device)
+                # Gradients are averaged over processes once per optimizer step, not per micro-batch.
+                with accelerator.no_sync(engine) if micro < accumulation - 1 else nullcontext():
+                    with autocast(ctx):
+                        loss = engine(input_ids, position_ids, window + rank * rows)
+                    if not torch.isfinite(loss):
+                        raise SurgeryError(f"stage {name}: loss became {loss.item()} at step {step}; lower "
+                                           f"stages.{name}.lr")
+                    accelerator.backward(loss / accumulation)
+                step_loss += loss.detach().double() / accumulation
+            step_loss = accelerator.reduce(step_loss, "mean").item()
             clip_gradients(params, row_rates, stage.max_grad_norm, accelerator.clip_grad_norm_)
             before = {p: p.detach().clone() for p in row_rates}
             optimizer.step()
@@ -255,7 +294,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             result.steps += 1
             result.tokens += tokens_per_step
             progress.advance(tokens_per_step, loss=step_loss, lr=scheduler.get_last_lr()[0])
-            if ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps:
+            if (ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps
+                    and accelerator.is_main_process):  # the weights are the same in every process: one writes
                 ctx.state.save({
                     "step": step + 1,
                     "next_window": window + stage.batch_size,  # the data position (recomputed from the step; kept to read)
@@ -267,6 +307,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                     "seconds": time.perf_counter() - start,
                 }, step + 1, steps)
     result.seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    del engine
     if stage.lora is not None:
         student = trained.merge_and_unload()
     student.eval()

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,30 @@ def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step" in resumed.stderr
     assert_same_weights(tmp_path / "unbroken", out)
+
+
+def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(source, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m ling_surgery run` on CPU (torchrun, gloo): the same final
+    weights as one process within float tolerance, and one process writes and reports."""
+    model, data = source
+    args = ["run", "ci-smoke", "--set", f"source.model={model}", "--set", f"data.train={data}", *TINY_BUDGET,
+            "--set", "eval.each_stage.tasks=[]"]
+    one = run_cli(*args, "--output", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(port), "-m", "ling_surgery", *args, "--output", str(tmp_path / "two")]
+    two = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "logit_distill: 2 processes (MULTI_CPU), 1 of each micro-batch's 2 windows per process" in two.stderr
+    assert two.stderr.count("stage logit_distill: checkpoint") == 1 and two.stderr.count("export check:") == 1
+    expected = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    actual = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def kill_once_saved(args: list[str], out, state_name: str):
