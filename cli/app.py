@@ -217,7 +217,8 @@ RECALL_LENGTHS = typer.Option(None, "--recall-lengths", help="passkey/niah conte
                               "(default: 512-8k on CPU, 1k-128k on CUDA, each model up to its own limit)")
 RECALL_DEPTHS = typer.Option(None, "--recall-depths", help="passkey/niah needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1 (default: 0,0.5,1 on CPU, 5 on CUDA)")
 CACHE_TYPE = typer.Option("f16", "--cache-type", help="with --engine llamacpp: K/V cache type f16 (default) or q8_0, or f16,q8_0")
-bench_app = typer.Typer(help="Inference benchmarks: teacher vs. upgraded model in one engine, side by side.",
+bench_app = typer.Typer(help="Benchmarks: inference (teacher vs. upgraded model in one engine, side by side) and "
+                        "training throughput.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -348,6 +349,26 @@ def bench_inference(
     _, context_list, _ = _eval_args(None, contexts, [])
     run_eval({"teacher": teacher, "student": student}, [], None, output, context_list, None, 0, device, console,
              engine, gguf_dtype, _engine_settings(flash_attn, cache_type))
+
+
+@bench_app.command("train")
+def bench_train(
+    model: str = typer.Argument("smollm2-135m", help="the source model to convert and train (embedded name, folder, hub id)"),
+    stages: str = typer.Option(",".join(("attention_transfer", "logit_distill", "pretrain")), "--stages",
+                               help="stage kinds to measure, comma-separated"),
+    seq_len: int = typer.Option(512, "--seq-len", help="window length (tokens)"),
+    batch_size: int = typer.Option(2, "--batch-size", help="windows per step"),
+    steps: int = typer.Option(3, "--steps", help="timed steps per stage (after a warm-up and a FLOP-counted step)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    overrides: list[str] = SET,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for bench_train.json"),
+) -> None:
+    """Training throughput per stage kind: tokens/s, counted FLOPs, MFU against this machine's matmul peak, peak
+    memory; a table, and JSON for CI."""
+    from ling_surgery.evals.train_bench import bench_train as run_bench
+
+    run_bench(model, tuple(s.strip() for s in stages.split(",") if s.strip()), seq_len, batch_size, steps, device,
+              overrides, console, output)
 
 
 @bench_app.command("tradeoff")

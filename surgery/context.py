@@ -33,3 +33,4 @@ class RunContext:
     separate_documents: bool = True  # training windows keep their documents apart (data.attend_across_documents false)
     work_dir: Path | None = None  # the run folder: files a stage keeps beside its checkpoints (teacher-logits/)
     teacher_name: str = "teacher"  # where the teacher came from (keys what is computed from it)
+    on_step: object = None  # called with the step index after each optimizer step (benchmarks time and count there)

@@ -294,6 +294,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             result.steps += 1
             result.tokens += tokens_per_step
             progress.advance(tokens_per_step, loss=step_loss, lr=scheduler.get_last_lr()[0])
+            if ctx.on_step is not None:
+                ctx.on_step(step)
             if (ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps
                     and accelerator.is_main_process):  # the weights are the same in every process: one writes
                 ctx.state.save({

@@ -396,3 +396,16 @@ def test_pretrain_bad_input_is_one_line_exit_2(source, upgraded, tmp_path):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_train_prints_a_table_and_writes_json(source, tmp_path):
+    model, _ = source
+    result = run_cli("bench", "train", str(model), "--stages", "logit_distill", "--seq-len", "32", "--steps", "1",
+                     "--set", "plan.layer_group_size=2", "--set", "plan.mla.kv_lora_rank=32", "--set",
+                     "plan.mla.qk_rope_head_dim=8", "--output", str(tmp_path / "bench"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MFU" in result.stderr and "matmul peak" in result.stderr
+    report = json.loads((tmp_path / "bench" / "bench_train.json").read_text())
+    assert [row["stage"] for row in report["stages"]] == ["logit_distill"] and report["stages"][0]["mfu"] > 0
+    bad = run_cli("bench", "train", str(model), "--stages", "distill")
+    assert bad.returncode == 2 and "--stages distill: choose from attention_transfer, logit_distill, pretrain" in _error_line(bad)
