@@ -62,11 +62,19 @@ def chunk_kda(
         return _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state, documents)
 
 
+def _symbolic(tensor: torch.Tensor) -> bool:
+    """A tensor without values (meta, or a FakeTensor while memory is planned): shape-only paths skip data-dependent
+    choices."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "meta" or is_fake(tensor)
+
+
 def _chunk_kda_fp32(query, key, value, g, beta, chunk_size, initial_state, output_final_state, documents):
     in_dtype = query.dtype
     batch, seq_len, heads, dk = key.shape
     dv = value.shape[-1]
-    min_g = float(g.detach().min()) if g.numel() else 0.0
+    min_g = float(g.detach().min()) if g.numel() and not _symbolic(g) else 0.0
     if min_g < 0 and chunk_size * -min_g > SAFE_CHUNK_LOG_RANGE:
         # Unbounded gates (kda_safe_gate=False) need smaller chunks to stay inside fp32 range.
         chunk_size = max(1, int(SAFE_CHUNK_LOG_RANGE // -min_g))

@@ -179,3 +179,22 @@ def test_packed_chunk_kda_restarts_the_recurrence_at_each_document():
         torch.testing.assert_close(out[:, piece], alone, atol=2e-5, rtol=1e-4)
         start += n
     torch.testing.assert_close(state, alone_state, atol=2e-5, rtol=1e-4)  # the last document's final state
+
+
+def test_the_fast_path_runs_on_fake_tensors_for_memory_planning():
+    """Shape-only tensors (FakeTensorMode, as a memory plan uses them) go through forward and backward: the
+    data-dependent chunk shrink for unbounded gates is skipped there, and the saved activations can be counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config = _tiny_hybrid().config
+    saved = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = type(_tiny_hybrid())(config)
+        ids = torch.randint(0, config.vocab_size, (2, 40))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            logits = student_logits(model, ids, chunk_size=8)
+        logits.float().pow(2).mean().backward()
+        assert logits.shape == (2, 40, config.vocab_size)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert sum(saved) > 40 * 2 * config.hidden_size * 4 * config.num_hidden_layers  # ≥ a hidden state per layer
