@@ -138,9 +138,9 @@ def stored_teacher_topk(stage, ctx: RunContext):
 
     from ling_surgery.surgery.teacher_logits import teacher_topk
     from ling_surgery.surgery.token_cache import cache_root
-    from ling_surgery.surgery.training import autocast, stage_batches
+    from ling_surgery.surgery.training import autocast, optimizer_steps, stage_batches
 
-    micro_batches = stage.tokens // (stage.batch_size * stage.grad_accumulation * ctx.seq_len) * stage.grad_accumulation
+    micro_batches = optimizer_steps(stage, ctx.seq_len) * stage.grad_accumulation
     root = (ctx.work_dir if ctx.work_dir is not None else cache_root()) / "teacher-logits"
     return teacher_topk(ctx.teacher, lambda: islice(stage_batches(stage, ctx, ctx.window_start), micro_batches),
                         stage.teacher_topk, stage.temperature, ctx.seq_len, ctx.window_start,

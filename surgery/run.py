@@ -176,7 +176,7 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
         console.print("--resume: no interrupted stage to continue")
     console.print(conversion.table())
     console.print(stages_table(statuses, recipe, start))
-    return _execute(recipe, conversion, folder, statuses, start, console, from_stage)
+    return _execute(recipe, conversion, folder, statuses, start, console, from_stage, processes)
 
 
 def documents_to_skip(recipe: Recipe, conversion) -> dict[str, int]:
@@ -251,7 +251,8 @@ def _text_streams(recipe: Recipe, tokenizer, console: Console, skip: dict[str, i
     return train, heldout, offsets
 
 
-def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int, console: Console, from_stage) -> dict:
+def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int, console: Console, from_stage,
+             processes) -> dict:
     import torch
 
     from ling_surgery.surgery import sources
@@ -260,7 +261,6 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     from ling_surgery.surgery.stages import STAGES
 
     t = time.perf_counter()
-    processes = process_state(recipe)
     main = processes.is_main_process
     # Read, tokenise and check the text before anything is written or the teacher loads: bad data costs a line.
     tokenizer = sources.load_tokenizer(conversion.source)

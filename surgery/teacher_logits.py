@@ -99,19 +99,19 @@ def teacher_topk(teacher, batches, k: int, temperature: float, seq_len: int, fir
     k = min(k, teacher.config.vocab_size)
     meta = {"format": FORMAT, "teacher": teacher_name, "k": k, "temperature": temperature, "seq_len": seq_len,
             "first_window": first_window, "windows": windows, "batches_sha256": digest.hexdigest()}
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+    meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()[:32]
     on_cpu = next(teacher.parameters()).device.type == "cpu"
     with PartialState(cpu=on_cpu).main_process_first():
-        return _open_or_compute(teacher, batches, meta, key, root / key, root, rows=windows * seq_len, console=console,
-                                autocast=autocast)
+        return _open_or_compute(teacher, batches, meta, root, console, autocast)
 
 
-def _open_or_compute(teacher, batches, meta: dict, key: str, folder: Path, root: Path, rows: int, console,
-                     autocast) -> TeacherTopK:
+def _open_or_compute(teacher, batches, meta: dict, root: Path, console, autocast) -> TeacherTopK:
     from ling_surgery.surgery.distill import teacher_forward
     from ling_surgery.surgery.progress import training_progress
 
-    k, first_window, seq_len, temperature = meta["k"], meta["first_window"], meta["seq_len"], meta["temperature"]
+    key, k, temperature = meta["key"], meta["k"], meta["temperature"]
+    first_window, seq_len, rows = meta["first_window"], meta["seq_len"], meta["windows"] * meta["seq_len"]
+    folder = root / key
     stored = open_topk(folder, key)
     if stored is not None:
         if console is not None:
@@ -139,7 +139,7 @@ def _open_or_compute(teacher, batches, meta: dict, key: str, folder: Path, root:
         values.flush()
         indices.flush()
         del values, indices
-        (partial / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=1))
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():
             shutil.rmtree(folder)  # failed the check above
         os.replace(partial, folder)

@@ -1,6 +1,6 @@
 """The training loop of every stage that trains with its own loop: attention_transfer, logit_distill and pretrain.
 
-One loop on `accelerate.Accelerator` (one process here; the same code scales over processes in the next step):
+One loop on `accelerate.Accelerator`, on one process or data-parallel over N (each trains its share of every batch):
 packed windows from the run's token stream (documents kept apart, `TokenStream.positions`), optional copy windows,
 gradient accumulation, warm-up then a cosine or WSD schedule, gradient clipping, AdamW on the stage's trainable groups
 (or LoRA adapters), per-row rates for MLA latents in their linear regime, and in-stage checkpoints written atomically
@@ -185,6 +185,11 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(input_ids, position_ids, window)
 
 
+def optimizer_steps(stage, seq_len: int) -> int:
+    """The optimizer steps a stage takes: its tokens in whole steps of batch_size × grad_accumulation windows."""
+    return stage.tokens // (stage.batch_size * stage.grad_accumulation * seq_len)
+
+
 def stage_batches(stage, ctx: RunContext, start: int):
     """A stage's micro-batches from its window `start` on: (first window, input_ids, position_ids), `batch_size`
     windows each, copy windows mixed in (`recall_mix`; each seeded by its window index, so the batches from any
@@ -225,7 +230,7 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     result = StageResult(name)
     windows_per_step = stage.batch_size * accumulation
     tokens_per_step = windows_per_step * ctx.seq_len
-    steps = stage.tokens // tokens_per_step
+    steps = optimizer_steps(stage, ctx.seq_len)
     groups = stage.trainable or logit_distill_trainable(KDA in mixer_types(student.config))[0]
     rates = {}
     if stage.lora is None:  # under LoRA the latent rows are frozen base weights: no rates apply

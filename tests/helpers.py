@@ -158,3 +158,19 @@ def kill_after_checkpoint(monkeypatch, step: int) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sft.StateMarker, "on_save", stop)
+
+
+def dies_after_saving(state, step: int):
+    """`state` (a TrainingState) whose save at `step` completes and then stops the stage (KeyboardInterrupt), as a
+    kill right after that in-stage checkpoint would; `state.saved_steps` lists the steps saved."""
+    save = state.save
+    state.saved_steps = []
+
+    def save_then_die(payload, saved_step, steps):
+        save(payload, saved_step, steps)
+        state.saved_steps.append(saved_step)
+        if saved_step == step:
+            raise KeyboardInterrupt
+
+    state.save = save_then_die
+    return state

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_model, tiny_recipe
+from helpers import dies_after_saving, tiny_model, tiny_recipe
 
 from ling_surgery.surgery.architectures import get_arch
 from ling_surgery.surgery.checkpoint import TrainingState
@@ -70,23 +70,13 @@ def test_resuming_from_the_training_state_gives_the_same_weights(tmp_path):
     _, unbroken, ctx = _setup()
     unbroken, full = logit_distill(unbroken, stage, ctx)
 
-    state = TrainingState(tmp_path / "state.pt", "fp")
-    saved_steps = []
-    save = state.save
-
-    def save_then_die(payload, step, steps):
-        save(payload, step, steps)
-        saved_steps.append(step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    state.save = save_then_die
+    state = dies_after_saving(TrainingState(tmp_path / "state.pt", "fp"), step=4)
     _, broken, ctx = _setup(state=state, save_every=2)
     try:
         logit_distill(broken, stage, ctx)
     except KeyboardInterrupt:
         pass
-    assert saved_steps == [2, 4] and state.peek()["step"] == 4
+    assert state.saved_steps == [2, 4] and state.peek()["step"] == 4
 
     _, resumed, ctx = _setup(state=TrainingState(tmp_path / "state.pt", "fp"), save_every=2)
     resumed, result = logit_distill(resumed, stage, ctx)

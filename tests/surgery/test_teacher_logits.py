@@ -7,6 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from helpers import dies_after_saving
 from pydantic import ValidationError
 from test_distill import _documents_setup
 
@@ -107,15 +108,7 @@ def test_a_resumed_stage_reads_the_stored_top_k_and_ends_bit_equal(tmp_path):
     ctx.work_dir = tmp_path
     _, full = pretrain(unbroken, stage, ctx)
 
-    state = TrainingState(tmp_path / "state.pt", "fp")
-    save = state.save
-
-    def save_then_die(payload, step, steps):
-        save(payload, step, steps)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    state.save = save_then_die
+    state = dies_after_saving(TrainingState(tmp_path / "state.pt", "fp"), step=2)
     teacher, broken, ctx = _documents_setup(True)
     ctx.work_dir, ctx.state, ctx.save_every = tmp_path, state, 2
     with pytest.raises(KeyboardInterrupt):

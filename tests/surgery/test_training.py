@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import dies_after_saving
 from test_distill import _documents_setup
 
 from ling_surgery.surgery.checkpoint import TrainingState
@@ -63,15 +64,7 @@ def test_a_resumed_stage_with_accumulation_and_wsd_ends_bit_equal(tmp_path):
     _, unbroken, ctx = _documents_setup(True)
     _, full = logit_distill(unbroken, stage, ctx)
 
-    state = TrainingState(tmp_path / "state.pt", "fp")
-    save = state.save
-
-    def save_then_die(payload, step, steps):
-        save(payload, step, steps)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    state.save = save_then_die
+    state = dies_after_saving(TrainingState(tmp_path / "state.pt", "fp"), step=4)
     _, broken, ctx = _documents_setup(True)
     ctx.state, ctx.save_every = state, 2
     with pytest.raises(KeyboardInterrupt):
