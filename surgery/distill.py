@@ -144,7 +144,8 @@ def stored_teacher_topk(stage, ctx: RunContext):
     root = (ctx.work_dir if ctx.work_dir is not None else cache_root()) / "teacher-logits"
     return teacher_topk(ctx.teacher, lambda: islice(stage_batches(stage, ctx, ctx.window_start), micro_batches),
                         stage.teacher_topk, stage.temperature, ctx.seq_len, ctx.window_start,
-                        micro_batches * stage.batch_size, ctx.teacher_name, root, ctx.console, lambda: autocast(ctx))
+                        micro_batches * stage.batch_size, ctx.teacher_name, root, ctx.console, lambda: autocast(ctx),
+                        "bf16 autocast" if ctx.bf16_autocast else "fp32")
 
 
 def heldout_perplexity(model, ctx: RunContext) -> dict | None:

@@ -10,14 +10,14 @@ the mass the teacher does.
 
 Format (version 1), one folder per key under the run folder's `teacher-logits/`:
 
-    meta.json        {"format": 1, "key", "teacher", "k", "temperature", "seq_len", "first_window", "windows",
-                      "batches_sha256"}
+    meta.json        {"format": 1, "key", "teacher", "k", "temperature", "seq_len", "precision", "first_window",
+                      "windows", "batches_sha256"}
     logprobs.f32     (windows · seq_len, k) little-endian float32: log softmax(teacher logits / temperature) of the
                      teacher's top k tokens at each position, largest first
     indices.i32      (windows · seq_len, k) little-endian int32: those tokens' ids
 
 Row block w holds the stage's window `first_window + w` (its copy windows as trained, `training.stage_batches`). The
-key hashes the teacher, k, temperature, window length and a SHA-256 of every training batch's tokens and positions,
+key hashes the teacher, k, temperature, window length, precision (autocast, teacher dtype) and a SHA-256 of every training batch's tokens and positions,
 so another teacher, text or copy-window setting computes again; opening checks every size against meta.json, and a
 folder that fails is computed again, never trusted. A kill while computing leaves a `.partial-*` folder that the next
 run removes.
@@ -85,10 +85,12 @@ def topk_kl_divergence(teacher_logprobs: torch.Tensor, teacher_indices: torch.Te
 
 
 def teacher_topk(teacher, batches, k: int, temperature: float, seq_len: int, first_window: int, windows: int,
-                 teacher_name: str, root: Path, console=None, autocast=nullcontext) -> TeacherTopK:
+                 teacher_name: str, root: Path, console=None, autocast=nullcontext,
+                 precision: str = "fp32") -> TeacherTopK:
     """The teacher's top-k for a stage's `windows` windows from `first_window`, from `root/<key>` or computed there
     now. `batches()` yields the stage's micro-batches (window, input_ids, position_ids) in training order; it is read
-    twice: once to key the text, once to compute. The teacher runs under `autocast()`, as it does in the loop.
+    twice: once to key the text, once to compute. The teacher runs under `autocast()`, as it does in the loop;
+    `precision` names that setting, and it and the teacher's dtype are part of the key (bf16 top-k are not fp32's).
     Over several processes the main one computes and the others read what it wrote."""
     from accelerate import PartialState
 
@@ -98,6 +100,7 @@ def teacher_topk(teacher, batches, k: int, temperature: float, seq_len: int, fir
         digest.update(b"" if position_ids is None else position_ids.numpy().astype("<i8").tobytes())
     k = min(k, teacher.config.vocab_size)
     meta = {"format": FORMAT, "teacher": teacher_name, "k": k, "temperature": temperature, "seq_len": seq_len,
+            "precision": f"{precision}, teacher {str(next(teacher.parameters()).dtype).replace('torch.', '')}",
             "first_window": first_window, "windows": windows, "batches_sha256": digest.hexdigest()}
     meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()[:32]
     on_cpu = next(teacher.parameters()).device.type == "cpu"

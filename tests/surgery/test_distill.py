@@ -8,10 +8,10 @@ from helpers import dies_after_saving, tiny_model, tiny_recipe
 
 from ling_surgery.surgery.architectures import get_arch
 from ling_surgery.surgery.checkpoint import TrainingState
-from ling_surgery.surgery.config import AttentionTransferStage, LogitDistillStage
+from ling_surgery.surgery.config import AttentionTransferStage, LogitDistillStage, PretrainStage
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.data import TokenStream
-from ling_surgery.surgery.distill import attention_transfer, logit_distill
+from ling_surgery.surgery.distill import attention_transfer, logit_distill, pretrain
 from ling_surgery.surgery.init_maps import LATENT_NORM_EPS, build_student, init_student_state
 from ling_surgery.surgery.plan import KDA, MLA, make_plan, mixer_types
 from ling_surgery.surgery.taps import collect_stats
@@ -282,6 +282,8 @@ def test_a_copy_window_in_a_packed_batch_is_one_document():
 @pytest.mark.parametrize("stage_fn, stage", [
     (attention_transfer, AttentionTransferStage(tokens=2 * 64, batch_size=2, lr=3e-3)),
     (logit_distill, LogitDistillStage(tokens=2 * 64, batch_size=2, lr=3e-3, trainable=["all"])),
+    (pretrain, PretrainStage(tokens=2 * 64, batch_size=2, lr=3e-3, trainable=["all"], ce_weight=1.0)),
+    (pretrain, PretrainStage(tokens=2 * 64, batch_size=2, lr=3e-3, trainable=["all"], teacher_topk=8)),
 ])
 def test_packed_training_steps_run_under_bf16_autocast(stage_fn, stage):
     _, student, ctx = _documents_setup(True)

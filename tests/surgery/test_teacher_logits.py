@@ -89,6 +89,16 @@ def test_stored_top_k_is_read_again_not_recomputed_and_a_changed_setting_or_dama
     assert sorted(p.name for p in tmp_path.joinpath("teacher-logits").iterdir() if "partial" in p.name) == []
 
 
+def test_top_k_computed_under_bf16_autocast_is_not_reused_by_an_fp32_stage(tmp_path):
+    _, _, ctx = _documents_setup(True)
+    ctx.work_dir = tmp_path
+    fp32 = stored_teacher_topk(_stage(), ctx)
+    ctx.bf16_autocast = True
+    bf16 = stored_teacher_topk(_stage(), ctx)
+    assert bf16.folder != fp32.folder
+    assert not np.array_equal(np.array(bf16.logprobs), np.array(fp32.logprobs))  # the numbers differ, too
+
+
 def test_training_from_the_stored_top_k_at_full_k_matches_the_live_teacher(tmp_path):
     live_stage = _stage(teacher_topk=0)
     _, live, ctx = _documents_setup(True)
