@@ -40,7 +40,10 @@ class AlignmentPlan:
     teacher: sources.Source | None = None  # what pretrain stages distill from (None: no stage needs one)
     teacher_config: object = None
 
-    def table(self) -> Table:
+    def table(self, memory=None) -> Table:
+        """The stages, and the memory plan of those that train against a teacher (`memory`: the run's)."""
+        from ling_surgery.surgery.memory_plan import MemoryPlan
+
         model_type = getattr(self.source_config, "model_type", "?")
         title = f"{escape(self.source.name)} ({model_type})"
         if self.teacher is not None:
@@ -51,7 +54,13 @@ class AlignmentPlan:
         for stage in self.recipe.stages:
             table.add_row(stage.name, stage.kind, *alignment_row(stage, model_type, self.samplers.get(stage.name, ""),
                                                                  self.recipe.data.describe()))
-        return table
+        memory = memory or MemoryPlan.of_run(self)
+        if memory is None or not memory.stages:
+            return table
+        grid = Table.grid(padding=1)
+        grid.add_row(table)
+        grid.add_row(memory.table())
+        return grid
 
 
 def alignment_row(stage, model_type: str, sampler: str, data_source: str = "") -> tuple[str, str]:

@@ -31,8 +31,11 @@ class ConversionPlan:
     recipe: Recipe  # with every unset plan value derived from the source: what runs, and what fingerprints hash
     derived: list[Derived]  # the values the recipe left unset, and where each came from
 
-    def table(self) -> Table:
+    def table(self, memory=None) -> Table:
+        """The layer plan, costs, layout, derived values and the training stages' memory plan (`memory`: the run's,
+        else the recipe's own `runtime` settings)."""
         from ling_surgery.evals.report import cost_rows
+        from ling_surgery.surgery.memory_plan import MemoryPlan
 
         table = Table(title=f"plan: {self.source.name} → {self.target.model_type} ({self.target.name})")
         table.add_column("layers")
@@ -81,6 +84,9 @@ class ConversionPlan:
             for item in self.derived:
                 derived.add_row(item.key, escape(str(item.value)), item.reason)
             grid.add_row(derived)
+        memory = memory or MemoryPlan.of_run(self)
+        if memory is not None and memory.stages:
+            grid.add_row(memory.table())
         return grid
 
 

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from ling_surgery.surgery.checkpoint import TrainingState, export_fingerprint, stage_fingerprints
 from ling_surgery.surgery.config import CONVERT_KINDS, Recipe, TrainingStage, stage_seq_len
-from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.errors import RecipeError, SurgeryError
 from ling_surgery.surgery.export import MANIFEST, check_output_dir, check_parent_writable, read_manifest
 
 
@@ -174,9 +174,31 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
         return report
     if resume and not any(s.state == "interrupted" for s in statuses):
         console.print("--resume: no interrupted stage to continue")
-    console.print(conversion.table())
+    memory = run_memory_plan(conversion, processes)
+    if memory is not None and memory.problems():
+        raise RecipeError(memory.problems())
+    console.print(conversion.table(memory))
     console.print(stages_table(statuses, recipe, start))
+    if processes.num_processes != recipe.runtime.devices:
+        console.print(f"[yellow]note:[/] launched on {processes.num_processes} process(es), runtime.devices is "
+                      f"{recipe.runtime.devices}: the memory plan above is for {processes.num_processes}")
     return _execute(recipe, conversion, folder, statuses, start, console, from_stage, processes)
+
+
+def run_memory_plan(conversion, processes):
+    """The memory plan for where this run is: the processes launched, and on CUDA each device's real memory unless
+    runtime.device_memory_gib names it (None when no stage trains in the run's own loop)."""
+    from ling_surgery.surgery.memory_plan import GIB, Hardware, MemoryPlan
+
+    runtime = conversion.recipe.runtime
+    device = processes.device if processes.device.type == "cuda" else resolve_device(runtime.device)
+    memory_gib = runtime.device_memory_gib
+    if device.type == "cuda" and memory_gib is None:
+        import torch
+
+        memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device.type == "cuda")
+    return MemoryPlan.of_run(conversion, Hardware(processes.num_processes, device.type, memory_gib, bf16))
 
 
 def documents_to_skip(recipe: Recipe, conversion) -> dict[str, int]:

@@ -27,14 +27,13 @@ from ling_surgery.surgery.chat_template import add_thinking_modes
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.defaults import sft_trainable
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.parameter_groups import LORA_FULL_MODULES
 from ling_surgery.surgery.progress import training_progress
 from ling_surgery.surgery.sft_data import conversations
 
 # A LoRA checkpoint of TRL holds the adapters and modules to save only; the bare parameters trained beside them
 # (A_log, dt_bias) are written next to it, so --resume restores them too.
 BARE_PARAMETERS_FILE = "ling_surgery_bare_parameters.safetensors"
-# Modules that LoRA cannot wrap (the depthwise conv) or that are bare parameters and norms: they train fully.
-LORA_FULL_MODULES = ("conv1d", "o_norm", "kv_a_layernorm", "A_log", "dt_bias")
 
 
 def build_dataset(stage, seed: int, writers: dict | None = None) -> list[dict]:

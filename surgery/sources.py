@@ -128,6 +128,10 @@ def load_config(source: Source):
     from transformers import AutoConfig
 
     try:
+        if source.kind == "hub" and not _hub_cached(source) and shipped_hub_config(source) is not None:
+            # The same file the hub serves, shipped with the recipes that name it: planning needs no download.
+            raw = json.loads(shipped_hub_config(source).read_text())
+            return AutoConfig.for_model(raw.pop("model_type"), **raw)
         return AutoConfig.from_pretrained(source.location, **source.load_kwargs())
     except OSError as err:
         raise SurgeryError(f"cannot read the config of {source.name!r}: {_first_line(err)}") from None
@@ -188,6 +192,12 @@ class SourceShape:
     hidden_act: str = "silu"
     num_experts: int = 0
     max_position_embeddings: int | None = None  # the context the source was trained for
+    # For the memory plan's parameter arithmetic (surgery/memory_plan.py); 0: not in the header.
+    vocab_size: int = 0
+    intermediate_size: int = 0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
 
     @classmethod
     def from_config(cls, config) -> "SourceShape":
@@ -206,6 +216,11 @@ class SourceShape:
             hidden_act=get("hidden_act", "silu") or "silu",
             num_experts=get("num_local_experts", 0) or get("num_experts", 0) or 0,
             max_position_embeddings=get("max_position_embeddings"),
+            vocab_size=get("vocab_size", 0) or 0,
+            intermediate_size=get("intermediate_size", 0) or 0,
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            qkv_bias=get("model_type") == "qwen2" or bool(get("attention_bias", False)),
+            o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)),
         )
 
     @classmethod
@@ -225,11 +240,34 @@ class SourceShape:
             rope_type="default" if scaling == "none" else scaling,
             num_experts=meta.get(f"{arch}.expert_count", 0),
             max_position_embeddings=meta.get(f"{arch}.context_length"),
+            vocab_size=meta.get(f"{arch}.vocab_size", 0) or meta.get("tokenizer.ggml.tokens#count", 0),
+            tie_word_embeddings=bool(meta["#tensor_names"]) and "output.weight" not in meta["#tensor_names"],
+            intermediate_size=meta.get(f"{arch}.feed_forward_length", 0),
         )
 
 
+HUB_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "hub-configs"
+
+
+def _hub_cached(source: Source) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(source.location, "config.json", revision=source.revision), str)
+
+
+def shipped_hub_config(source: Source) -> Path | None:
+    """The copy of a hub model's config.json that ships with the recipes naming it (`recipes/hub-configs/ORG--NAME.json`),
+    so that `validate` checks those recipes (memory plan included) without a download; None for other models or a
+    pinned revision."""
+    path = HUB_CONFIGS / f"{source.location.replace('/', '--')}.json"
+    return path if source.revision is None and path.is_file() else None
+
+
 def read_shape(source: Source) -> SourceShape | None:
-    """The source's shape from its config.json or GGUF header; None for a hub model that is not cached locally."""
+    """The source's shape from its config.json or GGUF header (a hub model: the cached one, else the copy shipped with
+    the recipes that name it); None for a hub model that is neither."""
     if source.gguf_file:
         return SourceShape.from_gguf(Path(source.location) / source.gguf_file)
     if source.kind == "folder":
@@ -241,7 +279,9 @@ def read_shape(source: Source) -> SourceShape | None:
             return None
         cached = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
         if not isinstance(cached, str):
-            return None
+            cached = shipped_hub_config(source)
+            if cached is None:
+                return None
         path = Path(cached)
     raw = None
     try:
@@ -260,7 +300,8 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def gguf_metadata(path: Path) -> dict:
-    """Scalar and string key/values of a GGUF file's header (arrays, e.g. the vocabulary, are skipped unread).
+    """Scalar and string key/values of a GGUF file's header; arrays (e.g. the vocabulary) are skipped unread, their
+    lengths kept as `KEY#count`; `#tensor_names` lists the tensors.
 
     Layout (GGUF v2/v3): magic "GGUF", u32 version, u64 tensor count, u64 key/value count, then per key a
     u64-length string, a u32 type and the value; an array is a u32 element type, a u64 count and the elements.
@@ -268,7 +309,7 @@ def gguf_metadata(path: Path) -> dict:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise SurgeryError(f"{str(path)!r} is not a GGUF file (bad magic); pass a .gguf model file")
-        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
+        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
         if version < 2:
             raise SurgeryError(f"{str(path)!r} is GGUF v{version}; only v2 and v3 files are supported")
 
@@ -296,6 +337,16 @@ def gguf_metadata(path: Path) -> dict:
                 meta[key] = read_string()
             elif kind in _GGUF_SCALARS:
                 meta[key] = read(_GGUF_SCALARS[kind])
-            else:
-                skip(kind)
+            else:  # an array: its length is kept (`KEY#count`: the vocabulary's size), its elements skipped
+                inner, count = read("<I"), read("<Q")
+                meta[f"{key}#count"] = count
+                skip(inner, count)
+        names = []
+        try:
+            for _ in range(n_tensors):  # tensor infos: name, dims, type, offset
+                names.append(read_string())
+                f.seek(8 * read("<I") + 4 + 8, 1)
+        except struct.error:  # a truncated file: what the header holds is still worth reading
+            pass
+        meta["#tensor_names"] = names
         return meta

@@ -12,7 +12,6 @@ the stage window index of the micro-batch's first row).
 from __future__ import annotations
 
 import math
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,28 +23,10 @@ from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.defaults import logit_distill_trainable
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.kda import student_logits
-from ling_surgery.surgery.plan import KDA, MLA, mixer_types
+from ling_surgery.surgery.parameter_groups import TRAINABLE_GROUPS
+from ling_surgery.surgery.plan import KDA, mixer_types
 from ling_surgery.surgery.progress import training_progress
 from ling_surgery.surgery.synthetic import copy_rows, mix_copy_windows
-
-
-def _mixer_of(name: str, types: list[str], kind: str | None) -> bool:
-    """Whether a parameter belongs to a token mixer (of one kind — KDA or MLA — when `kind` is given)."""
-    match = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
-    return match is not None and (kind is None or types[int(match.group(1))] == kind)
-
-
-# Predicates on (parameter name, per-layer mixer kinds). The per-kind mixer groups let a stage train the KDA layers
-# while the MLA layers keep what attention transfer gave them (or the reverse).
-TRAINABLE_GROUPS = {
-    "mixers": lambda n, types: _mixer_of(n, types, None),
-    "kda_mixers": lambda n, types: _mixer_of(n, types, KDA),
-    "mla_mixers": lambda n, types: _mixer_of(n, types, MLA),
-    "mlp": lambda n, types: ".mlp." in n,
-    "norms": lambda n, types: "layernorm" in n or n == "model.norm.weight",
-    "embeddings": lambda n, types: n in ("model.embed_tokens.weight", "lm_head.weight"),
-    "all": lambda n, types: True,
-}
 
 
 @dataclass

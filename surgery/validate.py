@@ -14,6 +14,7 @@ from ling_surgery.surgery.architectures import check_source
 from ling_surgery.surgery.config import Recipe, load_recipe
 from ling_surgery.surgery.data import locate_documents
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
+from ling_surgery.surgery.memory_plan import MemoryPlan
 from ling_surgery.surgery.sources import read_shape, resolve_source
 from ling_surgery.surgery.targets import check_shapes
 
@@ -38,9 +39,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
             check_source(shape)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                check_shapes(recipe, shape)
+                plan, resolved, _ = check_shapes(recipe, shape)
             notes += [str(w.message) for w in caught]
             notes += context_notes(recipe, shape)
+            memory = MemoryPlan.of_shape(shape, resolved, plan.layer_types)
+            if memory is not None:
+                problems += memory.problems()
+                notes += memory.notes()
         except RecipeError as err:
             problems += err.problems
         except SurgeryError as err:

@@ -230,6 +230,9 @@ def test_recipes_ls_show_cp(tmp_path):
          "runs out after"),
         (["convert", "{model}", "--output", "o", "--set", "stages.init.calibration_tokens=100"],
          "calibration_tokens 100 is less than one data.seq_len window (1024)"),
+        # The memory plan: a stage that cannot fit the devices the recipe names is refused before anything loads.
+        (["convert", "{model}", "--output", "o", "--set", "runtime.device_memory_gib=0.01"],
+         "runtime.device_memory_gib is 0.01 on 1 device(s)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, message):

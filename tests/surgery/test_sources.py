@@ -67,8 +67,10 @@ def test_gguf_header_reader_skips_arrays_and_reads_scalars(tmp_path):
     writer.close()
     meta = gguf_metadata(path)
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 6 and meta["test.value"] == 0.5
-    assert "tokenizer.ggml.tokens" not in meta
-    assert SourceShape.from_gguf(path) == SourceShape("llama", 6, 64, 4, 2, 16)
+    assert "tokenizer.ggml.tokens" not in meta and meta["tokenizer.ggml.tokens#count"] == 4
+    assert meta["#tensor_names"] == ["token_embd.weight"]
+    # the vocabulary's size from the token list, tied embeddings from the missing output.weight (memory plan)
+    assert SourceShape.from_gguf(path) == SourceShape("llama", 6, 64, 4, 2, 16, vocab_size=4, tie_word_embeddings=True)
 
 
 def test_not_a_gguf_file_is_a_one_line_error(tmp_path):
