@@ -57,13 +57,72 @@ class TrainingState:
 
     def matches(self) -> bool:
         info = self.peek()
-        return info is not None and info.get("fingerprint") == self.fingerprint and self.path.is_file()
+        if info is None or info.get("fingerprint") != self.fingerprint:
+            return False
+        if "shards" in info:
+            return all(self.shard_path(rank, info["shards"], info["step"]).is_file() for rank in range(info["shards"]))
+        return self.path.is_file()
+
+    def shard_path(self, rank: int, shards: int, step: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.step{step}.shard{rank}-of-{shards}")
+
+    def save_shard(self, state: dict, step: int, steps: int, rank: int, shards: int, barrier) -> None:
+        """A sharded engine's state: every process writes its shard for this step (atomically), all wait, then the
+        first process names the step in the state's meta file — the moment the new state counts — and each process
+        removes its older shards. A kill at any point leaves the previous complete state or the new one."""
+        import torch
+
+        path = self.shard_path(rank, shards, step)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
+            raise SurgeryError(f"saving the training state to {str(path)!r} failed: {reason}") from None
+        barrier()
+        if rank == 0:
+            meta = self.path.with_suffix(".json")
+            meta_tmp = meta.with_name(meta.name + ".tmp")
+            meta_tmp.write_text(json.dumps({"step": step, "steps": steps, "fingerprint": self.fingerprint,
+                                            "shards": shards}))
+            os.replace(meta_tmp, meta)
+        barrier()
+        for old in self.path.parent.glob(f"{self.path.name}.step*.shard{rank}-of-{shards}"):
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def load_shard(self, rank: int, shards: int) -> dict | None:
+        """This process's shard of a sharded state; None when there is none that matches."""
+        import torch
+
+        if not self.matches():
+            return None
+        info = self.peek()
+        if info.get("shards") != shards:
+            saved = f"{info['shards']} processes" if "shards" in info else "one replica (runtime.engine ddp)"
+            raise SurgeryError(f"the saved training state {str(self.path)!r} holds {saved}; resume on "
+                               f"{info.get('shards', 'any number of')} processes with the engine that wrote it, or "
+                               "rerun the stage with --from")
+        path = self.shard_path(rank, shards, info["step"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise SurgeryError(f"cannot read the saved training state {str(path)!r} ({err}); rerun the stage with "
+                               "--from") from None
+        return state if state.get("fingerprint") == self.fingerprint else None
 
     def load(self, map_location=None) -> dict | None:
         import torch
 
         if not self.matches():
             return None
+        shards = self.peek().get("shards")
+        if shards:
+            raise SurgeryError(f"the saved training state {str(self.path)!r} is sharded over {shards} processes "
+                               f"(runtime.engine fsdp2); resume with runtime.engine=fsdp2 on {shards} processes, or rerun "
+                               "the stage with --from")
         try:
             state = torch.load(self.path, map_location=map_location, weights_only=False)
         except Exception as err:  # a truncated file from a full disk, say
@@ -95,6 +154,6 @@ class TrainingState:
     def clear(self) -> None:
         import shutil
 
-        for path in (self.path, self.path.with_suffix(".json")):
+        for path in (self.path, self.path.with_suffix(".json"), *self.path.parent.glob(f"{self.path.name}.step*.shard*")):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.trainer_dir, ignore_errors=True)

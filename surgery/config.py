@@ -485,6 +485,9 @@ class RuntimeConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 autocast on CUDA")
     kda_chunk_size: int = Field(32, ge=1, description="chunk of the exact fast KDA training path")
     save_every: int = Field(25, ge=0, description="in-stage checkpoint every N optimizer steps, for --resume (0: never)")
+    engine: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="over several processes: ddp (a whole replica of the student per process) or fsdp2 (its "
+        "weights, gradients and AdamW state sharded over them, each decoder layer gathered while it computes)")
     devices: int = Field(1, ge=1, description="processes the run is launched on, one device each (accelerate launch "
                          "--num_processes): each trains batch_size / devices windows of every batch; the memory plan "
                          "is per device")

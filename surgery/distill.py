@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ling_surgery.surgery.context import RunContext
-from ling_surgery.surgery.kda import document_index, mixer_forward, position_embeddings, student_logits
+from ling_surgery.surgery.kda import document_index, fast_layers, position_embeddings, student_logits
 from ling_surgery.surgery.taps import attention_taps
 from ling_surgery.surgery.teacher_logits import topk_kl_divergence
 from ling_surgery.surgery.training import mean_over_processes, train
@@ -32,11 +32,10 @@ def teacher_forward(teacher, input_ids: torch.Tensor, position_ids: torch.Tensor
 
 def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     """Stage `kind: attention_transfer` (LoLCATs §3.1; RADLADS step 1): per-layer relative MSE of mixer outputs."""
-    layers = student.model.layers
-
     def loss_fn(input_ids, position_ids, window):
         with torch.no_grad(), attention_taps(ctx.teacher, ctx.arch) as taps:
             teacher_forward(ctx.teacher, input_ids, position_ids)
+        layers = fast_layers(student)  # the engine's (sharded) modules, whose `mixer` gathers each layer's weights
         rope = position_embeddings(student, taps[0][0], position_ids=position_ids)
         documents = document_index(position_ids)
         # Each layer's error relative to its teacher output's energy over the global batch (all processes), so that
@@ -47,10 +46,10 @@ def attention_transfer(student, stage, ctx: RunContext) -> tuple[torch.nn.Module
             x, y = taps[i]
             y = y.float()
             if stage.activation_checkpointing:
-                pred = torch.utils.checkpoint.checkpoint(mixer_forward, layer, x, rope, ctx.chunk_size, documents,
+                pred = torch.utils.checkpoint.checkpoint(layer.mixer, x, rope, ctx.chunk_size, documents,
                                                          use_reentrant=False).float()
             else:
-                pred = mixer_forward(layer, x, rope, ctx.chunk_size, documents).float()
+                pred = layer.mixer(x, rope, ctx.chunk_size, documents).float()
             losses.append(F.mse_loss(pred, y) / energy[i].clamp_min(1e-8))
         return torch.stack(losses).mean()
 

@@ -22,6 +22,7 @@ exactly what is exported. Parity against the reference lives in ``tests/surgery/
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -270,6 +271,55 @@ class StudentState:
     layers: tuple
 
 
+class FastLayer(torch.nn.Module):
+    """One decoder layer of an upgraded model on the fast path, as a module of its own (the stock layer is its child).
+
+    The fast path calls a layer's parts (norms, mixer internals, MLP), not its `forward`; a sharding engine gathers a
+    module's parameters around its forward (and registered methods), so under FSDP2 the training loop shards these
+    modules (`training.shard_for_training`) and the forward below and `mixer` run with the whole layer at hand."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, rope, mla_mask, documents, chunk_size: int, previous=None):
+        """(hidden states after the layer, its state at the segment's end: a `KDAState` or the MLA latents)."""
+        layer = self.layer
+        normed = layer.input_layernorm(hidden)
+        if getattr(layer, "block_type", None) == "linear_attention":
+            mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True,
+                                               documents=documents)
+        else:
+            past = LatentPast(*(previous or (None, None)))
+            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=mla_mask, past_key_values=past)[0]
+            carried = (past.kv_nope, past.k_rot)
+        hidden = hidden + mixed
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), carried
+
+    def mixer(self, hidden_states, rope, chunk_size: int = 16, documents=None):
+        """`mixer_forward` of this layer (attention transfer trains the mixers alone)."""
+        return mixer_forward(self.layer, hidden_states, rope, chunk_size, documents)
+
+
+# A model being trained by a sharding engine → its sharded `FastLayer`s (one per decoder layer); other models get
+# plain ones made on the fly (a module wrapping a module: nothing is copied).
+_SHARDED_LAYERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def set_fast_layers(model, layers) -> None:
+    """Make `layers` (an engine's sharded `FastLayer`s) the ones the fast path runs for `model`; None: plain again."""
+    if layers is None:
+        _SHARDED_LAYERS.pop(model, None)
+    else:
+        _SHARDED_LAYERS[model] = layers
+
+
+def fast_layers(model) -> list[FastLayer]:
+    """The model's decoder layers as `FastLayer`s: the engine's sharded ones while it trains the model."""
+    sharded = _SHARDED_LAYERS.get(model)
+    return list(sharded) if sharded is not None else [FastLayer(layer) for layer in model.model.layers]
+
+
 def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = None, chunk_size: int = 16,
                    position_ids: torch.Tensor | None = None, checkpoint: bool = False):
     """(final normed hidden states of the segment, the state after it): `input_ids` continue the tokens `state`
@@ -286,27 +336,15 @@ def student_extend(model, input_ids: torch.Tensor, state: StudentState | None = 
     rope = position_embeddings(model, hidden, offset, position_ids)
     # One mask serves every MLA layer.
     mla_mask = _causal_after(offset, hidden) if documents is None else document_causal_mask(documents)
-
-    def run_layer(layer, hidden, previous):
-        normed = layer.input_layernorm(hidden)
-        if getattr(layer, "block_type", None) == "linear_attention":
-            mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True,
-                                               documents=documents)
-        else:
-            past = LatentPast(*(previous or (None, None)))
-            mixed = layer.self_attn(normed, position_embeddings=rope, attention_mask=mla_mask, past_key_values=past)[0]
-            carried = (past.kv_nope, past.k_rot)
-        hidden = hidden + mixed
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), carried
-
     recompute = checkpoint and torch.is_grad_enabled()
     layers = []
-    for index, layer in enumerate(inner.layers):
+    for index, layer in enumerate(fast_layers(model)):
         previous = None if state is None else state.layers[index]
         if recompute:
-            hidden, carried = torch.utils.checkpoint.checkpoint(run_layer, layer, hidden, previous, use_reentrant=False)
+            hidden, carried = torch.utils.checkpoint.checkpoint(layer, hidden, rope, mla_mask, documents, chunk_size,
+                                                                previous, use_reentrant=False)
         else:
-            hidden, carried = run_layer(layer, hidden, previous)
+            hidden, carried = layer(hidden, rope, mla_mask, documents, chunk_size, previous)
         layers.append(carried)
     return inner.norm(hidden), StudentState(offset + input_ids.shape[1], tuple(layers))
 

@@ -12,7 +12,10 @@ Per device, for each training stage (`attention_transfer`, `logit_distill`, `pre
   activation checkpointing each layer's input and one layer's activations;
 - teacher: its weights in the run's dtype (bf16 on CUDA, fp32 on CPU); none on a GPU while the stage reads stored
   top-k (the teacher waits in host memory);
-- engine: DDP's gradient buckets, a second copy of the gradients, over several processes.
+- engine: over several processes, DDP's gradient buckets (a second copy of the gradients); under FSDP2 (weights,
+  gradients and optimizer state ÷ devices) the whole layers it gathers — the one computing and the one prefetched,
+  and a layer's full gradient before its reduce-scatter — and the root unit (embeddings, final norm, LM head),
+  gathered through the step, with its gradients.
 
 The peak is weights + teacher + optimizer + engine + max(activations, gradients): the backward allocates gradients as
 it frees activations, and `zero_grad(set_to_none=True)` frees them before the next forward; with grad_accumulation > 1
@@ -194,12 +197,17 @@ class Hardware:
     device: str = "cpu"  # cpu | cuda
     memory_gib: float | None = None
     bf16: bool = False  # bf16 autocast and a bf16 teacher (CUDA's default)
+    engine: str = "ddp"  # ddp | fsdp2 (runtime.engine)
 
     @classmethod
     def of_runtime(cls, runtime) -> "Hardware":
         device = "cuda" if runtime.device == "cuda" else "cpu"  # auto is planned as where it runs without a GPU
         bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device == "cuda")
-        return cls(runtime.devices, device, runtime.device_memory_gib, bf16)
+        return cls(runtime.devices, device, runtime.device_memory_gib, bf16, runtime.engine)
+
+    @property
+    def sharded(self) -> bool:
+        return self.engine == "fsdp2" and self.devices > 1
 
 
 def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, chunk: int, hw: Hardware) -> StageMemory:
@@ -232,14 +240,24 @@ def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, ch
         per_token = sum(layers) + head
         checkpointed = len(layers) * 4 * dims.hidden + max(layers) + head
     activations = tokens * (checkpointed if stage.activation_checkpointing else per_token)
-    if hw.bf16:
-        activations += 2 * trainable  # autocast's bf16 copies of the weights that train
+    if hw.bf16:  # autocast's bf16 copies of the weights that train (under FSDP2: of the gathered layers')
+        activations += 2 * trainable / (hw.devices if hw.sharded else 1)
     on_gpu_topk = hw.device == "cuda" and getattr(stage, "teacher_topk", 0)
+    shards = hw.devices if hw.sharded else 1
+    if hw.sharded:  # units: each decoder layer, and the root (embeddings, final norm, LM head; shard_for_training)
+        layers = [sum(_numel(t) for n, t in tensors.items() if n.startswith(f"model.layers.{i}."))
+                  for i in range(len(dims.layer_types))]
+        root = total - sum(layers)
+        # the layer computing and the one prefetched, gathered, and one layer's gradient; the root throughout, with
+        # its gradients
+        engine = 4 * (3 * max(layers) + 2 * root)
+    else:
+        engine = 4 * trainable if hw.devices > 1 else 0  # DDP's gradient buckets
     return StageMemory(
-        stage=stage.name, kind=stage.kind, weights=4 * total, gradients=4 * trainable, optimizer=8 * trainable,
-        activations=activations, teacher=0 if on_gpu_topk else teacher_bytes * teacher_params,
-        engine=4 * trainable if hw.devices > 1 else 0, accumulates=stage.grad_accumulation > 1,
-        trainable=trainable, tokens=tokens)
+        stage=stage.name, kind=stage.kind, weights=4 * total / shards, gradients=4 * trainable / shards,
+        optimizer=8 * trainable / shards, activations=activations,
+        teacher=0 if on_gpu_topk else teacher_bytes * teacher_params, engine=engine,
+        accumulates=stage.grad_accumulation > 1, trainable=trainable, tokens=tokens)
 
 
 TRAINING_KINDS = ("attention_transfer", "logit_distill", "pretrain")
@@ -319,13 +337,14 @@ class MemoryPlan:
             peak = self.stage(stage.model_copy(update=update)).peak
             if peak <= budget:
                 fits.append(f"{text} ({peak / GIB:.1f} GiB)")
-        for devices in (2, 4, 8, 16):
-            if devices > self.hw.devices and stage.batch_size % devices == 0:
-                peak = self.with_hardware(devices=devices).stage(stage).peak
-                if peak <= budget:
-                    fits.append(f"runtime.devices {devices} ({peak / GIB:.1f} GiB each)")
-                    break
-        return fits[:3]
+        for engine in dict.fromkeys((self.hw.engine, "fsdp2")):
+            for devices in (2, 4, 8, 16):
+                if devices > self.hw.devices and stage.batch_size % devices == 0:
+                    peak = self.with_hardware(devices=devices, engine=engine).stage(stage).peak
+                    if peak <= budget:
+                        fits.append(f"runtime.engine {engine} on {devices} devices ({peak / GIB:.1f} GiB each)")
+                        break
+        return fits[:4]
 
     def problems(self) -> list[str]:
         """One line per stage whose peak exceeds `runtime.device_memory_gib`: its arithmetic and what would fit."""
@@ -340,7 +359,7 @@ class MemoryPlan:
                 f"stages.{memory.stage} needs {memory.peak / GIB:.1f} GiB per device ({describe(memory)} GiB; "
                 f"{memory.trainable / 1e9:.2f}B trainable parameters, {memory.tokens} tokens per device per "
                 f"micro-batch) but runtime.device_memory_gib is {self.hw.memory_gib:g} on {self.hw.devices} "
-                "device(s); " + (f"would fit: {'; '.join(fits)}" if fits else
+                f"device(s) ({self.hw.engine}); " + (f"would fit: {'; '.join(fits)}" if fits else
                                  "train fewer groups, use LoRA or a smaller source"))
         return problems
 
@@ -355,12 +374,12 @@ class MemoryPlan:
         from rich.table import Table
 
         hw = self.hw
-        title = (f"memory per device (planned): {hw.devices} × {hw.device}"
+        title = (f"memory per device (planned): {hw.devices} × {hw.device} ({hw.engine})"
                  + (f" of {hw.memory_gib:g} GiB" if hw.memory_gib else "") + (", bf16 autocast" if hw.bf16 else ", fp32"))
         table = Table(title=title, caption="live tensors; on CPU glibc's malloc keeps freed memory, so resident "
                       "memory runs higher (~35% measured)" if hw.device == "cpu" else None)
-        for col in ("stage", "trainable", "weights", "gradients", "optimizer", "activations", "teacher",
-                    "DDP buckets", "peak"):
+        engine = "FSDP2 gathered" if hw.sharded else "DDP buckets"
+        for col in ("stage", "trainable", "weights", "gradients", "optimizer", "activations", "teacher", engine, "peak"):
             table.add_column(col, justify="left" if col == "stage" else "right")
         for m in self.per_stage():
             over = hw.memory_gib is not None and m.peak > hw.memory_gib * GIB
@@ -372,5 +391,5 @@ class MemoryPlan:
 
 def describe(memory: StageMemory) -> str:
     parts = [("weights", memory.weights), ("gradients", memory.gradients), ("optimizer", memory.optimizer),
-             ("activations", memory.activations), ("teacher", memory.teacher), ("DDP buckets", memory.engine)]
+             ("activations", memory.activations), ("teacher", memory.teacher), ("engine", memory.engine)]
     return " + ".join(f"{name} {value / GIB:.1f}" for name, value in parts if value)

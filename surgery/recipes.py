@@ -56,8 +56,13 @@ def resolve_recipe(recipe: str | Path) -> Path:
 
 
 def copy_recipe(name: str, dest: str | Path) -> Path:
-    """Copy a shipped recipe to `dest` (a file, or a folder to put `<name>.yaml` in); never overwrites."""
-    source = resolve_recipe(name)
+    """Copy a shipped recipe to `dest` (a file, or a folder to put `<name>.yaml` in); never overwrites. `accelerate/NAME`
+    copies a shipped accelerate config (`recipes/accelerate/`, e.g. `accelerate/fsdp2`)."""
+    config = recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if name.startswith("accelerate/") and not config.is_file():
+        shipped = ", ".join(f"accelerate/{p.stem}" for p in sorted((recipes_dir() / "accelerate").glob("*.yaml")))
+        raise SurgeryError(f"{name!r} is not a shipped accelerate config ({shipped})")
+    source = config if name.startswith("accelerate/") else resolve_recipe(name)
     dest = Path(dest).expanduser()
     if dest.is_dir():
         dest = dest / source.name

@@ -198,7 +198,8 @@ def run_memory_plan(conversion, processes):
 
         memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device.type == "cuda")
-    return MemoryPlan.of_run(conversion, Hardware(processes.num_processes, device.type, memory_gib, bf16))
+    hw = Hardware(processes.num_processes, device.type, memory_gib, bf16, runtime.engine)
+    return MemoryPlan.of_run(conversion, hw)
 
 
 def documents_to_skip(recipe: Recipe, conversion) -> dict[str, int]:
@@ -339,7 +340,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
             source_config=conversion.source_config, target_config=conversion.target_config, eval_windows=eval_windows,
             bf16_autocast=use_bf16, tokenizer=tokenizer, seed=recipe.seed,
             separate_documents=not recipe.data.attend_across_documents, work_dir=folder.root,
-            teacher_name=teacher_reference,
+            teacher_name=teacher_reference, engine=recipe.runtime.engine,
         )
         console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
         t = time.perf_counter()

@@ -186,6 +186,107 @@ def stage_batches(stage, ctx: RunContext, start: int):
         window += stage.batch_size
 
 
+def check_finite(loss: torch.Tensor, accelerator, name: str, step: int) -> None:
+    """Stop on a non-finite loss — in every process at once: each learns every process's loss (one small gather),
+    so all raise the same one-line error instead of one failing while the others wait in the next collective."""
+    losses = accelerator.gather(loss.detach().float().reshape(1)) if accelerator.num_processes > 1 else loss.reshape(1)
+    bad = [i for i, value in enumerate(losses.tolist()) if not math.isfinite(value)]
+    if bad:
+        where = "" if accelerator.num_processes == 1 else f" in process {', '.join(map(str, bad))} of {len(losses)}"
+        raise SurgeryError(f"stage {name}: loss became {losses[bad[0]].item()} at step {step}{where}; lower "
+                           f"stages.{name}.lr")
+
+
+ENGINES = ("ddp", "fsdp2")
+
+
+def engine_of(accelerator, engine: str) -> str:
+    """The engine a stage trains with: `runtime.engine`, which a launch through an accelerate FSDP config must name
+    (the fast path needs its own sharding units, so `shard_for_training` applies FSDP2 whatever the config wraps)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and engine != "fsdp2":
+        raise SurgeryError(f"launched with an accelerate FSDP config but runtime.engine is {engine!r}: set "
+                           "runtime.engine=fsdp2 (the memory plan and checkpoints follow it)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SurgeryError("launched with an accelerate DeepSpeed config: the training stages shard with FSDP2; launch "
+                           "with recipes/accelerate/fsdp2.yaml and runtime.engine=fsdp2")
+    return engine
+
+
+def shard_for_training(loss_module: torch.nn.Module, student, device: torch.device) -> torch.nn.Module:
+    """FSDP2 (torch `fully_shard`) over every process: each decoder layer's `FastLayer` is one unit, gathered for its
+    forward (and `mixer`, which attention transfer calls) and resharded after it, its gradients reduce-scattered;
+    the embeddings, final norm and LM head belong to the root unit (the loss module). Only modules made for this stage
+    are sharded — the `FastLayer`s and the loss module — so the model's own modules stay plain and the next stage
+    shards afresh. Every process holds 1/N of the weights, gradients and AdamW state. `gather_after_training` makes the
+    model whole again."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from ling_surgery.surgery.kda import FastLayer, set_fast_layers
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    layers = torch.nn.ModuleList(FastLayer(layer) for layer in student.model.layers)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+        register_fsdp_forward_method(layer, "mixer")
+    loss_module.fast_layers = layers  # in the root's tree, so the root knows its inner units
+    fully_shard(loss_module, mesh=mesh, ignored_params={p for layer in layers for p in layer.parameters()})
+    set_fast_layers(student, layers)
+    return loss_module
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's shard on this process (the parameter itself when it is not sharded)."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def like(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row values (rows × 1) laid out as `param` is: sharded by rows when it is."""
+    if not hasattr(param, "device_mesh"):
+        return rows
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(rows, param.device_mesh, param.placements)
+
+
+def local_optimizer_state(state: dict) -> dict:
+    """An optimizer state dict with each sharded tensor replaced by this process's shard (what a shard file holds)."""
+    return {"state": {k: {n: local(v) if torch.is_tensor(v) else v for n, v in s.items()} for k, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def reshard_optimizer_state(optimizer) -> None:
+    """After loading a shard file: lay each moment out as its (sharded) parameter is."""
+    from torch.distributed.tensor import DTensor
+
+    for param, state in optimizer.state.items():
+        if not isinstance(param, DTensor):
+            continue
+        for name, value in state.items():
+            if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.to_local().shape:
+                state[name] = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                                 shape=param.shape, stride=param.stride())
+
+
+def gather_after_training(trained: torch.nn.Module, student) -> None:
+    """Every sharded parameter replaced by the whole tensor (gathered from all processes), so the model is a plain
+    one again: the stage returns it, the main process saves it, the next stage shards it afresh."""
+    from torch.distributed.tensor import DTensor
+
+    from ling_surgery.surgery.kda import set_fast_layers
+
+    set_fast_layers(student, None)
+    with torch.no_grad():
+        for module in trained.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if isinstance(param, DTensor):
+                    module._parameters[name] = torch.nn.Parameter(param.full_tensor(),
+                                                                  requires_grad=param.requires_grad)
+
+
 def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, StageResult]:
     """Train `student`'s trainable groups (or LoRA adapters on them) on `loss_fn` for `stage.tokens` tokens (see the
     module doc); returns the trained model (adapters merged) and the result.
@@ -206,7 +307,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     rows = stage.batch_size // processes
     console = ctx.console if accelerator.is_main_process else None
     if console is not None and processes > 1:
-        console.print(f"{name}: {processes} processes ({accelerator.distributed_type.value}), {rows} of each "
+        layout = "sharded (FSDP2)" if engine_of(accelerator, ctx.engine) == "fsdp2" else "replicated (DDP)"
+        console.print(f"{name}: {processes} processes ({accelerator.distributed_type.value}, {layout}), {rows} of each "
                       f"micro-batch's {stage.batch_size} windows per process")
     result = StageResult(name)
     windows_per_step = stage.batch_size * accumulation
@@ -224,22 +326,31 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
         trained = with_lora(student, stage.lora, groups)  # the adapters (and norms, convs) train; base weights stay
     else:
         select_trainable(student, groups)
-    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    result.trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    # Data parallelism through the engine: the loss runs inside a module the engine wraps, so the engine averages the
+    # gradients; each process trains its share of every micro-batch. DDP (accelerate) keeps a whole replica per
+    # process; FSDP2 shards weights, gradients and optimizer state over the processes (`shard_for_training`).
+    sharded = engine_of(accelerator, ctx.engine) == "fsdp2" and processes > 1
+    if sharded:
+        engine = shard_for_training(_LossModule(trained, loss_fn), student, ctx.device)
+    else:
+        engine = accelerator.prepare_model(_LossModule(trained, loss_fn))
+    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}  # after sharding: the shards
     params = list(trainable.values())
-    result.trainable_params = sum(p.numel() for p in params)
-    # Data parallelism through the engine: the loss runs inside a module that accelerate wraps (DDP over N processes,
-    # nothing over one), so the engine averages the gradients; each process trains its share of every micro-batch.
-    engine = accelerator.prepare_model(_LossModule(trained, loss_fn))
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, stage))
-    row_rates = {trainable[n]: r.to(ctx.device)[:, None] for n, r in rates.items() if n in trainable}
+    row_rates = {trainable[n]: like(trainable[n], r.to(ctx.device)[:, None]) for n, r in rates.items() if n in trainable}
     done = 0
-    saved = ctx.state.load(map_location=ctx.device) if ctx.state is not None else None
+    saved = None
+    if ctx.state is not None:
+        saved = ctx.state.load_shard(rank, processes) if sharded else ctx.state.load(map_location=ctx.device)
     if saved is not None:
         with torch.no_grad():
             for n, p in trainable.items():
-                p.copy_(saved["params"][n])
+                local(p).copy_(saved["params"][n])
         optimizer.load_state_dict(saved["optimizer"])
+        if sharded:
+            reshard_optimizer_state(optimizer)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"].cpu())
         done, result.losses, result.seconds = saved["step"], saved["losses"], saved["seconds"]
@@ -259,16 +370,17 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                 input_ids = input_ids[mine].to(ctx.device)
                 position_ids = None if position_ids is None else position_ids[mine].to(ctx.device)
                 # Gradients are averaged over processes once per optimizer step, not per micro-batch.
-                with accelerator.no_sync(engine) if micro < accumulation - 1 else nullcontext():
+                if sharded:
+                    engine.set_requires_gradient_sync(micro == accumulation - 1)
+                with accelerator.no_sync(engine) if micro < accumulation - 1 and not sharded else nullcontext():
                     with autocast(ctx):
                         loss = engine(input_ids, position_ids, window + rank * rows)
-                    if not torch.isfinite(loss):
-                        raise SurgeryError(f"stage {name}: loss became {loss.item()} at step {step}; lower "
-                                           f"stages.{name}.lr")
+                    check_finite(loss, accelerator, name, step)
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach().double() / accumulation
             step_loss = accelerator.reduce(step_loss, "mean").item()
-            clip_gradients(params, row_rates, stage.max_grad_norm, accelerator.clip_grad_norm_)
+            clip_gradients(params, row_rates, stage.max_grad_norm,
+                           torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_)
             before = {p: p.detach().clone() for p in row_rates}
             optimizer.step()
             with torch.no_grad():
@@ -282,20 +394,25 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             progress.advance(tokens_per_step, loss=step_loss, lr=scheduler.get_last_lr()[0])
             if ctx.on_step is not None:
                 ctx.on_step(step)
-            if (ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps
-                    and accelerator.is_main_process):  # the weights are the same in every process: one writes
-                ctx.state.save({
+            if ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps:
+                state = {
                     "step": step + 1,
                     "next_window": window + stage.batch_size,  # the data position (recomputed from the step; kept to read)
-                    "params": {n: p.detach().clone() for n, p in trainable.items()},
-                    "optimizer": optimizer.state_dict(),
+                    "params": {n: local(p).detach().clone() for n, p in trainable.items()},
+                    "optimizer": local_optimizer_state(optimizer.state_dict()) if sharded else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "losses": list(result.losses),
                     "seconds": time.perf_counter() - start,
-                }, step + 1, steps)
+                }
+                if sharded:  # every process writes its shard
+                    ctx.state.save_shard(state, step + 1, steps, rank, processes, accelerator.wait_for_everyone)
+                elif accelerator.is_main_process:  # the weights are the same in every process: one writes
+                    ctx.state.save(state, step + 1, steps)
     result.seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
+    if sharded:
+        gather_after_training(trained, student)
     del engine
     if stage.lora is not None:
         student = trained.merge_and_unload()

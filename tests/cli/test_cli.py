@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_source_with_text
 from safetensors.torch import load_file
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY_BUDGET = [
     "--set", "plan.layer_group_size=2", "--set", "plan.mla.kv_lora_rank=32", "--set", "plan.mla.qk_rope_head_dim=8",
     "--set", "data.seq_len=32", "--set", "data.heldout_fraction=0.3", "--set", "stages.init.calibration_tokens=128",
@@ -87,9 +89,11 @@ def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, t
     assert_same_weights(tmp_path / "unbroken", out)
 
 
-def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(source, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m ling_surgery run` on CPU (torchrun, gloo): the same final
-    weights as one process within float tolerance, and one process writes and reports."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(source, tmp_path, engine):
+    """`accelerate launch --multi_gpu --num_processes 2 -m ling_surgery run` on CPU (torchrun, gloo), and with the
+    shipped FSDP2 config and runtime.engine fsdp2: the same final weights as one process within float tolerance, and
+    one process writes and reports."""
     model, data = source
     args = ["run", "ci-smoke", "--set", f"source.model={model}", "--set", f"data.train={data}", *TINY_BUDGET,
             "--set", "eval.each_stage.tasks=[]"]
@@ -98,11 +102,14 @@ def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(sourc
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(port), "-m", "ling_surgery", *args, "--output", str(tmp_path / "two")]
+    config = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ROOT / "recipes/accelerate/fsdp2.yaml")]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", "2",
+              "--main_process_port", str(port), "-m", "ling_surgery", *args, "--set", f"runtime.engine={engine}",
+              "--set", "runtime.devices=2", "--output", str(tmp_path / "two")]
     two = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "logit_distill: 2 processes (MULTI_CPU), 1 of each micro-batch's 2 windows per process" in two.stderr
+    layout = "replicated (DDP)" if engine == "ddp" else "sharded (FSDP2)"
+    assert f"logit_distill: 2 processes (MULTI_CPU, {layout}), 1 of each micro-batch's 2 windows per process" in two.stderr
     assert two.stderr.count("stage logit_distill: checkpoint") == 1 and two.stderr.count("export check:") == 1
     expected = load_file(tmp_path / "one" / "model" / "model.safetensors")
     actual = load_file(tmp_path / "two" / "model" / "model.safetensors")
@@ -202,6 +209,10 @@ def test_recipes_ls_show_cp(tmp_path):
     assert again.returncode == 2 and "already exists" in _error_line(again)
     missing = run_cli("recipes", "show", "nope")
     assert missing.returncode == 2 and "not a shipped recipe (ci-smoke" in _error_line(missing)
+    config = run_cli("recipes", "cp", "accelerate/fsdp2", str(tmp_path))  # the engine config the GPU recipes launch with
+    assert config.returncode == 0 and "fsdp_version: 2" in (tmp_path / "fsdp2.yaml").read_text()
+    unknown = run_cli("recipes", "cp", "accelerate/zero3", str(tmp_path))
+    assert unknown.returncode == 2 and "not a shipped accelerate config (accelerate/fsdp2)" in _error_line(unknown)
 
 
 @pytest.mark.parametrize(

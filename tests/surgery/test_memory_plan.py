@@ -111,7 +111,7 @@ def test_activation_table_matches_a_fresh_count(dims, bf16):
 # keeps freed blocks mapped (resident memory then runs ~35% above the live tensors), so the threshold is fixed here and
 # the process's peak shows what the stage holds.
 MEASURE = r"""
-import gc, json, sys, torch
+import gc, json, os, sys, torch
 from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 from ling_surgery.evals.train_bench import _PeakMemory
@@ -124,7 +124,7 @@ from ling_surgery.surgery.sources import SourceShape
 from ling_surgery.surgery.stages import STAGES
 from ling_surgery.surgery.targets import check_shapes, target_config
 
-kind, batch, seq = sys.argv[1], 8, 256
+kind, engine, batch, seq = sys.argv[1], sys.argv[2], 8, 256
 torch.manual_seed(0)
 source = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
@@ -135,7 +135,7 @@ config = target_config(source, plan, recipe)
 teacher = AutoModelForCausalLM.from_config(source).eval().requires_grad_(False)
 stream = TokenStream.of_tokens(torch.randint(3, 4096, (12 * batch * seq,)))
 ctx = RunContext(teacher=teacher, arch=get_arch("llama"), train=stream, seq_len=seq, device=torch.device("cpu"),
-                 source_config=source, target_config=config)
+                 source_config=source, target_config=config, engine=engine)
 student, _ = STAGES["init"](teacher, InitStage(calibration_tokens=0), ctx)
 stages = {"attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage, "pretrain": PretrainStage}
 extra = {"pretrain": {"kl_weight": 0.0, "ce_weight": 1.0}}.get(kind, {})
@@ -145,9 +145,14 @@ rss = lambda: next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").r
 before, peak = rss(), _PeakMemory(torch.device("cpu"))
 peak.reset()
 STAGES[kind](student, stage, ctx)
+processes = int(os.environ.get("WORLD_SIZE", "1"))
 memory = MemoryPlan((stage,), StudentDims.of_config(config), teacher_parameters(SourceShape.from_config(source)), seq,
-                    32, Hardware()).stage(stage)
-print(json.dumps({"measured": peak.peak() - before, "planned": memory.peak - memory.weights - memory.teacher}))
+                    32, Hardware(processes, engine=engine)).stage(stage)
+whole = 4 * sum(p.numel() for p in student.parameters())  # the weights each process held before the stage
+result = json.dumps({"measured": peak.peak() - before, "planned": memory.peak - whole - memory.teacher})
+if "MEASURE_OUT" in os.environ:  # one file per process
+    Path(os.environ["MEASURE_OUT"], f"rank{os.environ['RANK']}.json").write_text(result)
+print(result)
 """
 
 
@@ -156,7 +161,8 @@ def test_planned_peak_matches_a_real_cpu_stage(kind):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to measure peak memory")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, kind], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-c", MEASURE, kind, "ddp"], capture_output=True, text=True, env=env,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # what the stage adds over the weights already loaded: optimizer state, gradients, activations
@@ -196,7 +202,7 @@ def test_validate_refuses_the_old_8b_recipe_with_its_arithmetic(tmp_path):
     assert any(p.startswith("stages.attention_transfer") and "would fit:" in p for p in err.value.problems)
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b-gpu", "qwen3-1.7b-gpu"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b-gpu", "llama-3.1-8b-8gpu", "qwen3-1.7b-gpu"])
 def test_shipped_gpu_recipes_fit_their_device(name):
     from ling_surgery.surgery.sources import read_shape, resolve_source
     from ling_surgery.surgery.validate import validate_recipe
@@ -205,7 +211,7 @@ def test_shipped_gpu_recipes_fit_their_device(name):
     shape = read_shape(resolve_source(recipe.source.model))
     plan, resolved, _ = check_shapes(recipe, shape)
     memory = MemoryPlan.of_shape(shape, resolved, plan.layer_types)
-    assert memory.hw == Hardware(1, "cuda", 80, True)
+    assert memory.hw == Hardware(8 if "8gpu" in name else 1, "cuda", 80, True, "fsdp2" if "8gpu" in name else "ddp")
     assert all(m.peak <= 0.9 * 80 * GIB for m in memory.per_stage())
     # and the header's arithmetic is the plan's
     header = (ROOT / "recipes" / f"{name}.yaml").read_text()
@@ -243,3 +249,44 @@ def test_run_checks_the_plan_itself_before_writing(tmp_path):
     with pytest.raises(RecipeError, match="runtime.device_memory_gib is 0.001 on 1 device"):
         run(recipe, fresh=True)
     assert not out.exists()
+
+
+def test_fsdp2_shards_weights_gradients_and_optimizer_state():
+    *_, config = _conversion()
+    dims = StudentDims.of_config(config)
+    stage = LogitDistillStage(tokens=4096, batch_size=8, seq_len=64, trainable=["all"])
+    ddp, fsdp2 = (MemoryPlan((stage,), dims, 10**6, 64, 16, Hardware(4, engine=e)).stage(stage) for e in ("ddp", "fsdp2"))
+    assert (fsdp2.weights, fsdp2.gradients, fsdp2.optimizer) == pytest.approx(
+        (ddp.weights / 4, ddp.gradients / 4, ddp.optimizer / 4))
+    assert fsdp2.activations == ddp.activations and fsdp2.teacher == ddp.teacher  # the teacher is replicated
+    # FSDP2's units are the decoder layers, gathered twice (computing, prefetched) plus one's gradient, and the root
+    # (embeddings, final norm, LM head) with its gradients
+    model = AutoModelForCausalLM.from_config(config)
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    root = sum(p.numel() for p in model.parameters()) - sum(layers)
+    assert fsdp2.engine == 4 * (3 * max(layers) + 2 * root) and ddp.engine == ddp.gradients
+    # one process shards nothing
+    single = MemoryPlan((stage,), dims, 10**6, 64, 16, Hardware(1, engine="fsdp2")).stage(stage)
+    assert single.weights == ddp.weights and single.engine == 0
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_planned_peak_matches_each_of_two_processes(engine, tmp_path):
+    """Two CPU processes (torchrun, gloo): what each holds over the whole model it loaded — a replica with DDP's
+    buckets, or 1/2 of the weights, gradients and AdamW state plus the gathered units under FSDP2."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to measure peak memory")
+    import socket
+
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "MEASURE_OUT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), str(script), "logit_distill", engine], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for result in (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)):
+        assert result["planned"] == pytest.approx(result["measured"], rel=0.2), result
