@@ -432,6 +432,15 @@ def recipes_cp(name: str = typer.Argument(..., help="shipped recipe name"),
     console.print(f"copied {name} → {copy_recipe(name, dest)}", highlight=False)
 
 
+def error_line(err: SurgeryError, rank: int, processes: int) -> str | None:
+    """What one of N launched processes prints for an error: bad input meets every process alike, so the first says
+    it; an error of one process's own (`SurgeryError.process_local`: its shard of a checkpoint, say) is said by that
+    process, naming it, since the others only wait for it until the launcher ends them."""
+    if getattr(err, "process_local", False) and processes > 1:
+        return f"process {rank} of {processes}: {err}"
+    return str(err) if rank == 0 else None
+
+
 def main() -> None:
     """Entry point: bad input ends in one line on stderr and exit code 2."""
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -443,8 +452,9 @@ def main() -> None:
     try:
         app()
     except SurgeryError as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # N launched processes meet the same bad input: one says it
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        line = error_line(err, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        if line is not None:
+            console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: finished stages are kept; continue with `ling-surgery run RECIPE --resume`")

@@ -80,7 +80,9 @@ class TrainingState:
         except OSError as err:
             tmp.unlink(missing_ok=True)
             reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
-            raise SurgeryError(f"saving the training state to {str(path)!r} failed: {reason}") from None
+            failure = SurgeryError(f"saving the training state to {str(path)!r} failed: {reason}")
+            failure.process_local = True  # the others wait at the barrier below: this process must say it
+            raise failure from None
         barrier()
         if rank == 0:
             meta = self.path.with_suffix(".json")

@@ -4,6 +4,9 @@
 class SurgeryError(Exception):
     """Bad input: the message is one line that names what is wrong and how to fix it. The CLI exits with code 2."""
 
+    # Raised in one of N launched processes only (its own shard file, say): that process reports it (cli.error_line).
+    process_local = False
+
 
 class RecipeError(SurgeryError):
     """Every problem found in a recipe, one line each (key path, what is wrong, the fix), reported together.
