@@ -488,6 +488,9 @@ class RuntimeConfig(Strict):
     engine: Literal["ddp", "fsdp2"] = Field(
         "ddp", description="over several processes: ddp (a whole replica of the student per process) or fsdp2 (its "
         "weights, gradients and AdamW state sharded over them, each decoder layer gathered while it computes)")
+    teacher: Literal["replicated", "sharded"] = Field(
+        "replicated", description="runtime.engine fsdp2: the frozen teacher whole on every device, or sharded like the "
+        "student while a stage trains (1/N of its weights per device, each layer gathered for its forward)")
     devices: int = Field(1, ge=1, description="processes the run is launched on, one device each (accelerate launch "
                          "--num_processes): each trains batch_size / devices windows of every batch; the memory plan "
                          "is per device")

@@ -35,3 +35,4 @@ class RunContext:
     teacher_name: str = "teacher"  # where the teacher came from (keys what is computed from it)
     on_step: object = None  # called with the step index after each optimizer step (benchmarks time and count there)
     engine: str = "ddp"  # runtime.engine: ddp (a replica per process) or fsdp2 (sharded over the processes)
+    shard_teacher: bool = False  # runtime.teacher sharded: under fsdp2 a training stage shards the teacher too

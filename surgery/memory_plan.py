@@ -11,7 +11,8 @@ Per device, for each training stage (`attention_transfer`, `logit_distill`, `pre
   LM head's loss over the vocabulary; under bf16 autocast also the bf16 copies of the trainable weights; with
   activation checkpointing each layer's input and one layer's activations;
 - teacher: its weights in the run's dtype (bf16 on CUDA, fp32 on CPU); none on a GPU while the stage reads stored
-  top-k (the teacher waits in host memory);
+  top-k (the teacher waits in host memory); sharded (`runtime.teacher`, FSDP2) its 1/N, two decoder layers gathered
+  and its root unit (embeddings, LM head);
 - engine: over several processes, DDP's gradient buckets (a second copy of the gradients); under FSDP2 (weights,
   gradients and optimizer state ÷ devices) the whole layers it gathers — the one computing and the one prefetched,
   and a layer's full gradient before its reduce-scatter — and the root unit (embeddings, final norm, LM head),
@@ -96,13 +97,18 @@ def student_tensors(dims: StudentDims) -> dict[str, tuple[int, ...]]:
     return tensors | {"model.norm.weight": (h,), "lm_head.weight": (dims.vocab, h)}
 
 
+def teacher_root(shape) -> int:
+    """A source's parameters outside its decoder layers: embeddings, LM head (unless tied), final norm."""
+    return shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
+
+
 def teacher_parameters(shape) -> int:
     """Parameters of a dense Llama-family source (a `sources.SourceShape`)."""
     h, n, kv, d = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
     attention = 2 * h * n * d + 2 * h * kv * d + (n * d + 2 * kv * d if shape.qkv_bias else 0) + (h if shape.o_bias else 0)
     attention += 2 * d if shape.model_type == "qwen3" else 0  # q_norm, k_norm
     layer = attention + 3 * h * shape.intermediate_size + 2 * h
-    return shape.num_layers * layer + shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2) + h
+    return shape.num_layers * layer + teacher_root(shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -198,20 +204,24 @@ class Hardware:
     memory_gib: float | None = None
     bf16: bool = False  # bf16 autocast and a bf16 teacher (CUDA's default)
     engine: str = "ddp"  # ddp | fsdp2 (runtime.engine)
+    shard_teacher: bool = False  # runtime.teacher: sharded (under fsdp2 over several devices)
 
     @classmethod
     def of_runtime(cls, runtime) -> "Hardware":
         device = "cuda" if runtime.device == "cuda" else "cpu"  # auto is planned as where it runs without a GPU
         bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device == "cuda")
-        return cls(runtime.devices, device, runtime.device_memory_gib, bf16, runtime.engine)
+        return cls(runtime.devices, device, runtime.device_memory_gib, bf16, runtime.engine,
+                   runtime.teacher == "sharded")
 
     @property
     def sharded(self) -> bool:
         return self.engine == "fsdp2" and self.devices > 1
 
 
-def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, chunk: int, hw: Hardware) -> StageMemory:
-    """Per-device memory of one training stage (see the module doc)."""
+def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, chunk: int, hw: Hardware,
+                 teacher_layout: tuple[int, int] = (0, 1)) -> StageMemory:
+    """Per-device memory of one training stage (see the module doc); `teacher_layout`: the teacher's (root parameters,
+    decoder layers), for a sharded teacher."""
     from ling_surgery.surgery.defaults import logit_distill_trainable
 
     tensors = student_tensors(dims)
@@ -253,10 +263,14 @@ def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, ch
         engine = 4 * (3 * max(layers) + 2 * root)
     else:
         engine = 4 * trainable if hw.devices > 1 else 0  # DDP's gradient buckets
+    teacher = teacher_bytes * teacher_params
+    if hw.sharded and hw.shard_teacher and not getattr(stage, "teacher_topk", 0):
+        # its shard, two decoder layers gathered (computing, prefetched) and its root unit through the forward
+        root, layers = teacher_layout
+        teacher = teacher_bytes * (teacher_params / hw.devices + 2 * (teacher_params - root) / layers + root)
     return StageMemory(
         stage=stage.name, kind=stage.kind, weights=4 * total / shards, gradients=4 * trainable / shards,
-        optimizer=8 * trainable / shards, activations=activations,
-        teacher=0 if on_gpu_topk else teacher_bytes * teacher_params, engine=engine,
+        optimizer=8 * trainable / shards, activations=activations, teacher=0 if on_gpu_topk else teacher, engine=engine,
         accumulates=stage.grad_accumulation > 1, trainable=trainable, tokens=tokens)
 
 
@@ -275,11 +289,14 @@ class MemoryPlan:
     seq_len: int
     chunk: int
     hw: Hardware
+    teacher_layout: tuple[int, int] = (0, 1)  # (root parameters, decoder layers): for runtime.teacher sharded
 
     @classmethod
-    def of_recipe(cls, recipe, dims: StudentDims, teacher_params: int, hw: Hardware | None = None) -> "MemoryPlan":
-        return cls(tuple(s for s in recipe.stages if s.kind in TRAINING_KINDS), dims, teacher_params,
-                   recipe.data.seq_len, recipe.runtime.kda_chunk_size, hw or Hardware.of_runtime(recipe.runtime))
+    def of_recipe(cls, recipe, dims: StudentDims, teacher, hw: Hardware | None = None) -> "MemoryPlan":
+        """`teacher`: the teacher's `SourceShape`."""
+        return cls(tuple(s for s in recipe.stages if s.kind in TRAINING_KINDS), dims, teacher_parameters(teacher),
+                   recipe.data.seq_len, recipe.runtime.kda_chunk_size, hw or Hardware.of_runtime(recipe.runtime),
+                   (teacher_root(teacher), teacher.num_layers))
 
     @classmethod
     def of_shape(cls, shape, recipe, layer_types) -> "MemoryPlan | None":
@@ -287,7 +304,7 @@ class MemoryPlan:
         source's header lacks the sizes (vocabulary, MLP width) the arithmetic needs."""
         if not (shape.vocab_size and shape.intermediate_size):
             return None
-        return cls.of_recipe(recipe, StudentDims.of_conversion(shape, recipe, layer_types), teacher_parameters(shape))
+        return cls.of_recipe(recipe, StudentDims.of_conversion(shape, recipe, layer_types), shape)
 
     @classmethod
     def of_run(cls, conversion, hw: Hardware | None = None) -> "MemoryPlan | None":
@@ -303,13 +320,13 @@ class MemoryPlan:
             dims, teacher = StudentDims.of_config(conversion.source_config), conversion.teacher_config
         else:
             return None
-        return cls.of_recipe(recipe, dims, teacher_parameters(SourceShape.from_config(teacher)), hw)
+        return cls.of_recipe(recipe, dims, SourceShape.from_config(teacher), hw)
 
     def with_hardware(self, **changes) -> "MemoryPlan":
         return replace(self, hw=replace(self.hw, **changes))
 
     def stage(self, stage) -> StageMemory:
-        return stage_memory(stage, self.dims, self.teacher_params, self.seq_len, self.chunk, self.hw)
+        return stage_memory(stage, self.dims, self.teacher_params, self.seq_len, self.chunk, self.hw, self.teacher_layout)
 
     def per_stage(self) -> list[StageMemory]:
         return [self.stage(s) for s in self.stages]

@@ -198,7 +198,7 @@ def run_memory_plan(conversion, processes):
 
         memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device.type == "cuda")
-    hw = Hardware(processes.num_processes, device.type, memory_gib, bf16, runtime.engine)
+    hw = Hardware(processes.num_processes, device.type, memory_gib, bf16, runtime.engine, runtime.teacher == "sharded")
     return MemoryPlan.of_run(conversion, hw)
 
 
@@ -341,6 +341,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
             bf16_autocast=use_bf16, tokenizer=tokenizer, seed=recipe.seed,
             separate_documents=not recipe.data.attend_across_documents, work_dir=folder.root,
             teacher_name=teacher_reference, engine=recipe.runtime.engine,
+            shard_teacher=recipe.runtime.teacher == "sharded",
         )
         console.rule(f"stage {i + 1}/{len(statuses)}: {stage.name} ({stage.kind})")
         t = time.perf_counter()

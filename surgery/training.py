@@ -238,6 +238,28 @@ def shard_for_training(loss_module: torch.nn.Module, student, device: torch.devi
     return loss_module
 
 
+def sharded_copy(teacher: torch.nn.Module, arch, device: torch.device) -> torch.nn.Module:
+    """`runtime.teacher: sharded`: a copy of the frozen teacher under FSDP2 for one stage — each decoder layer a unit
+    gathered for its own forward (the teacher runs as transformers runs it), the rest the root's — while the teacher
+    itself waits in host memory. A copy, because `fully_shard` changes the modules it wraps for good, and the whole
+    teacher serves the evaluations between stages."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ling_surgery.surgery.taps import get_module
+
+    teacher.to("cpu")
+    shard = copy.deepcopy(teacher)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in get_module(shard, arch.layers):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(shard, mesh=mesh)  # moves its shards to the mesh's device
+    return shard.to(device)
+
+
 def local(param: torch.Tensor) -> torch.Tensor:
     """A parameter's shard on this process (the parameter itself when it is not sharded)."""
     return param.to_local() if hasattr(param, "to_local") else param
@@ -331,6 +353,9 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     # gradients; each process trains its share of every micro-batch. DDP (accelerate) keeps a whole replica per
     # process; FSDP2 shards weights, gradients and optimizer state over the processes (`shard_for_training`).
     sharded = engine_of(accelerator, ctx.engine) == "fsdp2" and processes > 1
+    whole_teacher = None
+    if sharded and ctx.shard_teacher and ctx.teacher is not None and not getattr(stage, "teacher_topk", 0):
+        whole_teacher, ctx.teacher = ctx.teacher, sharded_copy(ctx.teacher, ctx.arch, ctx.device)
     if sharded:
         engine = shard_for_training(_LossModule(trained, loss_fn), student, ctx.device)
     else:
@@ -413,6 +438,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     accelerator.wait_for_everyone()
     if sharded:
         gather_after_training(trained, student)
+    if whole_teacher is not None:
+        ctx.teacher = whole_teacher.to(ctx.device)
     del engine
     if stage.lora is not None:
         student = trained.merge_and_unload()

@@ -106,6 +106,8 @@ def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(sourc
     launch = [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", "2",
               "--main_process_port", str(port), "-m", "ling_surgery", *args, "--set", f"runtime.engine={engine}",
               "--set", "runtime.devices=2", "--output", str(tmp_path / "two")]
+    if engine == "fsdp2":  # and the teacher sharded too, stage after stage (the evaluations between use it whole)
+        launch[-2:-2] = ["--set", "runtime.teacher=sharded"]
     two = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     layout = "replicated (DDP)" if engine == "ddp" else "sharded (FSDP2)"

@@ -37,7 +37,8 @@ def _train(kind: str, work_dir, save_every: int = 0, engine: str = "ddp", stop_a
 
     stage_fn, stage = STAGES[kind]
     _, student, ctx = _documents_setup(True)
-    ctx.work_dir, ctx.engine = work_dir, engine
+    ctx.work_dir, ctx.engine = work_dir, engine.removesuffix("+teacher")
+    ctx.shard_teacher = engine.endswith("+teacher")  # runtime.teacher: sharded
     if save_every:
         ctx.state, ctx.save_every = TrainingState(work_dir / "state.pt", "fp"), save_every
     if stop_after is not None:  # every process stops right after its shard of that step's checkpoint, as a kill would
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, port: int, kind: str, work_dir, out, engine="
     torch.save({"weights": weights, "losses": result["losses"]}, out / f"rank{rank}{tag}.pt")
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2+teacher"])
 @pytest.mark.parametrize("kind", list(STAGES))
 def test_two_processes_end_in_the_weights_of_one(kind, engine, tmp_path):
     (tmp_path / "one").mkdir()

@@ -290,3 +290,20 @@ def test_planned_peak_matches_each_of_two_processes(engine, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for result in (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)):
         assert result["planned"] == pytest.approx(result["measured"], rel=0.2), result
+
+
+def test_a_sharded_teacher_holds_its_shard_two_layers_and_its_root():
+    from ling_surgery.surgery.memory_plan import teacher_root
+
+    source, recipe, plan, config = _conversion()
+    shape = SourceShape.from_config(source)
+    stage = LogitDistillStage(tokens=4096, batch_size=8, seq_len=64)
+    dims, total = StudentDims.of_config(config), teacher_parameters(shape)
+    layout = (teacher_root(shape), shape.num_layers)
+    replicated, sharded = (MemoryPlan((stage,), dims, total, 64, 16, Hardware(4, engine="fsdp2", shard_teacher=s),
+                                      layout).stage(stage) for s in (False, True))
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(source)
+    layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
+    assert replicated.teacher == 4 * total
+    assert sharded.teacher == pytest.approx(4 * (total / 4 + 2 * layer + layout[0]))
