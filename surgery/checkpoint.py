@@ -36,6 +36,13 @@ def export_fingerprint(recipe) -> str:
                         "export": recipe.export.model_dump(exclude={"output"})})
 
 
+def _write_failed(tmp: Path, path: Path, err: OSError) -> SurgeryError:
+    """The one-line error of a training state that could not be written; its temporary file is removed."""
+    tmp.unlink(missing_ok=True)
+    reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
+    return SurgeryError(f"saving the training state to {str(path)!r} failed: {reason}")
+
+
 class TrainingState:
     """The in-stage checkpoint of one training stage: trainable weights, optimizer, scheduler, RNG and data position.
 
@@ -78,9 +85,7 @@ class TrainingState:
             torch.save({**state, "fingerprint": self.fingerprint}, tmp)
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
-            reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
-            failure = SurgeryError(f"saving the training state to {str(path)!r} failed: {reason}")
+            failure = _write_failed(tmp, path, err)
             failure.process_local = True  # the others wait at the barrier below: this process must say it
             raise failure from None
         barrier()
@@ -144,9 +149,7 @@ class TrainingState:
             meta_tmp.write_text(json.dumps({"step": step, "steps": steps, "fingerprint": self.fingerprint}))
             os.replace(meta_tmp, meta)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
-            reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
-            raise SurgeryError(f"saving the training state to {str(self.path)!r} failed: {reason}") from None
+            raise _write_failed(tmp, self.path, err) from None
 
     @property
     def trainer_dir(self) -> Path:

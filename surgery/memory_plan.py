@@ -207,15 +207,23 @@ class Hardware:
     shard_teacher: bool = False  # runtime.teacher: sharded (under fsdp2 over several devices)
 
     @classmethod
-    def of_runtime(cls, runtime) -> "Hardware":
-        device = "cuda" if runtime.device == "cuda" else "cpu"  # auto is planned as where it runs without a GPU
+    def of_runtime(cls, runtime, device: str | None = None, devices: int | None = None,
+                   memory_gib: float | None = None) -> "Hardware":
+        """The recipe's `runtime`; `run` passes where it really is (device type, processes launched, memory)."""
+        # unresolved, auto is planned as where it runs without a GPU
+        device = device or ("cuda" if runtime.device == "cuda" else "cpu")
         bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device == "cuda")
-        return cls(runtime.devices, device, runtime.device_memory_gib, bf16, runtime.engine,
+        return cls(devices or runtime.devices, device, memory_gib or runtime.device_memory_gib, bf16, runtime.engine,
                    runtime.teacher == "sharded")
 
     @property
     def sharded(self) -> bool:
         return self.engine == "fsdp2" and self.devices > 1
+
+    @property
+    def shards(self) -> int:
+        """How many ways the student's weights, gradients and optimizer state are split."""
+        return self.devices if self.sharded else 1
 
 
 def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, chunk: int, hw: Hardware,
@@ -250,24 +258,24 @@ def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, ch
         per_token = sum(layers) + head
         checkpointed = len(layers) * 4 * dims.hidden + max(layers) + head
     activations = tokens * (checkpointed if stage.activation_checkpointing else per_token)
+    shards = hw.shards
     if hw.bf16:  # autocast's bf16 copies of the weights that train (under FSDP2: of the gathered layers')
-        activations += 2 * trainable / (hw.devices if hw.sharded else 1)
+        activations += 2 * trainable / shards
     on_gpu_topk = hw.device == "cuda" and getattr(stage, "teacher_topk", 0)
-    shards = hw.devices if hw.sharded else 1
     if hw.sharded:  # units: each decoder layer, and the root (embeddings, final norm, LM head; shard_for_training)
-        layers = [sum(_numel(t) for n, t in tensors.items() if n.startswith(f"model.layers.{i}."))
-                  for i in range(len(dims.layer_types))]
-        root = total - sum(layers)
+        per_layer = [sum(_numel(t) for n, t in tensors.items() if n.startswith(f"model.layers.{i}."))
+                     for i in range(len(dims.layer_types))]
         # the layer computing and the one prefetched, gathered, and one layer's gradient; the root throughout, with
         # its gradients
-        engine = 4 * (3 * max(layers) + 2 * root)
+        engine = 4 * (3 * max(per_layer) + 2 * (total - sum(per_layer)))
     else:
         engine = 4 * trainable if hw.devices > 1 else 0  # DDP's gradient buckets
     teacher = teacher_bytes * teacher_params
     if hw.sharded and hw.shard_teacher and not getattr(stage, "teacher_topk", 0):
         # its shard, two decoder layers gathered (computing, prefetched) and its root unit through the forward
-        root, layers = teacher_layout
-        teacher = teacher_bytes * (teacher_params / hw.devices + 2 * (teacher_params - root) / layers + root)
+        teacher_root_params, teacher_layers = teacher_layout
+        teacher = teacher_bytes * (teacher_params / shards + 2 * (teacher_params - teacher_root_params) / teacher_layers
+                                   + teacher_root_params)
     return StageMemory(
         stage=stage.name, kind=stage.kind, weights=4 * total / shards, gradients=4 * trainable / shards,
         optimizer=8 * trainable / shards, activations=activations, teacher=0 if on_gpu_topk else teacher, engine=engine,

@@ -175,8 +175,9 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
     if resume and not any(s.state == "interrupted" for s in statuses):
         console.print("--resume: no interrupted stage to continue")
     memory = run_memory_plan(conversion, processes)
-    if memory is not None and memory.problems():
-        raise RecipeError(memory.problems())
+    problems = memory.problems() if memory is not None else []
+    if problems:
+        raise RecipeError(problems)
     console.print(conversion.table(memory))
     console.print(stages_table(statuses, recipe, start))
     if processes.num_processes != recipe.runtime.devices:
@@ -197,9 +198,7 @@ def run_memory_plan(conversion, processes):
         import torch
 
         memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
-    bf16 = runtime.dtype == "bfloat16" or (runtime.dtype == "auto" and device.type == "cuda")
-    hw = Hardware(processes.num_processes, device.type, memory_gib, bf16, runtime.engine, runtime.teacher == "sharded")
-    return MemoryPlan.of_run(conversion, hw)
+    return MemoryPlan.of_run(conversion, Hardware.of_runtime(runtime, device.type, processes.num_processes, memory_gib))
 
 
 def documents_to_skip(recipe: Recipe, conversion) -> dict[str, int]:

@@ -128,9 +128,10 @@ def load_config(source: Source):
     from transformers import AutoConfig
 
     try:
-        if source.kind == "hub" and not _hub_cached(source) and shipped_hub_config(source) is not None:
+        shipped = shipped_hub_config(source) if source.kind == "hub" and cached_hub_config(source) is None else None
+        if shipped is not None:
             # The same file the hub serves, shipped with the recipes that name it: planning needs no download.
-            raw = json.loads(shipped_hub_config(source).read_text())
+            raw = json.loads(shipped.read_text())
             return AutoConfig.for_model(raw.pop("model_type"), **raw)
         return AutoConfig.from_pretrained(source.location, **source.load_kwargs())
     except OSError as err:
@@ -249,12 +250,14 @@ class SourceShape:
 HUB_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "hub-configs"
 
 
-def _hub_cached(source: Source) -> bool:
+def cached_hub_config(source: Source) -> Path | None:
+    """A hub model's config.json in the local hub cache; None when it was never downloaded."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return False
-    return isinstance(try_to_load_from_cache(source.location, "config.json", revision=source.revision), str)
+        return None
+    cached = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def shipped_hub_config(source: Source) -> Path | None:
@@ -273,16 +276,9 @@ def read_shape(source: Source) -> SourceShape | None:
     if source.kind == "folder":
         path = Path(source.location) / "config.json"
     else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
+        path = cached_hub_config(source) or shipped_hub_config(source)
+        if path is None:
             return None
-        cached = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
-        if not isinstance(cached, str):
-            cached = shipped_hub_config(source)
-            if cached is None:
-                return None
-        path = Path(cached)
     raw = None
     try:
         raw = json.loads(path.read_text())

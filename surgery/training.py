@@ -197,9 +197,6 @@ def check_finite(loss: torch.Tensor, accelerator, name: str, step: int) -> None:
                            f"stages.{name}.lr")
 
 
-ENGINES = ("ddp", "fsdp2")
-
-
 def engine_of(accelerator, engine: str) -> str:
     """The engine a stage trains with: `runtime.engine`, which a launch through an accelerate FSDP config must name
     (the fast path needs its own sharding units, so `shard_for_training` applies FSDP2 whatever the config wraps)."""
@@ -214,6 +211,14 @@ def engine_of(accelerator, engine: str) -> str:
     return engine
 
 
+def process_mesh(device: torch.device):
+    """One mesh dimension over every launched process, on this process's device type (what FSDP2 shards over)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
 def shard_for_training(loss_module: torch.nn.Module, student, device: torch.device) -> torch.nn.Module:
     """FSDP2 (torch `fully_shard`) over every process: each decoder layer's `FastLayer` is one unit, gathered for its
     forward (and `mixer`, which attention transfer calls) and resharded after it, its gradients reduce-scattered;
@@ -221,13 +226,11 @@ def shard_for_training(loss_module: torch.nn.Module, student, device: torch.devi
     are sharded — the `FastLayer`s and the loss module — so the model's own modules stay plain and the next stage
     shards afresh. Every process holds 1/N of the weights, gradients and AdamW state. `gather_after_training` makes the
     model whole again."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from ling_surgery.surgery.kda import FastLayer, set_fast_layers
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = process_mesh(device)
     layers = torch.nn.ModuleList(FastLayer(layer) for layer in student.model.layers)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
@@ -245,15 +248,13 @@ def sharded_copy(teacher: torch.nn.Module, arch, device: torch.device) -> torch.
     teacher serves the evaluations between stages."""
     import copy
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from ling_surgery.surgery.taps import get_module
 
     teacher.to("cpu")
     shard = copy.deepcopy(teacher)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = process_mesh(device)
     for layer in get_module(shard, arch.layers):
         fully_shard(layer, mesh=mesh)
     fully_shard(shard, mesh=mesh)  # moves its shards to the mesh's device
@@ -328,8 +329,9 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                            "batch_size / processes windows of it)")
     rows = stage.batch_size // processes
     console = ctx.console if accelerator.is_main_process else None
+    sharded = engine_of(accelerator, ctx.engine) == "fsdp2" and processes > 1
     if console is not None and processes > 1:
-        layout = "sharded (FSDP2)" if engine_of(accelerator, ctx.engine) == "fsdp2" else "replicated (DDP)"
+        layout = "sharded (FSDP2)" if sharded else "replicated (DDP)"
         console.print(f"{name}: {processes} processes ({accelerator.distributed_type.value}, {layout}), {rows} of each "
                       f"micro-batch's {stage.batch_size} windows per process")
     result = StageResult(name)
@@ -352,7 +354,6 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     # Data parallelism through the engine: the loss runs inside a module the engine wraps, so the engine averages the
     # gradients; each process trains its share of every micro-batch. DDP (accelerate) keeps a whole replica per
     # process; FSDP2 shards weights, gradients and optimizer state over the processes (`shard_for_training`).
-    sharded = engine_of(accelerator, ctx.engine) == "fsdp2" and processes > 1
     whole_teacher = None
     if sharded and ctx.shard_teacher and ctx.teacher is not None and not getattr(stage, "teacher_topk", 0):
         whole_teacher, ctx.teacher = ctx.teacher, sharded_copy(ctx.teacher, ctx.arch, ctx.device)

@@ -276,13 +276,11 @@ def test_planned_peak_matches_each_of_two_processes(engine, tmp_path):
     buckets, or 1/2 of the weights, gradients and AdamW state plus the gathered units under FSDP2."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to measure peak memory")
-    import socket
+    from test_distributed import _free_port
 
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "MEASURE_OUT": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(port), str(script), "logit_distill", engine], capture_output=True, text=True, env=env,
