@@ -485,12 +485,13 @@ class RuntimeConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 autocast on CUDA")
     kda_chunk_size: int = Field(32, ge=1, description="chunk of the exact fast KDA training path")
     save_every: int = Field(25, ge=0, description="in-stage checkpoint every N optimizer steps, for --resume (0: never)")
-    engine: Literal["ddp", "fsdp2"] = Field(
-        "ddp", description="over several processes: ddp (a whole replica of the student per process) or fsdp2 (its "
-        "weights, gradients and AdamW state sharded over them, each decoder layer gathered while it computes)")
+    engine: Literal["ddp", "fsdp2", "zero3"] = Field(
+        "ddp", description="over several processes: ddp (a whole replica of the student per process), fsdp2 (its "
+        "weights, gradients and AdamW state sharded over them by PyTorch FSDP2, each decoder layer gathered while it "
+        "computes) or zero3 (the same by DeepSpeed ZeRO-3; needs the deepspeed extra)")
     teacher: Literal["replicated", "sharded"] = Field(
-        "replicated", description="runtime.engine fsdp2: the frozen teacher whole on every device, or sharded like the "
-        "student while a stage trains (1/N of its weights per device, each layer gathered for its forward)")
+        "replicated", description="runtime.engine fsdp2 or zero3: the frozen teacher whole on every device, or sharded "
+        "(FSDP2) while a stage trains (1/N of its weights per device, each layer gathered for its forward)")
     devices: int = Field(1, ge=1, description="processes the run is launched on, one device each (accelerate launch "
                          "--num_processes): each trains batch_size / devices windows of every batch; the memory plan "
                          "is per device")
@@ -544,6 +545,9 @@ def cross_check_problems(recipe: Recipe) -> list[str]:
         problems.append(f"plan.mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {dr}; use {dr - 1} or {dr + 1}")
     if recipe.plan.full_attention_layers is not None and any(i < 0 for i in recipe.plan.full_attention_layers):
         problems.append("plan.full_attention_layers must be non-negative layer indices")
+    if recipe.runtime.teacher == "sharded" and recipe.runtime.engine == "ddp":
+        problems.append("runtime.teacher sharded needs a sharding engine: set runtime.engine fsdp2 (or zero3), or "
+                        "runtime.teacher replicated")
     if recipe.target == "all-mla":
         explicit = sorted(k for k in ("layer_group_size", "full_attention_layers", "full_attention_count")
                           if getattr(recipe.plan, k) is not None)

@@ -34,5 +34,5 @@ class RunContext:
     work_dir: Path | None = None  # the run folder: files a stage keeps beside its checkpoints (teacher-logits/)
     teacher_name: str = "teacher"  # where the teacher came from (keys what is computed from it)
     on_step: object = None  # called with the step index after each optimizer step (benchmarks time and count there)
-    engine: str = "ddp"  # runtime.engine: ddp (a replica per process) or fsdp2 (sharded over the processes)
+    engine: str = "ddp"  # runtime.engine: ddp (a replica per process), fsdp2 or zero3 (sharded over the processes)
     shard_teacher: bool = False  # runtime.teacher sharded: under fsdp2 a training stage shards the teacher too

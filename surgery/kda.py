@@ -276,15 +276,19 @@ class FastLayer(torch.nn.Module):
 
     The fast path calls a layer's parts (norms, mixer internals, MLP), not its `forward`; a sharding engine gathers a
     module's parameters around its forward (and registered methods), so under FSDP2 the training loop shards these
-    modules (`training.shard_for_training`) and the forward below and `mixer` run with the whole layer at hand."""
+    modules (`training.shard_for_training`, `zero3.wrap`) and every use goes through `forward`, which the engines
+    hook: the whole layer is at hand while it computes."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden, rope, mla_mask, documents, chunk_size: int, previous=None):
-        """(hidden states after the layer, its state at the segment's end: a `KDAState` or the MLA latents)."""
+    def forward(self, hidden, rope, mla_mask, documents, chunk_size: int, previous=None, mixer_only: bool = False):
+        """(hidden states after the layer, its state at the segment's end: a `KDAState` or the MLA latents); with
+        `mixer_only`, `mixer_forward` of the layer on already-normalised `hidden`."""
         layer = self.layer
+        if mixer_only:
+            return mixer_forward(layer, hidden, rope, chunk_size, documents)
         normed = layer.input_layernorm(hidden)
         if getattr(layer, "block_type", None) == "linear_attention":
             mixed, carried = kda_mixer_forward(layer.self_attn, normed, chunk_size, previous, return_state=True,
@@ -298,7 +302,7 @@ class FastLayer(torch.nn.Module):
 
     def mixer(self, hidden_states, rope, chunk_size: int = 16, documents=None):
         """`mixer_forward` of this layer (attention transfer trains the mixers alone)."""
-        return mixer_forward(self.layer, hidden_states, rope, chunk_size, documents)
+        return self(hidden_states, rope, None, documents, chunk_size, mixer_only=True)
 
 
 # A model being trained by a sharding engine → its sharded `FastLayer`s (one per decoder layer); other models get

@@ -16,7 +16,9 @@ Per device, for each training stage (`attention_transfer`, `logit_distill`, `pre
 - engine: over several processes, DDP's gradient buckets (a second copy of the gradients); under FSDP2 (weights,
   gradients and optimizer state ÷ devices) the whole layers it gathers — the one computing and the one prefetched,
   and a layer's full gradient before its reduce-scatter — and the root unit (embeddings, final norm, LM head),
-  gathered through the step, with its gradients.
+  gathered through the step, with its gradients. DeepSpeed ZeRO-3 shards and gathers alike (`zero3.engine_config`
+  sizes its buckets to a decoder layer) and also keeps an fp32 master copy of its partition of the trainable weights,
+  counted with the weights.
 
 The peak is weights + teacher + optimizer + engine + max(activations, gradients): the backward allocates gradients as
 it frees activations, and `zero_grad(set_to_none=True)` frees them before the next forward; with grad_accumulation > 1
@@ -203,8 +205,8 @@ class Hardware:
     device: str = "cpu"  # cpu | cuda
     memory_gib: float | None = None
     bf16: bool = False  # bf16 autocast and a bf16 teacher (CUDA's default)
-    engine: str = "ddp"  # ddp | fsdp2 (runtime.engine)
-    shard_teacher: bool = False  # runtime.teacher: sharded (under fsdp2 over several devices)
+    engine: str = "ddp"  # ddp | fsdp2 | zero3 (runtime.engine)
+    shard_teacher: bool = False  # runtime.teacher: sharded (under fsdp2 or zero3 over several devices)
 
     @classmethod
     def of_runtime(cls, runtime, device: str | None = None, devices: int | None = None,
@@ -218,7 +220,7 @@ class Hardware:
 
     @property
     def sharded(self) -> bool:
-        return self.engine == "fsdp2" and self.devices > 1
+        return self.engine in ("fsdp2", "zero3") and self.devices > 1
 
     @property
     def shards(self) -> int:
@@ -277,7 +279,8 @@ def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, ch
         teacher = teacher_bytes * (teacher_params / shards + 2 * (teacher_params - teacher_root_params) / teacher_layers
                                    + teacher_root_params)
     return StageMemory(
-        stage=stage.name, kind=stage.kind, weights=4 * total / shards, gradients=4 * trainable / shards,
+        stage=stage.name, kind=stage.kind, gradients=4 * trainable / shards,
+        weights=4 * (total + (trainable if hw.sharded and hw.engine == "zero3" else 0)) / shards,
         optimizer=8 * trainable / shards, activations=activations, teacher=0 if on_gpu_topk else teacher, engine=engine,
         accumulates=stage.grad_accumulation > 1, trainable=trainable, tokens=tokens)
 
@@ -403,7 +406,7 @@ class MemoryPlan:
                  + (f" of {hw.memory_gib:g} GiB" if hw.memory_gib else "") + (", bf16 autocast" if hw.bf16 else ", fp32"))
         table = Table(title=title, caption="live tensors; on CPU glibc's malloc keeps freed memory, so resident "
                       "memory runs higher (~35% measured)" if hw.device == "cpu" else None)
-        engine = "FSDP2 gathered" if hw.sharded else "DDP buckets"
+        engine = {"fsdp2": "FSDP2 gathered", "zero3": "ZeRO-3 gathered"}[hw.engine] if hw.sharded else "DDP buckets"
         for col in ("stage", "trainable", "weights", "gradients", "optimizer", "activations", "teacher", engine, "peak"):
             table.add_column(col, justify="left" if col == "stage" else "right")
         for m in self.per_stage():

@@ -198,16 +198,17 @@ def check_finite(loss: torch.Tensor, accelerator, name: str, step: int) -> None:
 
 
 def engine_of(accelerator, engine: str) -> str:
-    """The engine a stage trains with: `runtime.engine`, which a launch through an accelerate FSDP config must name
-    (the fast path needs its own sharding units, so `shard_for_training` applies FSDP2 whatever the config wraps)."""
+    """The engine a stage trains with: `runtime.engine`, which a launch through an accelerate FSDP or DeepSpeed config
+    must name (the fast path needs its own sharding units, so `shard_for_training` applies FSDP2 whatever the config
+    wraps, and `zero3.wrap` takes only the ZeRO settings of a DeepSpeed config)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP and engine != "fsdp2":
         raise SurgeryError(f"launched with an accelerate FSDP config but runtime.engine is {engine!r}: set "
                            "runtime.engine=fsdp2 (the memory plan and checkpoints follow it)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SurgeryError("launched with an accelerate DeepSpeed config: the training stages shard with FSDP2; launch "
-                           "with recipes/accelerate/fsdp2.yaml and runtime.engine=fsdp2")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and engine != "zero3":
+        raise SurgeryError(f"launched with an accelerate DeepSpeed config but runtime.engine is {engine!r}: set "
+                           "runtime.engine=zero3 (the memory plan and checkpoints follow it)")
     return engine
 
 
@@ -221,12 +222,12 @@ def process_mesh(device: torch.device):
 
 def shard_for_training(loss_module: torch.nn.Module, student, device: torch.device) -> torch.nn.Module:
     """FSDP2 (torch `fully_shard`) over every process: each decoder layer's `FastLayer` is one unit, gathered for its
-    forward (and `mixer`, which attention transfer calls) and resharded after it, its gradients reduce-scattered;
+    forward (`mixer` goes through it) and resharded after it, its gradients reduce-scattered;
     the embeddings, final norm and LM head belong to the root unit (the loss module). Only modules made for this stage
     are sharded — the `FastLayer`s and the loss module — so the model's own modules stay plain and the next stage
     shards afresh. Every process holds 1/N of the weights, gradients and AdamW state. `gather_after_training` makes the
     model whole again."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     from ling_surgery.surgery.kda import FastLayer, set_fast_layers
 
@@ -234,7 +235,6 @@ def shard_for_training(loss_module: torch.nn.Module, student, device: torch.devi
     layers = torch.nn.ModuleList(FastLayer(layer) for layer in student.model.layers)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-        register_fsdp_forward_method(layer, "mixer")
     loss_module.fast_layers = layers  # in the root's tree, so the root knows its inner units
     fully_shard(loss_module, mesh=mesh, ignored_params={p for layer in layers for p in layer.parameters()})
     set_fast_layers(student, layers)
@@ -302,12 +302,14 @@ def gather_after_training(trained: torch.nn.Module, student) -> None:
     from ling_surgery.surgery.kda import set_fast_layers
 
     set_fast_layers(student, None)
+    wholes = {}  # by the sharded parameter: a tied one (embeddings and LM head) stays one parameter
     with torch.no_grad():
         for module in trained.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 if isinstance(param, DTensor):
-                    module._parameters[name] = torch.nn.Parameter(param.full_tensor(),
-                                                                  requires_grad=param.requires_grad)
+                    if id(param) not in wholes:
+                        wholes[id(param)] = torch.nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                    module._parameters[name] = wholes[id(param)]
 
 
 def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, StageResult]:
@@ -329,9 +331,11 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                            "batch_size / processes windows of it)")
     rows = stage.batch_size // processes
     console = ctx.console if accelerator.is_main_process else None
-    sharded = engine_of(accelerator, ctx.engine) == "fsdp2" and processes > 1
+    engine_name = engine_of(accelerator, ctx.engine)
+    sharded = engine_name in ("fsdp2", "zero3") and processes > 1
+    zero = sharded and engine_name == "zero3"
     if console is not None and processes > 1:
-        layout = "sharded (FSDP2)" if sharded else "replicated (DDP)"
+        layout = ("sharded (DeepSpeed ZeRO-3)" if zero else "sharded (FSDP2)") if sharded else "replicated (DDP)"
         console.print(f"{name}: {processes} processes ({accelerator.distributed_type.value}, {layout}), {rows} of each "
                       f"micro-batch's {stage.batch_size} windows per process")
     result = StageResult(name)
@@ -353,31 +357,44 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     result.trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     # Data parallelism through the engine: the loss runs inside a module the engine wraps, so the engine averages the
     # gradients; each process trains its share of every micro-batch. DDP (accelerate) keeps a whole replica per
-    # process; FSDP2 shards weights, gradients and optimizer state over the processes (`shard_for_training`).
+    # process; FSDP2 (`shard_for_training`) and ZeRO-3 (`zero3.wrap`) shard weights, gradients and optimizer state
+    # over the processes.
     whole_teacher = None
     if sharded and ctx.shard_teacher and ctx.teacher is not None and not getattr(stage, "teacher_topk", 0):
         whole_teacher, ctx.teacher = ctx.teacher, sharded_copy(ctx.teacher, ctx.arch, ctx.device)
-    if sharded:
-        engine = shard_for_training(_LossModule(trained, loss_fn), student, ctx.device)
-    else:
+    if not sharded:
         engine = accelerator.prepare_model(_LossModule(trained, loss_fn))
-    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}  # after sharding: the shards
+    elif not zero:
+        engine = shard_for_training(_LossModule(trained, loss_fn), student, ctx.device)
+    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}  # after FSDP2: the shards
     params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, stage))
+    if zero:
+        from ling_surgery.surgery import zero3
+
+        layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in student.model.layers)
+        config = zero3.engine_config(zero3.user_config(accelerator), stage, rows, processes, layer_numel)
+        engine = zero3.wrap(_LossModule(trained, loss_fn), student, optimizer, config)
     row_rates = {trainable[n]: like(trainable[n], r.to(ctx.device)[:, None]) for n, r in rates.items() if n in trainable}
     done = 0
     saved = None
     if ctx.state is not None:
         saved = ctx.state.load_shard(rank, processes) if sharded else ctx.state.load(map_location=ctx.device)
-    if saved is not None:
+    if saved is not None and zero:
+        zero3.load_local_state(engine, trainable, saved["params"], saved["optimizer"])
+    elif saved is not None:
         with torch.no_grad():
             for n, p in trainable.items():
                 local(p).copy_(saved["params"][n])
         optimizer.load_state_dict(saved["optimizer"])
         if sharded:
             reshard_optimizer_state(optimizer)
+    if saved is not None:
         scheduler.load_state_dict(saved["scheduler"])
+        if zero:  # the optimizer's own state dict (which holds the rates) is DeepSpeed's, not restored whole
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         torch.set_rng_state(saved["rng"].cpu())
         done, result.losses, result.seconds = saved["step"], saved["losses"], saved["seconds"]
         result.steps, result.tokens = done, done * tokens_per_step
@@ -396,24 +413,29 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                 input_ids = input_ids[mine].to(ctx.device)
                 position_ids = None if position_ids is None else position_ids[mine].to(ctx.device)
                 # Gradients are averaged over processes once per optimizer step, not per micro-batch.
-                if sharded:
+                if sharded and not zero:
                     engine.set_requires_gradient_sync(micro == accumulation - 1)
                 with accelerator.no_sync(engine) if micro < accumulation - 1 and not sharded else nullcontext():
                     with autocast(ctx):
                         loss = engine(input_ids, position_ids, window + rank * rows)
                     check_finite(loss, accelerator, name, step)
-                    accelerator.backward(loss / accumulation)
+                    if zero:  # DeepSpeed divides by its gradient_accumulation_steps, and steps after the last
+                        engine.backward(loss)
+                        zero3.step(engine, row_rates)
+                    else:
+                        accelerator.backward(loss / accumulation)
                 step_loss += loss.detach().double() / accumulation
             step_loss = accelerator.reduce(step_loss, "mean").item()
-            clip_gradients(params, row_rates, stage.max_grad_norm,
-                           torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_)
-            before = {p: p.detach().clone() for p in row_rates}
-            optimizer.step()
-            with torch.no_grad():
-                for p, rate in row_rates.items():
-                    p.copy_(before[p] + (p - before[p]) * rate)
+            if not zero:
+                clip_gradients(params, row_rates, stage.max_grad_norm,
+                               torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_)
+                before = {p: p.detach().clone() for p in row_rates}
+                optimizer.step()
+                with torch.no_grad():
+                    for p, rate in row_rates.items():
+                        p.copy_(before[p] + (p - before[p]) * rate)
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             result.losses.append(step_loss)
             result.steps += 1
             result.tokens += tokens_per_step
@@ -421,11 +443,16 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             if ctx.on_step is not None:
                 ctx.on_step(step)
             if ctx.state is not None and ctx.save_every and (step + 1) % ctx.save_every == 0 and step + 1 < steps:
+                if zero:
+                    weights, moments = zero3.local_state(engine, trainable)
+                else:
+                    weights = {n: local(p).detach().clone() for n, p in trainable.items()}
+                    moments = local_optimizer_state(optimizer.state_dict()) if sharded else optimizer.state_dict()
                 state = {
                     "step": step + 1,
                     "next_window": window + stage.batch_size,  # the data position (recomputed from the step; kept to read)
-                    "params": {n: local(p).detach().clone() for n, p in trainable.items()},
-                    "optimizer": local_optimizer_state(optimizer.state_dict()) if sharded else optimizer.state_dict(),
+                    "params": weights,
+                    "optimizer": moments,
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "losses": list(result.losses),
@@ -437,7 +464,9 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                     ctx.state.save(state, step + 1, steps)
     result.seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
-    if sharded:
+    if zero:
+        zero3.unwrap(engine, trained, student)
+    elif sharded:
         gather_after_training(trained, student)
     if whole_teacher is not None:
         ctx.teacher = whole_teacher.to(ctx.device)

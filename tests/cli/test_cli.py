@@ -89,11 +89,11 @@ def test_sigkill_then_resume_gives_the_same_weights_as_an_unbroken_run(source, t
     assert_same_weights(tmp_path / "unbroken", out)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
 def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(source, tmp_path, engine):
     """`accelerate launch --multi_gpu --num_processes 2 -m ling_surgery run` on CPU (torchrun, gloo), and with the
-    shipped FSDP2 config and runtime.engine fsdp2: the same final weights as one process within float tolerance, and
-    one process writes and reports."""
+    shipped FSDP2 and DeepSpeed ZeRO-3 configs and their runtime.engine: the same final weights as one process within
+    float tolerance, and one process writes and reports."""
     model, data = source
     args = ["run", "ci-smoke", "--set", f"source.model={model}", "--set", f"data.train={data}", *TINY_BUDGET,
             "--set", "eval.each_stage.tasks=[]"]
@@ -102,16 +102,18 @@ def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(sourc
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ROOT / "recipes/accelerate/fsdp2.yaml")]
+    config = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ROOT / f"recipes/accelerate/{engine}.yaml")]
     launch = [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", "2",
               "--main_process_port", str(port), "-m", "ling_surgery", *args, "--set", f"runtime.engine={engine}",
               "--set", "runtime.devices=2", "--output", str(tmp_path / "two")]
-    if engine == "fsdp2":  # and the teacher sharded too, stage after stage (the evaluations between use it whole)
+    if engine != "ddp":  # and the teacher sharded too, stage after stage (the evaluations between use it whole)
         launch[-2:-2] = ["--set", "runtime.teacher=sharded"]
     two = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    layout = "replicated (DDP)" if engine == "ddp" else "sharded (FSDP2)"
-    assert f"logit_distill: 2 processes (MULTI_CPU, {layout}), 1 of each micro-batch's 2 windows per process" in two.stderr
+    # (on CPU accelerate reports MULTI_CPU whatever the config; on GPUs FSDP and DEEPSPEED)
+    layout = {"ddp": "MULTI_CPU, replicated (DDP)", "fsdp2": "MULTI_CPU, sharded (FSDP2)",
+              "zero3": "MULTI_CPU, sharded (DeepSpeed ZeRO-3)"}[engine]
+    assert f"logit_distill: 2 processes ({layout}), 1 of each micro-batch's 2 windows per process" in two.stderr
     assert two.stderr.count("stage logit_distill: checkpoint") == 1 and two.stderr.count("export check:") == 1
     expected = load_file(tmp_path / "one" / "model" / "model.safetensors")
     actual = load_file(tmp_path / "two" / "model" / "model.safetensors")
@@ -213,8 +215,9 @@ def test_recipes_ls_show_cp(tmp_path):
     assert missing.returncode == 2 and "not a shipped recipe (ci-smoke" in _error_line(missing)
     config = run_cli("recipes", "cp", "accelerate/fsdp2", str(tmp_path))  # the engine config the GPU recipes launch with
     assert config.returncode == 0 and "fsdp_version: 2" in (tmp_path / "fsdp2.yaml").read_text()
-    unknown = run_cli("recipes", "cp", "accelerate/zero3", str(tmp_path))
-    assert unknown.returncode == 2 and "not a shipped accelerate config (accelerate/fsdp2)" in _error_line(unknown)
+    unknown = run_cli("recipes", "cp", "accelerate/zero2", str(tmp_path))
+    assert unknown.returncode == 2 and "not a shipped accelerate config (accelerate/fsdp2, accelerate/zero3)" in \
+        _error_line(unknown)
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,8 @@ def test_overrides_by_index_and_renamed_stages():
         ("plan.mla.qk_rope_head_dim=7", r"qk_rope_head_dim must be even"),
         ("eval.tokens=100", r"eval.tokens 100 is less than one eval.seq_len window"),
         ("runtime.device=tpu", r"runtime.device: Input should be 'auto', 'cpu' or 'cuda'"),
+        ("runtime.teacher=sharded", r"runtime.teacher sharded needs a sharding engine: set runtime.engine fsdp2"),
+        ("runtime.engine=zero2", r"runtime.engine: Input should be 'ddp', 'fsdp2' or 'zero3'"),
     ],
 )
 def test_bad_values_name_the_key_path_in_one_line(override, message):

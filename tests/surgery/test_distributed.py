@@ -2,6 +2,7 @@
 process, for every stage kind that trains with the shared loop, replicated (DDP) and sharded (FSDP2); a sharded stage
 killed after an in-stage checkpoint resumes from its shards to the weights of an unbroken one."""
 
+import math
 import os
 import socket
 
@@ -32,11 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(kind: str, work_dir, save_every: int = 0, engine: str = "ddp", stop_after: int | None = None):
+def _train(kind: str, work_dir, save_every: int = 0, engine: str = "ddp", stop_after: int | None = None,
+           bf16: bool = False, tied: bool = False):
     from test_distill import _documents_setup
 
     stage_fn, stage = STAGES[kind]
     _, student, ctx = _documents_setup(True)
+    if tied:  # the LM head is the embedding matrix (SmolLM2, Qwen3 small models)
+        student.lm_head.weight = student.model.embed_tokens.weight
+    ctx.bf16_autocast = bf16  # the path every CUDA run takes
     ctx.work_dir, ctx.engine = work_dir, engine.removesuffix("+teacher")
     ctx.shard_teacher = engine.endswith("+teacher")  # runtime.teacher: sharded
     if save_every:
@@ -51,21 +56,24 @@ def _train(kind: str, work_dir, save_every: int = 0, engine: str = "ddp", stop_a
 
         ctx.state.save_shard = save_then_stop
     student, result = stage_fn(student, stage, ctx)
+    result["tied"] = student.lm_head.weight is student.model.embed_tokens.weight
     return {n: p.detach().clone() for n, p in student.named_parameters()}, result
 
 
-def _worker(rank: int, world: int, port: int, kind: str, work_dir, out, engine="ddp", stop_after=None, tag=""):
+def _worker(rank: int, world: int, port: int, kind: str, work_dir, out, engine="ddp", stop_after=None, tag="",
+            bf16=False, tied=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        weights, result = _train(kind, work_dir, save_every=2, engine=engine, stop_after=stop_after)
+        weights, result = _train(kind, work_dir, save_every=2, engine=engine, stop_after=stop_after, bf16=bf16,
+                                 tied=tied)
     except KeyboardInterrupt:
         return
-    torch.save({"weights": weights, "losses": result["losses"]}, out / f"rank{rank}{tag}.pt")
+    torch.save({"weights": weights, "losses": result["losses"], "tied": result["tied"]}, out / f"rank{rank}{tag}.pt")
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2+teacher"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2+teacher", "zero3", "zero3+teacher"])
 @pytest.mark.parametrize("kind", list(STAGES))
 def test_two_processes_end_in_the_weights_of_one(kind, engine, tmp_path):
     (tmp_path / "one").mkdir()
@@ -80,18 +88,55 @@ def test_two_processes_end_in_the_weights_of_one(kind, engine, tmp_path):
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the global batch's
 
 
-def test_a_sharded_stage_resumes_from_its_shards(tmp_path):
-    """FSDP2: every process writes its shard of each in-stage checkpoint; stopped after step 2's, the stage resumes
-    from the shards on the same number of processes and ends in the weights of an unbroken sharded run."""
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_tied_embeddings_stay_one_parameter(engine, tmp_path):
+    """A student whose LM head is its embedding matrix leaves a sharded stage with them still one parameter (the
+    engines gather each parameter once), trained as one process trains it."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    weights, result = _train("pretrain_ce", tmp_path / "one", tied=True)
+    assert result["tied"]
+    mp.spawn(_worker, args=(2, _free_port(), "pretrain_ce", tmp_path / "two", tmp_path, engine, None, "", False, True),
+             nprocs=2, join=True)
+    two = torch.load(tmp_path / "rank0.pt")
+    assert two["tied"]
+    for name, expected in weights.items():
+        torch.testing.assert_close(two["weights"][name], expected, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_engines_train_under_bf16_autocast(engine, tmp_path):
+    """Under CPU bf16 autocast (what a CUDA run does: fp32 weights and AdamW state, bf16 matmuls, the KDA kernel in
+    fp32) two sharded processes train as one process does, to bf16's precision."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    weights, result = _train("attention_transfer", tmp_path / "one", bf16=True)
+    mp.spawn(_worker, args=(2, _free_port(), "attention_transfer", tmp_path / "two", tmp_path, engine, None, "", True),
+             nprocs=2, join=True)
+    two = torch.load(tmp_path / "rank0.pt")
+    assert all(math.isfinite(loss) for loss in two["losses"])
+    # measured: losses within 1.5e-4 relative, weights within 2e-4
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(result["losses"]), atol=0, rtol=2e-3)
+    for name, expected in weights.items():
+        torch.testing.assert_close(two["weights"][name], expected, atol=1e-3, rtol=0, msg=name)
+    (tmp_path / "fp32").mkdir()
+    assert _train("attention_transfer", tmp_path / "fp32")[1]["losses"] != result["losses"]  # autocast took effect
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_a_sharded_stage_resumes_from_its_shards(engine, tmp_path):
+    """FSDP2 and ZeRO-3: every process writes its shard of each in-stage checkpoint (weights and AdamW moments of its
+    partitions); stopped after step 2's, the stage resumes from the shards on the same number of processes and ends in
+    the weights of an unbroken sharded run."""
     kind = "logit_distill"
     for name in ("unbroken", "broken"):
         (tmp_path / name).mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path / "unbroken", tmp_path, "fsdp2", None, "-unbroken"),
+    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path / "unbroken", tmp_path, engine, None, "-unbroken"),
              nprocs=2, join=True)
-    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path / "broken", tmp_path, "fsdp2", 2), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path / "broken", tmp_path, engine, 2), nprocs=2, join=True)
     shards = sorted(p.name for p in (tmp_path / "broken").glob("state.pt.step*"))
     assert shards == ["state.pt.step2.shard0-of-2", "state.pt.step2.shard1-of-2"]
-    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path / "broken", tmp_path, "fsdp2", None, "-resumed"),
+    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path / "broken", tmp_path, engine, None, "-resumed"),
              nprocs=2, join=True)
     unbroken, resumed = (torch.load(tmp_path / f"rank0-{tag}.pt") for tag in ("unbroken", "resumed"))
     for name, expected in unbroken["weights"].items():

@@ -140,6 +140,15 @@ student, _ = STAGES["init"](teacher, InitStage(calibration_tokens=0), ctx)
 stages = {"attention_transfer": AttentionTransferStage, "logit_distill": LogitDistillStage, "pretrain": PretrainStage}
 extra = {"pretrain": {"kl_weight": 0.0, "ce_weight": 1.0}}.get(kind, {})
 stage = stages[kind](tokens=3 * batch * seq, batch_size=batch, recall_mix=0.0, warmup_steps=0, **extra)
+if engine == "zero3":  # DeepSpeed's one-time setup of a process (on CPU ~48 MB: its shared-memory collectives' buffers
+    import deepspeed    # and the like) is the process's, not the stage's: a warm-up engine first
+    tiny = torch.nn.Linear(4, 4)
+    warm, *_ = deepspeed.initialize(model=tiny, optimizer=torch.optim.AdamW(tiny.parameters()), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+    warm.backward(warm(torch.ones(1, 4)).sum())
+    warm.step()
+    warm.destroy()
+    del warm, tiny
 gc.collect()
 rss = lambda: next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
 before, peak = rss(), _PeakMemory(torch.device("cpu"))
@@ -268,12 +277,17 @@ def test_fsdp2_shards_weights_gradients_and_optimizer_state():
     # one process shards nothing
     single = MemoryPlan((stage,), dims, 10**6, 64, 16, Hardware(1, engine="fsdp2")).stage(stage)
     assert single.weights == ddp.weights and single.engine == 0
+    # ZeRO-3 shards alike and keeps an fp32 master copy of its partition of the trainable weights
+    zero3 = MemoryPlan((stage,), dims, 10**6, 64, 16, Hardware(4, engine="zero3")).stage(stage)
+    assert zero3.weights == pytest.approx(2 * fsdp2.weights)  # trainable: all
+    assert (zero3.gradients, zero3.optimizer, zero3.engine) == (fsdp2.gradients, fsdp2.optimizer, fsdp2.engine)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
 def test_planned_peak_matches_each_of_two_processes(engine, tmp_path):
     """Two CPU processes (torchrun, gloo): what each holds over the whole model it loaded — a replica with DDP's
-    buckets, or 1/2 of the weights, gradients and AdamW state plus the gathered units under FSDP2."""
+    buckets, or 1/2 of the weights, gradients and AdamW state plus the gathered units under FSDP2 (and ZeRO-3's fp32
+    master copy of its partition)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to measure peak memory")
     from test_distributed import _free_port
