@@ -459,3 +459,14 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: finished stages are kept; continue with `ling-surgery run RECIPE --resume`")
         sys.exit(130)
+    except Exception as err:  # a bug, not bad input: its traceback, and over several processes one line naming where
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        console.print(f"[bold red]error:[/] process {os.environ.get('RANK', '0')} of {processes} failed with "
+                      f"{type(err).__name__}: {err} (traceback above; the launcher stops the other processes; finished "
+                      "stages are kept, `--resume` continues)", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -133,7 +133,10 @@ class LPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):
-        if self.fast_path and not compute_aux_loss and all(v is None for v in kwargs.values()):
+        # Over several processes the log-probabilities that train go through the engine's wrapper (DDP averages the
+        # gradients only of its own forward); the rollouts still sample on the fast path.
+        if (self.fast_path and not compute_aux_loss and all(v is None for v in kwargs.values())
+                and self.accelerator.num_processes == 1):
             from ling_surgery.surgery.rollout import completion_logps
 
             logps, entropies = completion_logps(self._base(model), input_ids, attention_mask, logits_to_keep,
@@ -181,18 +184,21 @@ class LPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if rewards.shape[0] == len(inputs):  # one process: the rows are this rollout's
-            mode = "train" if self.model.training else "eval"
-            total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
-            names = list(self.reward_func_names)
-            for name in sorted({row["mode"] for row in inputs}):
-                rows = [i for i, row in enumerate(inputs) if row["mode"] == name]
-                self._metrics[mode][f"{name}/reward"].append(float(total[rows].mean()))
-                self._metrics[mode][f"{name}/completion_length"].append(
-                    sum(len(completion_ids_list[i]) for i in rows) / len(rows))
-                if "correctness" in names:
-                    scores = rewards[rows, names.index("correctness")]
-                    self._metrics[mode][f"{name}/correct"].append(float((scores >= 1.0).float().mean()))
+        modes, lengths = [row["mode"] for row in inputs], [len(ids) for ids in completion_ids_list]
+        if rewards.shape[0] != len(inputs):  # several processes: the rewards are all of theirs, in process order
+            from accelerate.utils import gather_object
+
+            modes, lengths = gather_object(modes), gather_object(lengths)
+        split = "train" if self.model.training else "eval"
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        names = list(self.reward_func_names)
+        for name in sorted(set(modes)):
+            rows = [i for i, mode in enumerate(modes) if mode == name]
+            self._metrics[split][f"{name}/reward"].append(float(total[rows].mean()))
+            self._metrics[split][f"{name}/completion_length"].append(sum(lengths[i] for i in rows) / len(rows))
+            if "correctness" in names:
+                scores = rewards[rows, names.index("correctness")]
+                self._metrics[split][f"{name}/correct"].append(float((scores >= 1.0).float().mean()))
         return rewards
 
 
@@ -214,7 +220,7 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     from datasets import Dataset
 
     from ling_surgery.surgery.rewards import reward_functions
-    from ling_surgery.surgery.sft import _has_fla
+    from ling_surgery.surgery.sft import _has_fla, rows_per_process
 
     cuda = ctx.device.type == "cuda"
     temperature, top_p, top_k = sampling_settings(stage, model)
@@ -225,7 +231,8 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     save_every = stage.updates_per_rollout * max(1, math.ceil(ctx.save_every / stage.updates_per_rollout))
     args = GRPOConfig(
         output_dir=str(out_dir or tempfile.mkdtemp(prefix="ling-surgery-rl-")),
-        per_device_train_batch_size=rows_per_update, gradient_accumulation_steps=1,
+        per_device_train_batch_size=rows_per_process(rows_per_update, f"stages.{stage.name} completions per update"),
+        gradient_accumulation_steps=1,
         steps_per_generation=stage.updates_per_rollout, num_generations=stage.num_generations,
         num_train_epochs=stage.epochs, learning_rate=stage.lr, warmup_steps=stage.warmup_steps,
         lr_scheduler_type="constant_with_warmup", max_completion_length=stage.max_completion_length,

@@ -107,7 +107,9 @@ class KDASFTTrainer(SFTTrainer):
     """TRL's SFTTrainer whose loss runs an upgraded model through ling-surgery's exact chunked KDA (`surgery/kda.py`,
     the path the distillation stages train on) when flash-linear-attention is missing: transformers' reference
     fallback builds a (chunk × chunk × head-dim) decay tensor per head and trained the CPU demo's model at under
-    20 tokens/s. Right-padded batches are exact there (every mixer is causal); anything else takes TRL's own loss."""
+    20 tokens/s. Right-padded batches are exact there (every mixer is causal); anything else takes TRL's own loss, and
+    so does a run over several processes: DDP averages the gradients only of a forward through its own wrapper (with
+    flash-linear-attention, what GPUs run, the stock forward is the fast one anyway)."""
 
     kda_chunk_size = 32
 
@@ -117,7 +119,8 @@ class KDASFTTrainer(SFTTrainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         mask = inputs.get("attention_mask")
         right_padded = mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
-        if (base.config.model_type != "bailing_hybrid" or _has_fla() or return_outputs or not right_padded
+        if (self.accelerator.num_processes > 1 or base.config.model_type != "bailing_hybrid" or _has_fla()
+                or return_outputs or not right_padded
                 or "labels" not in inputs or inputs.get("position_ids") is not None and mask is None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         logits = base.lm_head(student_hidden(base, inputs["input_ids"], self.kda_chunk_size))
@@ -135,6 +138,18 @@ def _has_fla() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+def rows_per_process(rows: int, what: str) -> int:
+    """A TRL stage's global batch of `rows` split over the launched processes (`accelerate launch`, which the
+    trainers read themselves): each trains rows / processes of it, so N processes take the optimizer steps one does."""
+    from accelerate import PartialState
+
+    processes = PartialState().num_processes
+    if rows % processes:
+        raise SurgeryError(f"{what} {rows} does not split over {processes} processes: use a multiple of {processes} "
+                           f"(it is the global batch; each process trains {what.split('.')[-1]} / processes of it)")
+    return rows // processes
+
+
 def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out_dir: Path | None, callbacks=()):
     """TRL's SFTTrainer for the stage: assistant-only loss, padded batches, fp32 on CPU and bf16 on CUDA."""
     import tempfile
@@ -144,7 +159,8 @@ def make_trainer(model, tokenizer, stage, ctx: RunContext, rows: list[dict], out
     cuda = ctx.device.type == "cuda"
     args = SFTConfig(
         output_dir=str(out_dir or tempfile.mkdtemp(prefix="ling-surgery-sft-")),
-        per_device_train_batch_size=stage.batch_size, num_train_epochs=stage.epochs, learning_rate=stage.lr,
+        per_device_train_batch_size=rows_per_process(stage.batch_size, f"stages.{stage.name}.batch_size"),
+        num_train_epochs=stage.epochs, learning_rate=stage.lr,
         warmup_steps=stage.warmup_steps, lr_scheduler_type="cosine", max_length=stage.max_length,
         assistant_only_loss=True, packing=False, bf16=cuda, gradient_checkpointing=False, use_cpu=not cuda,
         report_to="none", logging_steps=1, save_strategy="steps" if (ctx.save_every and out_dir) else "no",
@@ -336,12 +352,18 @@ class RichProgress(TrainerCallback):
 
 
 class StateMarker(TrainerCallback):
-    """After TRL has written a checkpoint in full, the stage's training state names it (what --resume reads)."""
+    """After TRL has written a checkpoint in full — every process its part (its RNG state) — the main process makes
+    the stage's training state name it (what --resume reads)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if not state.is_world_process_zero:
+            return
         name = f"checkpoint-{state.global_step}"
         if (Path(args.output_dir) / name).is_dir():
             if model is not None and hasattr(model, "peft_config"):

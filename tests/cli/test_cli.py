@@ -292,6 +292,28 @@ def test_align_runs_sft_then_rl_and_each_can_be_switched_off(tmp_path):
         assert [kind.strip() for name, kind in rows if name.strip()] == kinds, result.stderr
 
 
+def test_align_through_accelerate_launch(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m ling_surgery align` on CPU: TRL's trainers take the launch
+    (SFT's batch of 2 conversations is one per process, RL's completions likewise) and one process writes."""
+    from helpers import bpe_tokenizer, tiny_model
+
+    chat_model = tmp_path / "chat-model"
+    tok = bpe_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(chat_model)
+    tok.save_pretrained(chat_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(port), "-m", "ling_surgery", "align", str(chat_model), "--config",
+              "ci-smoke-align", "--set", "eval.tasks=[]", "--set", "eval.tokens=0", "--output", str(tmp_path / "out")]
+    result = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "model" / "report.json").read_text())
+    assert report["stages"]["sft"]["steps"] >= 1 and report["stages"]["rl"]["steps"] >= 1
+    assert result.stderr.count("stage sft: checkpoint") == 1 and result.stderr.count("stage rl: checkpoint") == 1
+
+
 def test_align_bad_input_is_one_line_exit_2_and_writes_nothing(source, tmp_path):
     """A model without a chat template, an unknown data source, a data file without the conversation field."""
     from helpers import bpe_tokenizer, tiny_model
@@ -428,3 +450,27 @@ def test_bench_train_prints_a_table_and_writes_json(source, tmp_path):
     assert [row["stage"] for row in report["stages"]] == ["logit_distill"] and report["stages"][0]["mfu"] > 0
     bad = run_cli("bench", "train", str(model), "--stages", "distill")
     assert bad.returncode == 2 and "--stages distill: choose from attention_transfer, logit_distill, pretrain" in _error_line(bad)
+
+
+def test_a_bug_in_one_of_several_processes_ends_in_its_traceback_and_one_line(monkeypatch, capsys):
+    """Not bad input but an unexpected exception in process 1 of 2: its traceback, then one line naming the process
+    (the launcher stops the others), exit code 1; in one process the exception propagates as it is."""
+    import importlib
+
+    cli_app = importlib.import_module("ling_surgery.cli.app")  # the module (the package exports its Typer `app`)
+
+    def broken():
+        raise RuntimeError("index 7 is out of bounds")
+
+    monkeypatch.setattr(cli_app, "app", broken)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        cli_app.main()
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and 'raise RuntimeError("index 7 is out of bounds")' in err
+    assert "process 1 of 2 failed with RuntimeError: index 7 is out of bounds (traceback above" in " ".join(err.split())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        cli_app.main()

@@ -4,9 +4,11 @@ upgraded model with and without LoRA at each level; an interrupted stage resumes
 
 import json
 import math
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from helpers import bpe_tokenizer, gguf_ready_student, kill_after_checkpoint
 from trl import GRPOTrainer
 
@@ -288,6 +290,29 @@ def test_rl_trains_a_tiny_upgraded_model_in_both_modes(upgraded, tmp_path, level
     assert set(old) == set(new) and any(not torch.equal(old[k], new[k]) for k in old)
     assert (tmp_path / "out" / "rl_curves.png").is_file()
     assert "| RL stage | mode |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _rl_worker(rank: int, world: int, port: int, model_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    run(rl_recipe(model_dir, out), fresh=True)
+
+
+def test_rl_trains_over_two_processes(upgraded, tmp_path):
+    """GRPO through TRL on two CPU processes (as `accelerate launch` starts them): each samples and trains half of
+    every update's completions (rewards and group advantages over all of them), the updates and rollouts are one
+    process's, and the main process writes the model and report."""
+    from safetensors.torch import load_file
+    from test_distributed import _free_port
+
+    mp.spawn(_rl_worker, args=(2, _free_port(), upgraded, tmp_path / "out"), nprocs=2, join=True)
+    stage = json.loads((tmp_path / "out" / "model" / "report.json").read_text())["stages"]["rl"]
+    assert stage["steps"] == 4 and stage["rollouts"] == 2 and stage["prompts"] == 8
+    modes = {key.split("/")[0] for row in stage["history"] for key in row if "/reward" in key}
+    assert modes == {"fast", "think"}
+    old, new = load_file(upgraded / "model.safetensors"), load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert any(not torch.equal(old[k], new[k]) for k in old)
 
 
 def test_an_interrupted_rl_stage_resumes_to_the_same_weights(upgraded, tmp_path, monkeypatch):
