@@ -128,8 +128,8 @@ class TrainingState:
         shards = self.peek().get("shards")
         if shards:
             raise SurgeryError(f"the saved training state {str(self.path)!r} is sharded over {shards} processes "
-                               f"(runtime.engine fsdp2); resume with runtime.engine=fsdp2 on {shards} processes, or rerun "
-                               "the stage with --from")
+                               f"(runtime.engine fsdp2 or zero3); resume with the engine that wrote it on {shards} "
+                               "processes, or rerun the stage with --from")
         try:
             state = torch.load(self.path, map_location=map_location, weights_only=False)
         except Exception as err:  # a truncated file from a full disk, say

@@ -275,9 +275,9 @@ class FastLayer(torch.nn.Module):
     """One decoder layer of an upgraded model on the fast path, as a module of its own (the stock layer is its child).
 
     The fast path calls a layer's parts (norms, mixer internals, MLP), not its `forward`; a sharding engine gathers a
-    module's parameters around its forward (and registered methods), so under FSDP2 the training loop shards these
-    modules (`training.shard_for_training`, `zero3.wrap`) and every use goes through `forward`, which the engines
-    hook: the whole layer is at hand while it computes."""
+    module's parameters around its forward, so under FSDP2 and ZeRO-3 the training loop shards these modules
+    (`training.shard_for_training`, `zero3.wrap`), and every use — `mixer` too — goes through `forward`: the whole
+    layer is at hand while it computes."""
 
     def __init__(self, layer):
         super().__init__()

@@ -16,7 +16,6 @@ interrupted stage from its training state, and `--from NAME` reruns from a named
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -177,9 +176,11 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
         console.print("--resume: no interrupted stage to continue")
     memory = run_memory_plan(conversion, processes)
     problems = memory.problems() if memory is not None else []
-    if recipe.runtime.engine == "zero3" and processes.num_processes > 1 and importlib.util.find_spec("deepspeed") is None:
-        problems.append("runtime.engine zero3 needs DeepSpeed: pip install 'ling-surgery[deepspeed]' (or use "
-                        "runtime.engine fsdp2, which needs nothing beyond torch)")
+    if recipe.runtime.engine == "zero3" and processes.num_processes > 1:
+        from ling_surgery.surgery import zero3
+
+        if not zero3.installed():
+            problems.append(zero3.MISSING)
     if problems:
         raise RecipeError(problems)
     console.print(conversion.table(memory))

@@ -267,7 +267,12 @@ def local(param: torch.Tensor) -> torch.Tensor:
 
 
 def like(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Per-row values (rows × 1) laid out as `param` is: sharded by rows when it is."""
+    """Per-row values (rows × 1) laid out as `param` is: sharded by rows under FSDP2, this process's flat partition
+    under ZeRO-3."""
+    if hasattr(param, "ds_id"):
+        from ling_surgery.surgery.zero3 import local_part
+
+        return local_part(param, rows)
     if not hasattr(param, "device_mesh"):
         return rows
     from torch.distributed.tensor import distribute_tensor
@@ -376,6 +381,7 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
         layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in student.model.layers)
         config = zero3.engine_config(zero3.user_config(accelerator), stage, rows, processes, layer_numel)
         engine = zero3.wrap(_LossModule(trained, loss_fn), student, optimizer, config)
+    # after the engine: laid out as it holds the parameters
     row_rates = {trainable[n]: like(trainable[n], r.to(ctx.device)[:, None]) for n, r in rates.items() if n in trainable}
     done = 0
     saved = None

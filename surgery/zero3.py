@@ -23,12 +23,21 @@ ZERO_OVERRIDES = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradien
                   "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16")
 
 
+MISSING = ("runtime.engine zero3 needs DeepSpeed: pip install 'ling-surgery[deepspeed]' (or use runtime.engine fsdp2, "
+           "which needs nothing beyond torch)")
+
+
+def installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def _deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise SurgeryError("runtime.engine zero3 needs DeepSpeed: pip install 'ling-surgery[deepspeed]' (or use "
-                           "runtime.engine fsdp2, which needs nothing more)") from None
+        raise SurgeryError(MISSING) from None
     import logging
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would bury the progress bars
@@ -82,7 +91,7 @@ def wrap(loss_module: torch.nn.Module, student, optimizer, config: dict):
     return engine
 
 
-def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
+def local_part(param, full: torch.Tensor) -> torch.Tensor:
     """This process's part of `full` (a tensor broadcastable to `param`'s whole shape) in ZeRO-3's partition layout:
     the flattened parameter, padded to a multiple of the processes, cut into equal consecutive parts."""
     import torch.distributed as dist
@@ -103,20 +112,19 @@ def _set_local(param, value: torch.Tensor) -> None:
 
 def step(engine, row_rates: dict) -> None:
     """The engine's step after a micro-batch's backward. At an optimizer step the latent rows in their linear regime
-    are handled as in `training.clip_gradients` and the stage loop: their gradients scaled by the row rates before
-    the engine clips the global norm, their AdamW update scaled by the rates after."""
+    are handled as in `training.clip_gradients` and the stage loop: their gradients scaled by the row rates (laid out
+    as the partitions, `training.like`) before the engine clips the global norm, their AdamW update scaled after."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 
     if not engine.is_gradient_accumulation_boundary() or not row_rates:
         engine.step()
         return
-    rates = {p: _local_slice(p, rate) for p, rate in row_rates.items()}
-    for p, rate in rates.items():
+    for p, rate in row_rates.items():
         safe_set_local_grad(p, safe_get_local_grad(p) * rate)
-    before = {p: safe_get_local_fp32_param(p).clone() for p in rates}
+    before = {p: safe_get_local_fp32_param(p).clone() for p in row_rates}
     engine.step()
     with torch.no_grad():
-        for p, rate in rates.items():
+        for p, rate in row_rates.items():
             _set_local(p, before[p] + (safe_get_local_fp32_param(p) - before[p]) * rate)
 
 

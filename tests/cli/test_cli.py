@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -99,9 +98,9 @@ def test_two_processes_through_accelerate_launch_end_in_the_weights_of_one(sourc
             "--set", "eval.each_stage.tasks=[]"]
     one = run_cli(*args, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_distributed import _free_port
+
+    port = _free_port()
     config = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ROOT / f"recipes/accelerate/{engine}.yaml")]
     launch = [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", "2",
               "--main_process_port", str(port), "-m", "ling_surgery", *args, "--set", f"runtime.engine={engine}",
@@ -301,9 +300,9 @@ def test_align_through_accelerate_launch(tmp_path):
     tok = bpe_tokenizer()
     tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(chat_model)
     tok.save_pretrained(chat_model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_distributed import _free_port
+
+    port = _free_port()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(port), "-m", "ling_surgery", "align", str(chat_model), "--config",
               "ci-smoke-align", "--set", "eval.tasks=[]", "--set", "eval.tokens=0", "--output", str(tmp_path / "out")]

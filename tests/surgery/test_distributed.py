@@ -33,6 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def as_process(rank: int, world: int, port: int) -> None:
+    """This spawned process as process `rank` of `world`, as a launcher's environment says it (one thread each)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
 def _train(kind: str, work_dir, save_every: int = 0, engine: str = "ddp", stop_after: int | None = None,
            bf16: bool = False, tied: bool = False):
     from test_distill import _documents_setup
@@ -62,9 +69,7 @@ def _train(kind: str, work_dir, save_every: int = 0, engine: str = "ddp", stop_a
 
 def _worker(rank: int, world: int, port: int, kind: str, work_dir, out, engine="ddp", stop_after=None, tag="",
             bf16=False, tied=False):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    as_process(rank, world, port)
     try:
         weights, result = _train(kind, work_dir, save_every=2, engine=engine, stop_after=stop_after, bf16=bf16,
                                  tied=tied)
@@ -155,9 +160,7 @@ def _nan_worker(rank: int, world: int, port: int, out):
 
     from ling_surgery.surgery.errors import SurgeryError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    as_process(rank, world, port)
     stage_fn, stage = STAGES["logit_distill"]
     teacher, student, ctx = _documents_setup(True)
     if rank == 1:

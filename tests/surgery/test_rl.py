@@ -4,7 +4,6 @@ upgraded model with and without LoRA at each level; an interrupted stage resumes
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -293,9 +292,9 @@ def test_rl_trains_a_tiny_upgraded_model_in_both_modes(upgraded, tmp_path, level
 
 
 def _rl_worker(rank: int, world: int, port: int, model_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    from test_distributed import as_process
+
+    as_process(rank, world, port)
     run(rl_recipe(model_dir, out), fresh=True)
 
 

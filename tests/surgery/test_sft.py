@@ -3,7 +3,6 @@ LoRA; the export loads in a clean process with both modes selectable both ways; 
 an interrupted stage resumes from TRL's checkpoint to the same weights."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -102,9 +101,9 @@ def test_align_trains_and_exports_a_model_with_both_modes(upgraded, tmp_path, lo
 
 
 def _align_worker(rank: int, world: int, port: int, model_dir, data, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    from test_distributed import as_process
+
+    as_process(rank, world, port)
     run(align_recipe(model_dir, data, out), fresh=True)
 
 
