@@ -45,6 +45,36 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return model.requires_grad_(False)
 
 
+MOE_TINY = {  # tiny MoE sources (research/moe.md §5): 8 experts of width 32, 2 per token
+    "qwen3_moe": dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    # shared width 48 is not a multiple of the expert width: the target pads it with zeros
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=False),
+    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "deepseek_v3": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4),
+    "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                     n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5),
+    "dots1": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                  n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.0, norm_topk_prob=True),
+}
+MOE_TYPES = list(MOE_TINY)
+
+
+def tiny_moe_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny MoE source with decisive random routers and non-zero selection biases (zero ones hide bugs)."""
+    model = tiny_model(model_type, seed, **{**MOE_TINY[model_type], **overrides})
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name.endswith("mlp.gate.weight"):
+                tensor.copy_(torch.randn_like(tensor) * 2 / tensor.shape[1] ** 0.5)
+            elif name.endswith("e_score_correction_bias"):
+                tensor.copy_(0.1 * torch.randn_like(tensor))
+    return model
+
+
 def char_tokenizer():
     """A 100-symbol character tokenizer (fits the tiny models' vocab of 128), built offline."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -1,0 +1,361 @@
+"""MoE blocks of MoE sources mapped into the target's MoE, which is DeepSeek-V3's (`bailing_hybrid` and `deepseek_v3`).
+
+Target routing (transformers' BailingHybridTopkRouter = DeepseekV3TopkRouter; DeepSeek-V3 report §2.1.2):
+
+    l = W x          s = σ(l)          choice = s + b          idx = group-limited top-k of choice
+    w = s[idx]       w ← w / Σw  (if renormalised)             w ← ρ·w
+    y = Σ_k w_k · down_k(silu(gate_k x) ⊙ up_k x) + shared(x)           (shared expert ungated)
+
+Sources whose router is that function (`sigmoid`: deepseek_v3, glm4_moe, dots1) are copied tensor for tensor.
+`softmax` sources (mixtral, qwen3_moe, qwen2_moe, olmoe) score p = softmax(l), pick top-k of p and optionally
+renormalise. σ and softmax are both monotone in l, so any W' = W + 1vᵀ (one vector v added to every expert row: a
+per-token shift c(x) = v·x common to all experts) keeps every token's top-k choice. The weights follow from
+σ(z) = e^z / (1 + e^z) → e^z as z → −∞: with c(x) ≈ −m − log Σ_j e^{l_j(x)},
+
+    σ(l_i + c) ≈ e^{l_i − log Z} · e^{−m} = p_i · e^{−m}.
+
+Renormalised sources: the renormalisation cancels e^{−m} and any error of c, so the weights converge to the source's as
+m grows. Unnormalised sources: ρ ≈ e^m undoes the margin and the weights are p_i·e^{δ(x)}, δ the fit's residual. v is
+the least-squares fit of c on calibration inputs (`fit_router_shift`); it works where inputs share a direction, as
+the residual stream of trained LLMs does, and is kept only where it measurably helps (`map_softmax_router`). bailing's router has no logit bias, so no linear map is exact in general
+(research/moe.md §2a).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ling_surgery.surgery.errors import SurgeryError
+
+SIGMOID, SOFTMAX = "sigmoid", "softmax"
+ROUTER_MARGIN = 16.0  # m above: relative weight error ~e^{-m}·p ≈ 1e-7 p, far from fp32 underflow (σ(-87))
+CALIBRATION_TOKENS_PER_LAYER = 4096  # MoE inputs kept per layer to fit and measure the router map
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where one family keeps its MoE block and how it routes (tensor names relative to a decoder layer; config keys of
+    its config)."""
+
+    router: str  # SIGMOID (DeepSeek-V3's, copied exactly) | SOFTMAX
+    num_experts: str  # config key: routed experts
+    expert_width: str  # config key: one routed expert's intermediate size
+    block: str = "mlp"
+    selection_bias: str | None = None  # buffer of the sigmoid routers' choice-only bias, relative to the router
+    shared: str | None = None  # ungated (or token-gated, see shared_gate) shared expert module
+    shared_count: str | None = None  # config key: shared width = expert width × this (DeepSeek-V3)
+    shared_width: str | None = None  # config key: shared width (Qwen2-MoE)
+    shared_gate: str | None = None  # Qwen2-MoE: shared output × σ(g·x), a token-dependent scale the target lacks
+    renormalise: str | None = "norm_topk_prob"  # config key; None: always renormalised (Mixtral)
+    dense_layers: str = "none"  # which layers keep a dense MLP: "none" | "first_k_dense_replace" | "mlp_only_layers"
+
+
+_DEEPSEEK = dict(router=SIGMOID, num_experts="n_routed_experts", expert_width="moe_intermediate_size",
+                 selection_bias="e_score_correction_bias", shared="shared_experts", shared_count="n_shared_experts",
+                 dense_layers="first_k_dense_replace")
+MOE_SPECS: dict[str, MoESpec] = {
+    "deepseek_v3": MoESpec(**_DEEPSEEK),
+    "glm4_moe": MoESpec(**_DEEPSEEK),
+    "dots1": MoESpec(**_DEEPSEEK),
+    "qwen3_moe": MoESpec(SOFTMAX, "num_experts", "moe_intermediate_size", dense_layers="mlp_only_layers"),
+    "qwen2_moe": MoESpec(SOFTMAX, "num_experts", "moe_intermediate_size", shared="shared_expert",
+                         shared_width="shared_expert_intermediate_size", shared_gate="shared_expert_gate",
+                         dense_layers="mlp_only_layers"),
+    "mixtral": MoESpec(SOFTMAX, "num_local_experts", "intermediate_size", renormalise=None),
+    "olmoe": MoESpec(SOFTMAX, "num_experts", "intermediate_size"),
+}
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """One source's MoE, resolved from its config: what the target's MoE keys become."""
+
+    router: str
+    num_experts: int
+    top_k: int
+    expert_width: int
+    shared_width: int  # 0: no shared expert
+    shared_gated: bool
+    renormalise: bool
+    scaling: float  # routed_scaling_factor of a sigmoid router (1 for softmax routers before the map)
+    n_group: int
+    topk_group: int
+    sparse: tuple[bool, ...]  # per layer: MoE (True) or dense MLP
+
+    @property
+    def target_shared_experts(self) -> int:
+        """Shared experts of the target: the source's shared width in units of the expert width, rounded up (zero
+        padding is exact); one zero shared expert when the source has none, because llama.cpp requires its tensors."""
+        return max(1, -(-self.shared_width // self.expert_width))
+
+    @property
+    def leading_dense(self) -> int:
+        """Dense layers before the first MoE layer."""
+        return next((i for i, sparse in enumerate(self.sparse) if sparse), len(self.sparse))
+
+    @property
+    def engine_loadable(self) -> bool:
+        """vLLM and llama.cpp build dense MLPs only for the leading `first_k_dense_replace` layers."""
+        return all(self.sparse[self.leading_dense:])
+
+
+def moe_spec(model_type: str) -> MoESpec | None:
+    return MOE_SPECS.get(model_type)
+
+
+def moe_shape(spec: MoESpec, config) -> MoEShape:
+    """The MoE facts of a source config (a transformers config or a raw config.json mapping)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    experts, width, layers = get(spec.num_experts), get(spec.expert_width), get("num_hidden_layers")
+    if not experts or not width:
+        raise SurgeryError(f"the source config lacks {spec.num_experts} or {spec.expert_width}; is it an MoE config?")
+    if spec.shared_width:
+        shared = get(spec.shared_width) or 0
+    elif spec.shared_count:
+        shared = width * (get(spec.shared_count) or 0)
+    else:
+        shared = 0
+    if spec.dense_layers == "first_k_dense_replace":
+        first = get("first_k_dense_replace") or 0
+        sparse = tuple(i >= first for i in range(layers))
+    elif spec.dense_layers == "mlp_only_layers":
+        dense, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
+        sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
+    else:
+        sparse = (True,) * layers
+    sigmoid = spec.router == SIGMOID
+    renormalise = True if spec.renormalise is None else bool(get(spec.renormalise, False))
+    shape = MoEShape(
+        router=spec.router, num_experts=experts, top_k=get("num_experts_per_tok"), expert_width=width,
+        shared_width=shared, shared_gated=spec.shared_gate is not None and shared > 0, renormalise=renormalise,
+        scaling=float(get("routed_scaling_factor", 1.0) or 1.0) if sigmoid else 1.0,
+        n_group=(get("n_group") or 1) if sigmoid else 1, topk_group=(get("topk_group") or 1) if sigmoid else 1,
+        sparse=sparse,
+    )
+    if not 0 < shape.top_k <= experts:
+        raise SurgeryError(f"num_experts_per_tok {shape.top_k} must be between 1 and the {experts} experts")
+    if experts % shape.n_group or experts // shape.n_group < 2 or shape.topk_group > shape.n_group:
+        raise SurgeryError(f"n_group {shape.n_group} / topk_group {shape.topk_group} do not fit {experts} experts "
+                           "(each group needs ≥ 2 experts)")
+    return shape
+
+
+# --- routing, as pure functions (parity with transformers' routers is tested) -------------------------------------
+
+def softmax_route(logits: torch.Tensor, top_k: int, renormalise: bool):
+    """Mixtral/Qwen-MoE/OLMoE routing: (expert indices, weights), both (N, k)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, idx = torch.topk(probs, top_k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return idx, weights
+
+
+def sigmoid_route(logits: torch.Tensor, bias: torch.Tensor, shape: MoEShape, scaling: float | None = None):
+    """DeepSeek-V3's routing (the target's): σ scores, choice-only bias, group-limited top-k, renorm, scaling."""
+    scores = logits.float().sigmoid()
+    choice = scores + bias.float()
+    experts = choice.shape[-1]
+    grouped = choice.view(-1, shape.n_group, experts // shape.n_group)
+    group_idx = grouped.topk(2, dim=-1)[0].sum(-1).topk(shape.topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros(len(choice), shape.n_group, dtype=torch.bool).scatter_(1, group_idx, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(experts // shape.n_group, dim=1), float("-inf"))
+    idx = torch.topk(choice, shape.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if shape.renormalise:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return idx, weights * (shape.scaling if scaling is None else scaling)
+
+
+def experts_output(gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                   x: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · down_k(silu(gate_k x) ⊙ up_k x) for fused experts gate_up (E, 2I, H), down (E, H, I)."""
+    out = torch.zeros_like(x)
+    for e in idx.unique().tolist():
+        token, slot = torch.where(idx == e)
+        gate, up = (x[token] @ gate_up[e].T).chunk(2, dim=-1)
+        out.index_add_(0, token, (torch.nn.functional.silu(gate) * up) @ down[e].T * weights[token, slot, None])
+    return out
+
+
+def mlp_output(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+# --- the maps -------------------------------------------------------------------------------------------------------
+
+def fit_router_shift(weight: torch.Tensor, inputs: torch.Tensor, margin: float = ROUTER_MARGIN) -> torch.Tensor:
+    """v of W' = W + 1vᵀ: the least-squares fit of v·x ≈ −m − log Σ_j e^{l_j(x)} on calibration inputs (N, H)."""
+    x = inputs.double()
+    target = -margin - torch.logsumexp(x @ weight.double().T, dim=-1)
+    moment = x.T @ x / len(x)
+    ridge = 1e-6 * moment.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(moment + ridge * torch.eye(len(moment), dtype=x.dtype), x.T @ target / len(x))
+
+
+def map_softmax_router(weight: torch.Tensor, shape: MoEShape, inputs: torch.Tensor | None):
+    """The target router's weight for a softmax router, and ρ, the scale of the routed experts' outputs: the closest
+    map that keeps every top-k choice.
+
+    The target renormalises (vLLM does whatever config.json says): a renormalised source's weights are then matched to
+    ~e^{-m}; an unnormalised one's p_i become ρ·p_i/Σ_S p_j, ρ the least-squares constant (folded into the experts'
+    down_proj, since routed_scaling_factor is one number for the whole model). Candidates: W itself (v = 0) and
+    W + 1vᵀ (`fit_router_shift`). The shifted router is kept only where, rounded to the checkpoint's dtype (bf16
+    rounding of W + 1vᵀ is not common to all experts), it keeps every choice on the calibration inputs and lowers the
+    routing-weight L1 there. Without calibration inputs: W, ρ = 1.
+    """
+    if inputs is None or len(inputs) == 0:
+        return weight.clone(), 1.0
+    x = inputs.double()
+    src_idx, src_w = softmax_route(x @ weight.double().T, shape.top_k, shape.renormalise)
+    target = target_routing(shape)
+    best = None
+    for candidate in (weight.clone(), (weight.double() + fit_router_shift(weight, inputs)).to(weight.dtype)):
+        idx, w = sigmoid_route(x @ candidate.double().T, torch.zeros(shape.num_experts), target)
+        if not torch.equal(idx.sort(-1).values, src_idx.sort(-1).values):
+            continue
+        scale = 1.0
+        if not shape.renormalise:  # min Σ (ρ w' − w)² over the selected experts (both ordered by expert index)
+            a, b = w.gather(1, idx.argsort(-1)).double(), src_w.gather(1, src_idx.argsort(-1)).double()
+            scale = float((a * b).sum() / (a * a).sum().clamp_min(1e-300))
+        l1 = (_dense(idx, w * scale, shape.num_experts) - _dense(src_idx, src_w, shape.num_experts)).abs().sum(-1).mean()
+        if best is None or l1 < best[0]:
+            best = (float(l1), candidate, scale)
+    if best is None:  # not even W keeps the choice: σ saturates (ties at 1.0) where softmax still ranks
+        return weight.clone(), 1.0
+    return best[1], best[2]
+
+
+def shared_gate_scale(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, token_gate: torch.Tensor,
+                      inputs: torch.Tensor | None) -> float:
+    """Qwen2-MoE's shared expert is scaled per token by σ(g·x); the target's is not. The best constant γ (least
+    squares: min E‖σ(g·x)·y − γ·y‖² over calibration inputs, y the shared expert's output) replaces it; 1/2 (σ(0))
+    without calibration inputs."""
+    if inputs is None or len(inputs) == 0:
+        return 0.5
+    x = inputs.double()
+    energy = mlp_output(gate.double(), up.double(), down.double(), x).pow(2).sum(-1)
+    sigma = torch.sigmoid(x @ token_gate.double().reshape(-1))
+    return float((sigma * energy).sum() / energy.sum().clamp_min(1e-30))
+
+
+def init_moe(ledger, prefix: str, spec: MoESpec, shape: MoEShape, inputs: torch.Tensor | None = None):
+    """The target's MoE block (names relative to its `mlp`) from one source MoE layer `prefix` (its decoder layer).
+
+    | target                          | from                                                                    |
+    |---------------------------------|-------------------------------------------------------------------------|
+    | experts.gate_up_proj / down_proj| copied (fused (E, 2I, H) with gate rows first, and (E, H, I) in both);   |
+    |                                 | an unnormalised softmax router's ρ folded into down_proj                |
+    | gate.weight                     | sigmoid routers: copied; softmax routers: W + 1vᵀ (`fit_router_shift`)  |
+    | gate.e_score_correction_bias    | sigmoid routers: copied; softmax routers: 0                             |
+    | shared_experts.*                | copied, zero-padded to a whole number of experts; a token-gated one ×γ   |
+    |                                 | (`shared_gate_scale`); none in the source: gate/up = the experts' mean,  |
+    |                                 | down = 0 (exact, and trainable)                                         |
+
+    The target router's renormalisation, scaling and groups are `target_routing(shape)`.
+    """
+    block = f"{prefix}.{spec.block}"
+    gate_up = ledger.take(f"{block}.experts.gate_up_proj")
+    down = ledger.take(f"{block}.experts.down_proj")
+    width = shape.expert_width
+    if tuple(gate_up.shape) != (shape.num_experts, 2 * width, gate_up.shape[-1]) or down.shape[-1] != width:
+        raise SurgeryError(f"{block}.experts: tensors {tuple(gate_up.shape)} / {tuple(down.shape)} do not match "
+                           f"{shape.num_experts} experts of width {width} (experts of unequal size are not supported)")
+    router = ledger.take(f"{block}.gate.weight")
+    out = {"experts.gate_up_proj": gate_up.clone(), "experts.down_proj": down.clone()}
+    if spec.router == SIGMOID:
+        out["gate.weight"] = router.clone()
+        out["gate.e_score_correction_bias"] = ledger.take(f"{block}.gate.{spec.selection_bias}").clone()
+    else:
+        out["gate.weight"], scale = map_softmax_router(router, shape, inputs)
+        out["gate.e_score_correction_bias"] = torch.zeros(shape.num_experts, dtype=torch.float32)
+        if scale != 1.0:
+            out["experts.down_proj"] = (down.double() * scale).to(down.dtype)
+
+    total = shape.target_shared_experts * width
+    hidden = gate_up.shape[-1]
+    if shape.shared_width:
+        names = ("gate_proj", "up_proj", "down_proj")
+        sg, su, sd = (ledger.take(f"{block}.{spec.shared}.{n}.weight").double() for n in names)
+        if shape.shared_gated:
+            sd = sd * shared_gate_scale(sg, su, sd, ledger.take(f"{block}.{spec.shared_gate}.weight"), inputs)
+        pad = total - shape.shared_width
+        sg, su = (torch.cat([w, w.new_zeros(pad, hidden)]) for w in (sg, su))
+        sd = torch.cat([sd, sd.new_zeros(hidden, pad)], dim=1)
+    else:
+        sg, su = gate_up.double().mean(0).chunk(2, dim=0)
+        sd = torch.zeros(hidden, total, dtype=torch.float64)
+    dtype = gate_up.dtype
+    out.update({"shared_experts.gate_proj.weight": sg.to(dtype), "shared_experts.up_proj.weight": su.to(dtype),
+                "shared_experts.down_proj.weight": sd.to(dtype)})
+    return out
+
+
+# --- how close the map is ---------------------------------------------------------------------------------------------
+
+def _dense(idx: torch.Tensor, weights: torch.Tensor, experts: int) -> torch.Tensor:
+    return torch.zeros(len(idx), experts, dtype=torch.float64).scatter_(1, idx, weights.double())
+
+
+def routing_fidelity(source: dict, target: dict, shape: MoEShape, inputs: torch.Tensor,
+                     shared_gate: torch.Tensor | None = None) -> dict:
+    """How well the target MoE block reproduces the source's on inputs (N, H), in float64.
+
+    `source`/`target`: the blocks' tensors under the target's names (`init_moe`'s keys; the source's token gate
+    apart). Returns top-k agreement (share of tokens choosing the same experts), routing-weight L1 (mean over tokens
+    of Σ_e |w'_e − w_e|) and the block output's relative error ‖y' − y‖ / ‖y‖.
+    """
+    x = inputs.double()
+    experts = shape.num_experts
+    src_logits = x @ source["gate.weight"].double().T
+    if shape.router == SIGMOID:
+        src_idx, src_w = sigmoid_route(src_logits, source["gate.e_score_correction_bias"], shape)
+    else:
+        src_idx, src_w = softmax_route(src_logits, shape.top_k, shape.renormalise)
+    dst_idx, dst_w = sigmoid_route(x @ target["gate.weight"].double().T, target["gate.e_score_correction_bias"],
+                                   target_routing(shape))
+    same = (src_idx.sort(-1).values == dst_idx.sort(-1).values).all(-1)
+    l1 = (_dense(src_idx, src_w, experts) - _dense(dst_idx, dst_w, experts)).abs().sum(-1)
+
+    def output(tensors, idx, w, gate=None):
+        f64 = {k: v.double() for k, v in tensors.items()}
+        y = experts_output(f64["experts.gate_up_proj"], f64["experts.down_proj"], idx, w.double(), x)
+        if "shared_experts.down_proj.weight" not in f64:  # a source without shared experts
+            return y
+        shared = mlp_output(f64["shared_experts.gate_proj.weight"], f64["shared_experts.up_proj.weight"],
+                            f64["shared_experts.down_proj.weight"], x)
+        if gate is not None:
+            shared = shared * torch.sigmoid(x @ gate.double().reshape(-1, 1))
+        return y + shared
+
+    y_src = output(source, src_idx, src_w, shared_gate)
+    y_dst = output(target, dst_idx, dst_w)
+    return {"topk_agreement": float(same.double().mean()), "weight_l1": float(l1.mean()),
+            "block_relative_error": float((y_dst - y_src).norm() / y_src.norm().clamp_min(1e-30))}
+
+
+def target_routing(shape: MoEShape) -> MoEShape:
+    """The target router's settings for a source: a sigmoid source's own; for softmax sources one group, renormalised,
+    ρ = 1 (`map_softmax_router`)."""
+    from dataclasses import replace
+
+    if shape.router == SIGMOID:
+        return shape
+    return replace(shape, router=SIGMOID, n_group=1, topk_group=1, renormalise=True, scaling=1.0)
+
+
+def source_block(state: dict, prefix: str, spec: MoESpec) -> tuple[dict, torch.Tensor | None]:
+    """One source MoE layer's tensors under the target's names (for `routing_fidelity`), and its shared expert's token
+    gate (None when it has none). Read-only: the init maps' ledger is not involved."""
+    block = f"{prefix}.{spec.block}"
+    out = {"experts.gate_up_proj": state[f"{block}.experts.gate_up_proj"],
+           "experts.down_proj": state[f"{block}.experts.down_proj"], "gate.weight": state[f"{block}.gate.weight"]}
+    bias = state.get(f"{block}.gate.{spec.selection_bias}") if spec.selection_bias else None
+    out["gate.e_score_correction_bias"] = torch.zeros(len(out["gate.weight"])) if bias is None else bias
+    if spec.shared and f"{block}.{spec.shared}.down_proj.weight" in state:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"shared_experts.{name}.weight"] = state[f"{block}.{spec.shared}.{name}.weight"]
+    gate = state.get(f"{block}.{spec.shared_gate}.weight") if spec.shared_gate else None
+    return out, gate

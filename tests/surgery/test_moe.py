@@ -1,0 +1,180 @@
+"""MoE maps: copies are exact for DeepSeek-V3-style routers, softmax routers keep every top-k choice, the pure routing
+functions match transformers' routers."""
+
+import pytest
+import torch
+from transformers import BailingHybridConfig
+from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridMoE, BailingHybridTopkRouter
+
+from ling_surgery.surgery import moe
+from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.init_maps import Ledger
+from tests.helpers import MOE_TINY, tiny_moe_model
+
+SIGMOID_TYPES = ["deepseek_v3", "glm4_moe", "dots1"]
+SOFTMAX_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+LAYER = 1  # an MoE layer in every tiny source (DeepSeek-style ones keep layer 0 dense)
+
+
+def shape_of(model):
+    return moe.moe_shape(moe.moe_spec(model.config.model_type), model.config)
+
+
+def target_block(shape: moe.MoEShape, tensors: dict, hidden: int = 64) -> BailingHybridMoE:
+    """transformers' own target MoE block with the mapped tensors loaded strictly."""
+    target = moe.target_routing(shape)
+    config = BailingHybridConfig(
+        hidden_size=hidden, moe_intermediate_size=shape.expert_width, num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k, n_group=target.n_group, topk_group=target.topk_group,
+        norm_topk_prob=target.renormalise, routed_scaling_factor=target.scaling, n_shared_experts=shape.target_shared_experts,
+    )
+    config._experts_implementation = "grouped_mm"  # what from_config picks for whole models (sources included)
+    block = BailingHybridMoE(config).eval()
+    block.load_state_dict(tensors, strict=True)
+    return block
+
+
+def map_layer(model, inputs=None):
+    spec, shape = moe.moe_spec(model.config.model_type), shape_of(model)
+    prefix = f"model.layers.{LAYER}"
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(f"{prefix}.mlp.")}
+    ledger = Ledger(state)
+    tensors = moe.init_moe(ledger, prefix, spec, shape, inputs)
+    ledger.check_all_consumed()  # every tensor of the source block is accounted for
+    return spec, shape, state, tensors
+
+
+def with_constant_feature(n: int, hidden: int = 64, seed: int = 1) -> torch.Tensor:
+    """Inputs sharing one direction, as trained residual streams do (massive-activation dims)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g)
+    x[:, 0] += 6.0
+    return x
+
+
+def test_sigmoid_route_matches_transformers_router():
+    torch.manual_seed(0)
+    config = BailingHybridConfig(hidden_size=32, num_local_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                 norm_topk_prob=True, routed_scaling_factor=2.5)
+    router = BailingHybridTopkRouter(config)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+        router.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(200, 32)
+    _, weights, idx = router(x)
+    shape = moe.MoEShape(moe.SIGMOID, 16, 3, 8, 0, False, True, 2.5, 4, 2, (True,))
+    mine_idx, mine_w = moe.sigmoid_route(x @ router.weight.T, router.e_score_correction_bias, shape)
+    order, mine_order = idx.argsort(-1), mine_idx.argsort(-1)
+    assert torch.equal(idx.gather(1, order), mine_idx.gather(1, mine_order))
+    torch.testing.assert_close(weights.gather(1, order), mine_w.gather(1, mine_order), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", SOFTMAX_TYPES)
+def test_softmax_route_matches_source_router(model_type):
+    model = tiny_moe_model(model_type)
+    router = model.model.layers[LAYER].mlp.gate
+    shape = shape_of(model)
+    x = torch.randn(100, 64)
+    _, scores, idx = router(x)
+    mine_idx, mine_w = moe.softmax_route(x @ router.weight.T, shape.top_k, shape.renormalise)
+    assert torch.equal(idx, mine_idx)
+    torch.testing.assert_close(scores.float(), mine_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", SIGMOID_TYPES)
+def test_sigmoid_router_families_copy_bit_exactly(model_type):
+    model = tiny_moe_model(model_type)
+    _, shape, _, tensors = map_layer(model)
+    assert tensors["gate.e_score_correction_bias"].abs().min() > 0  # the selection bias is carried, not zeroed
+    block = target_block(shape, tensors)
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        assert torch.equal(block(x), model.model.layers[LAYER].mlp(x))
+
+
+@pytest.mark.parametrize("model_type", SOFTMAX_TYPES)
+def test_softmax_routers_keep_every_choice(model_type):
+    model = tiny_moe_model(model_type)
+    x = torch.randn(512, 64)
+    _, shape, state, tensors = map_layer(model, x)
+    block = target_block(shape, tensors)
+    with torch.no_grad():
+        _, _, source_idx = model.model.layers[LAYER].mlp.gate(x)
+        _, _, target_idx = block.gate(x)
+    assert torch.equal(source_idx.sort(-1).values, target_idx.sort(-1).values)
+    source, gate = moe.source_block(state, f"model.layers.{LAYER}", moe.moe_spec(model_type))
+    fidelity = moe.routing_fidelity(source, tensors, shape, x, gate)
+    assert fidelity["topk_agreement"] == 1.0
+    assert 0 < fidelity["weight_l1"] < 2 and 0 < fidelity["block_relative_error"] < 1
+
+
+@pytest.mark.parametrize("model_type", SOFTMAX_TYPES)
+def test_fitted_router_shift_reproduces_routing_weights(model_type):
+    """Where inputs share a direction, W + 1vᵀ puts σ in its exponential regime: renormalised weights match the source's
+    to ~e^-16 (v = 0 is far off); unnormalised ones are renormalised and scaled, closer than without calibration."""
+    model = tiny_moe_model(model_type)
+    calibration, held_out = with_constant_feature(2048), with_constant_feature(512, seed=2)
+    _, shape, state, tensors = map_layer(model, calibration)
+    _, _, _, plain = map_layer(model, None)
+    source, gate = moe.source_block(state, f"model.layers.{LAYER}", moe.moe_spec(model_type))
+    fitted = moe.routing_fidelity(source, tensors, shape, held_out, gate)
+    unfitted = moe.routing_fidelity(source, plain, shape, held_out, gate)
+    assert fitted["topk_agreement"] == 1.0
+    if shape.renormalise:
+        assert fitted["weight_l1"] < 1e-4 and fitted["block_relative_error"] < 1e-4 and unfitted["weight_l1"] > 0.1
+    else:
+        assert fitted["weight_l1"] < 0.7 * unfitted["weight_l1"]
+        assert fitted["block_relative_error"] < 0.7 * unfitted["block_relative_error"]
+    # the target module computes what routing_fidelity measured
+    block = target_block(shape, tensors)
+    with torch.no_grad():
+        routed = block.experts(held_out, *reversed(block.gate(held_out)[1:]))
+    idx, w = moe.sigmoid_route(held_out @ tensors["gate.weight"].T, tensors["gate.e_score_correction_bias"],
+                               moe.target_routing(shape))
+    expected = moe.experts_output(tensors["experts.gate_up_proj"], tensors["experts.down_proj"], idx, w, held_out)
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_source_without_shared_expert_ships_an_exact_zero_one():
+    model = tiny_moe_model("mixtral")
+    _, shape, _, tensors = map_layer(model)
+    assert shape.shared_width == 0 and shape.target_shared_experts == 1
+    assert not tensors["shared_experts.down_proj.weight"].any()  # contributes exactly 0 ...
+    assert tensors["shared_experts.gate_proj.weight"].abs().sum() > 0  # ... yet gets a gradient once trained
+
+
+def test_shared_expert_width_is_zero_padded_exactly():
+    model = tiny_moe_model("qwen2_moe")
+    _, shape, state, tensors = map_layer(model, None)
+    assert (shape.shared_width, shape.target_shared_experts) == (48, 2)
+    x = torch.randn(64, 64, dtype=torch.float64)
+    prefix = f"model.layers.{LAYER}.mlp.shared_expert"
+    source = moe.mlp_output(*(state[f"{prefix}.{n}.weight"].double() for n in ("gate_proj", "up_proj", "down_proj")), x)
+    target = moe.mlp_output(*(tensors[f"shared_experts.{n}.weight"].double() for n in ("gate_proj", "up_proj", "down_proj")), x)
+    torch.testing.assert_close(target, 0.5 * source)  # σ(g·x) → its no-calibration constant 1/2
+
+
+def test_experts_of_unequal_size_are_refused():
+    model = tiny_moe_model("qwen3_moe")
+    spec, shape = moe.moe_spec("qwen3_moe"), shape_of(model)
+    state = dict(model.state_dict())
+    name = f"model.layers.{LAYER}.mlp.experts.down_proj"
+    state[name] = state[name][..., :24]
+    with pytest.raises(SurgeryError, match="unequal size"):
+        moe.init_moe(Ledger(state), f"model.layers.{LAYER}", spec, shape)
+
+
+def test_dense_layers_and_what_the_engines_load():
+    qwen = tiny_moe_model("qwen2_moe", mlp_only_layers=[0])
+    assert shape_of(qwen).sparse == (False, True, True, True) and shape_of(qwen).engine_loadable
+    assert not shape_of(tiny_moe_model("qwen2_moe", mlp_only_layers=[2])).engine_loadable
+    assert not shape_of(tiny_moe_model("qwen3_moe", decoder_sparse_step=2)).engine_loadable
+    deepseek = shape_of(tiny_moe_model("deepseek_v3"))
+    assert (deepseek.leading_dense, deepseek.n_group, deepseek.topk_group, deepseek.scaling) == (1, 2, 1, 2.5)
+    assert shape_of(tiny_moe_model("mixtral")).renormalise and not shape_of(tiny_moe_model("olmoe")).renormalise
+
+
+def test_router_groups_must_fit_the_experts():
+    config = dict(MOE_TINY["deepseek_v3"], num_hidden_layers=2, n_group=3)
+    with pytest.raises(SurgeryError, match="n_group 3"):
+        moe.moe_shape(moe.moe_spec("deepseek_v3"), config)
