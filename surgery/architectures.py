@@ -6,13 +6,129 @@ entry here, plus a tiny-model test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ling_surgery.surgery.errors import SurgeryError
 
 # RoPE variants whose inverse frequencies depend only on the frequency itself, so keeping the highest-frequency
 # pairs under a new base θ' = θ^(dr/d) reproduces them exactly (see init_maps.rope_pairs).
 FREQUENCY_ONLY_ROPE = ("default", "linear", "llama3")
+
+
+SIGMOID, SOFTMAX = "sigmoid", "softmax"
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where one family keeps its MoE block and how it routes (tensor names relative to a decoder layer; config keys of
+    its config)."""
+
+    router: str  # SIGMOID (DeepSeek-V3's, copied exactly) | SOFTMAX
+    num_experts: str  # config key: routed experts
+    expert_width: str  # config key: one routed expert's intermediate size
+    block: str = "mlp"
+    selection_bias: str | None = None  # buffer of the sigmoid routers' choice-only bias, relative to the router
+    shared: str | None = None  # ungated (or token-gated, see shared_gate) shared expert module
+    shared_count: str | None = None  # config key: shared width = expert width × this (DeepSeek-V3)
+    shared_width: str | None = None  # config key: shared width (Qwen2-MoE)
+    shared_gate: str | None = None  # Qwen2-MoE: shared output × σ(g·x), a token-dependent scale the target lacks
+    renormalise: str | None = "norm_topk_prob"  # config key; None: always renormalised (Mixtral)
+    dense_layers: str = "none"  # which layers keep a dense MLP: "none" | "first_k_dense_replace" | "mlp_only_layers"
+
+
+_DEEPSEEK = dict(router=SIGMOID, num_experts="n_routed_experts", expert_width="moe_intermediate_size",
+                 selection_bias="e_score_correction_bias", shared="shared_experts", shared_count="n_shared_experts",
+                 dense_layers="first_k_dense_replace")
+MOE_SPECS: dict[str, MoESpec] = {
+    "deepseek_v3": MoESpec(**_DEEPSEEK),
+    "glm4_moe": MoESpec(**_DEEPSEEK),
+    "dots1": MoESpec(**_DEEPSEEK),
+    "qwen3_moe": MoESpec(SOFTMAX, "num_experts", "moe_intermediate_size", dense_layers="mlp_only_layers"),
+    "qwen2_moe": MoESpec(SOFTMAX, "num_experts", "moe_intermediate_size", shared="shared_expert",
+                         shared_width="shared_expert_intermediate_size", shared_gate="shared_expert_gate",
+                         dense_layers="mlp_only_layers"),
+    "mixtral": MoESpec(SOFTMAX, "num_local_experts", "intermediate_size", renormalise=None),
+    "olmoe": MoESpec(SOFTMAX, "num_experts", "intermediate_size"),
+}
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """One source's MoE, resolved from its config: what the target's MoE keys become."""
+
+    router: str
+    num_experts: int
+    top_k: int
+    expert_width: int
+    shared_width: int  # 0: no shared expert
+    shared_gated: bool
+    renormalise: bool
+    scaling: float  # routed_scaling_factor of a sigmoid router (1 for softmax routers before the map)
+    n_group: int
+    topk_group: int
+    sparse: tuple[bool, ...]  # per layer: MoE (True) or dense MLP
+
+    @property
+    def target_shared_experts(self) -> int:
+        """Shared experts of the target: the source's shared width in units of the expert width, rounded up (zero
+        padding is exact); one zero shared expert when the source has none, because llama.cpp requires its tensors."""
+        return max(1, -(-self.shared_width // self.expert_width))
+
+    @property
+    def leading_dense(self) -> int:
+        """Dense layers before the first MoE layer."""
+        return next((i for i, sparse in enumerate(self.sparse) if sparse), len(self.sparse))
+
+    @property
+    def engine_loadable(self) -> bool:
+        """vLLM and llama.cpp build dense MLPs only for the leading `first_k_dense_replace` layers."""
+        return all(self.sparse[self.leading_dense:])
+
+
+def moe_shape(spec: MoESpec, config) -> MoEShape:
+    """The MoE facts of a source config (a transformers config or a raw config.json mapping)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    experts, width, layers = get(spec.num_experts), get(spec.expert_width), get("num_hidden_layers")
+    if not experts or not width:
+        raise SurgeryError(f"the source config lacks {spec.num_experts} or {spec.expert_width}; is it an MoE config?")
+    if spec.shared_width:
+        shared = get(spec.shared_width) or 0
+    elif spec.shared_count:
+        shared = width * (get(spec.shared_count) or 0)
+    else:
+        shared = 0
+    if spec.dense_layers == "first_k_dense_replace":
+        first = get("first_k_dense_replace") or 0
+        sparse = tuple(i >= first for i in range(layers))
+    elif spec.dense_layers == "mlp_only_layers":
+        dense, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
+        sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
+    else:
+        sparse = (True,) * layers
+    sigmoid = spec.router == SIGMOID
+    renormalise = True if spec.renormalise is None else bool(get(spec.renormalise, False))
+    shape = MoEShape(
+        router=spec.router, num_experts=experts, top_k=get("num_experts_per_tok"), expert_width=width,
+        shared_width=shared, shared_gated=spec.shared_gate is not None and shared > 0, renormalise=renormalise,
+        scaling=float(get("routed_scaling_factor", 1.0) or 1.0) if sigmoid else 1.0,
+        n_group=(get("n_group") or 1) if sigmoid else 1, topk_group=(get("topk_group") or 1) if sigmoid else 1,
+        sparse=sparse,
+    )
+    if not 0 < shape.top_k <= experts:
+        raise SurgeryError(f"num_experts_per_tok {shape.top_k} must be between 1 and the {experts} experts")
+    if experts % shape.n_group or experts // shape.n_group < 2 or shape.topk_group > shape.n_group:
+        raise SurgeryError(f"n_group {shape.n_group} / topk_group {shape.topk_group} do not fit {experts} experts "
+                           "(each group needs ≥ 2 experts)")
+    return shape
+
+
+
+def target_routing(shape: MoEShape) -> MoEShape:
+    """The target router's settings for a source: a sigmoid source's own; for softmax sources one group, renormalised,
+    ρ = 1 (`moe.map_softmax_router` folds the rest into the experts)."""
+    if shape.router == SIGMOID:
+        return shape
+    return replace(shape, router=SIGMOID, n_group=1, topk_group=1, renormalise=True, scaling=1.0)
 
 
 @dataclass(frozen=True)
@@ -32,9 +148,11 @@ class ArchSpec:
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
     mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    qk_norm: tuple[str, str] | None = None  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: tuple[str, str] | None = None  # RMSNorm on q and k before RoPE (Qwen3: per head; read when present)
+    qk_norm_per_head: bool = True  # False: one RMSNorm over all heads' channels (OLMoE)
     may_have_qkv_bias: bool = False  # projection biases are read from the weights when present
     hidden_act: str = "silu"
+    moe: MoESpec | None = None  # MoE sources: where the experts and the router are
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -42,7 +160,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec("mistral"),
     "qwen2": ArchSpec("qwen2", may_have_qkv_bias=True),  # always biases on q/k/v
     "qwen3": ArchSpec("qwen3", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True),
+    "qwen3_moe": ArchSpec("qwen3_moe", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True, moe=MOE_SPECS["qwen3_moe"]),
+    "qwen2_moe": ArchSpec("qwen2_moe", may_have_qkv_bias=True, moe=MOE_SPECS["qwen2_moe"]),
+    "mixtral": ArchSpec("mixtral", moe=MOE_SPECS["mixtral"]),
+    "olmoe": ArchSpec("olmoe", qk_norm=("q_norm", "k_norm"), qk_norm_per_head=False, moe=MOE_SPECS["olmoe"]),
+    "dots1": ArchSpec("dots1", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True, moe=MOE_SPECS["dots1"]),
 }
+
+
+def source_moe(config) -> MoEShape | None:
+    """The MoE of a source config (transformers object or config.json mapping); None for a dense source."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    arch = ARCHITECTURES.get(get("model_type"))
+    return moe_shape(arch.moe, config) if arch is not None and arch.moe is not None else None
 
 
 def get_arch(model_type: str) -> ArchSpec:
@@ -51,7 +181,7 @@ def get_arch(model_type: str) -> ArchSpec:
     except KeyError:
         raise SurgeryError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))} "
-            "(dense Llama-family decoders)"
+            "(Llama-family decoders, dense or MoE)"
         ) from None
 
 
@@ -67,8 +197,10 @@ def check_source(shape) -> ArchSpec:
         raise SurgeryError(
             f"hidden_act {shape.hidden_act!r} is not supported (bailing_hybrid reuses it in the KDA conv); need 'silu'"
         )
-    if shape.num_experts:
-        raise SurgeryError("MoE sources are not supported yet; pass a dense Llama-family model")
+    if shape.num_experts and arch.moe is None:
+        moe_types = ", ".join(sorted(k for k, v in ARCHITECTURES.items() if v.moe))
+        raise SurgeryError(f"model_type {shape.model_type!r} has {shape.num_experts} experts, but its MoE router is not "
+                           f"supported; MoE sources supported: {moe_types}")
     return arch
 
 

@@ -68,6 +68,11 @@ class PlanConfig(Strict):
         "teacher's KL when that layer alone becomes KDA (kl)"
     )
     mla: MLAShape = MLAShape()
+    moe_layout: Literal["engines", "source"] = Field(
+        "engines", description="MoE sources whose dense MLP layers are not all leading: 'engines' refuses them (vLLM "
+        "and llama.cpp build dense MLPs only for the first layers); 'source' keeps the source's layout, which then runs "
+        "in transformers only"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -32,8 +32,9 @@ class LayerStats:
     x_moment: torch.Tensor  # E[x xᵀ] of the attention input, (D, D)
     x_mean: torch.Tensor  # E[x], (D,)
     head_rms: torch.Tensor  # rms of each head's attention output before o_proj, (H,)
-    q_rms: torch.Tensor | None = None  # rms of pre-qk-norm queries per head, (H,)
-    k_rms: torch.Tensor | None = None  # rms of pre-qk-norm keys per KV head, (G,)
+    q_rms: torch.Tensor | None = None  # rms of pre-qk-norm queries per head, (H,) (per-model norm: (1,))
+    k_rms: torch.Tensor | None = None  # rms of pre-qk-norm keys per KV head, (G,) (per-model norm: (1,))
+    moe_inputs: torch.Tensor | None = None  # up to moe.CALIBRATION_TOKENS_PER_LAYER inputs of an MoE block, (N, D)
 
 
 class Ledger:
@@ -87,14 +88,15 @@ def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerSta
     return weight + torch.outer(bias, inv_sqrt @ inv_sqrt @ stats.x_mean)
 
 
-def _fold_qk_norm(weight: torch.Tensor, norm_weight: torch.Tensor | None, rms: torch.Tensor | None, d: int):
-    """Qwen3's per-head RMSNorm(Wx)·w ≈ w ⊙ Wx / E[rms]: exact up to the per-token rms spread (and exact in
-    direction, which is all KDA keeps after its L2 normalisation)."""
+def _fold_qk_norm(weight: torch.Tensor, norm_weight: torch.Tensor | None, rms: torch.Tensor | None):
+    """RMSNorm(Wx)·w ≈ w ⊙ Wx / E[rms], per head (Qwen3: w has head_dim entries) or over all heads at once (OLMoE: w
+    covers every row): exact up to the per-token rms spread (and exact in direction per head when per head, which is
+    all KDA keeps after its L2 normalisation)."""
     if norm_weight is None:
         return weight
-    heads = weight.shape[0] // d
-    scale = torch.ones(heads, dtype=weight.dtype) if rms is None else 1.0 / rms.clamp_min(1e-6)
-    return (weight.view(heads, d, -1) * (scale[:, None] * norm_weight)[..., None]).reshape_as(weight)
+    groups = weight.shape[0] // len(norm_weight)
+    scale = torch.ones(groups, dtype=weight.dtype) if rms is None else 1.0 / rms.clamp_min(1e-6)
+    return (weight.view(groups, len(norm_weight), -1) * (scale[:, None] * norm_weight)[..., None]).reshape_as(weight)
 
 
 def teacher_attention(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, d: int):
@@ -108,8 +110,8 @@ def teacher_attention(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerS
     wq, wk, wv = (absorb_bias(w, None if b is None else _f64(b), stats) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
     if arch.qk_norm is not None:
         qn, kn = (_f64(ledger.take(f"{prefix}.{n}.weight")) for n in arch.qk_norm)
-        wq = _fold_qk_norm(wq, qn, None if stats is None else stats.q_rms, d)
-        wk = _fold_qk_norm(wk, kn, None if stats is None else stats.k_rms, d)
+        wq = _fold_qk_norm(wq, qn, None if stats is None else stats.q_rms)
+        wk = _fold_qk_norm(wk, kn, None if stats is None else stats.k_rms)
     return wq, wk, wv, wo
 
 
@@ -329,14 +331,19 @@ def mla_energy_kept(teacher_state, arch: ArchSpec, source_config, target_config,
 
 
 def init_student_state(teacher_state, arch: ArchSpec, source_config, target_config, stats, init_stage):
-    """The whole student state dict. Shared tensors are exact copies; every teacher tensor is accounted for.
+    """The whole student state dict. Shared tensors are exact copies (MoE blocks: `moe.init_moe`); every teacher tensor
+    is accounted for.
 
     `init_stage` is the recipe's `kind: init` stage (SVD flavour, KDA half-lives).
     """
     from ling_surgery.surgery.plan import MLA, mixer_types
     from ling_surgery.surgery.targets import spec_of
 
+    from ling_surgery.surgery.architectures import source_moe
+    from ling_surgery.surgery.moe import init_moe
+
     gated = spec_of(target_config).gated_mla
+    moe = source_moe(source_config)
     half_life = (init_stage.kda_half_life_min, init_stage.kda_half_life_max)
     ledger = Ledger(teacher_state)
     out: dict[str, torch.Tensor] = {}
@@ -351,9 +358,13 @@ def init_student_state(teacher_state, arch: ArchSpec, source_config, target_conf
         src, dst = f"{arch.layers}.{i}", f"model.layers.{i}"
         for name, target in ((arch.input_norm, "input_layernorm"), (arch.post_attention_norm, "post_attention_layernorm")):
             out[f"{dst}.{target}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
-        for name in arch.mlp:
-            out[f"{dst}.mlp.{name.split('.')[-1]}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
         layer_stats = None if stats is None else stats[i]
+        if moe is not None and moe.sparse[i]:
+            tensors = init_moe(ledger, src, arch.moe, moe, None if layer_stats is None else layer_stats.moe_inputs)
+            out.update({f"{dst}.mlp.{k}": v for k, v in tensors.items()})
+        else:
+            for name in arch.mlp:
+                out[f"{dst}.mlp.{name.split('.')[-1]}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
         prefix = f"{src}.{arch.attention}"
         if kind == MLA:
             mixer = init_mla(ledger, prefix, arch, layer_stats, source_config, target_config, init_stage.svd, gated,

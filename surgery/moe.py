@@ -27,119 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ling_surgery.surgery.architectures import SIGMOID, MoEShape, MoESpec, target_routing
 from ling_surgery.surgery.errors import SurgeryError
 
-SIGMOID, SOFTMAX = "sigmoid", "softmax"
 ROUTER_MARGIN = 16.0  # m above: relative weight error ~e^{-m}·p ≈ 1e-7 p, far from fp32 underflow (σ(-87))
 CALIBRATION_TOKENS_PER_LAYER = 4096  # MoE inputs kept per layer to fit and measure the router map
-
-
-@dataclass(frozen=True)
-class MoESpec:
-    """Where one family keeps its MoE block and how it routes (tensor names relative to a decoder layer; config keys of
-    its config)."""
-
-    router: str  # SIGMOID (DeepSeek-V3's, copied exactly) | SOFTMAX
-    num_experts: str  # config key: routed experts
-    expert_width: str  # config key: one routed expert's intermediate size
-    block: str = "mlp"
-    selection_bias: str | None = None  # buffer of the sigmoid routers' choice-only bias, relative to the router
-    shared: str | None = None  # ungated (or token-gated, see shared_gate) shared expert module
-    shared_count: str | None = None  # config key: shared width = expert width × this (DeepSeek-V3)
-    shared_width: str | None = None  # config key: shared width (Qwen2-MoE)
-    shared_gate: str | None = None  # Qwen2-MoE: shared output × σ(g·x), a token-dependent scale the target lacks
-    renormalise: str | None = "norm_topk_prob"  # config key; None: always renormalised (Mixtral)
-    dense_layers: str = "none"  # which layers keep a dense MLP: "none" | "first_k_dense_replace" | "mlp_only_layers"
-
-
-_DEEPSEEK = dict(router=SIGMOID, num_experts="n_routed_experts", expert_width="moe_intermediate_size",
-                 selection_bias="e_score_correction_bias", shared="shared_experts", shared_count="n_shared_experts",
-                 dense_layers="first_k_dense_replace")
-MOE_SPECS: dict[str, MoESpec] = {
-    "deepseek_v3": MoESpec(**_DEEPSEEK),
-    "glm4_moe": MoESpec(**_DEEPSEEK),
-    "dots1": MoESpec(**_DEEPSEEK),
-    "qwen3_moe": MoESpec(SOFTMAX, "num_experts", "moe_intermediate_size", dense_layers="mlp_only_layers"),
-    "qwen2_moe": MoESpec(SOFTMAX, "num_experts", "moe_intermediate_size", shared="shared_expert",
-                         shared_width="shared_expert_intermediate_size", shared_gate="shared_expert_gate",
-                         dense_layers="mlp_only_layers"),
-    "mixtral": MoESpec(SOFTMAX, "num_local_experts", "intermediate_size", renormalise=None),
-    "olmoe": MoESpec(SOFTMAX, "num_experts", "intermediate_size"),
-}
-
-
-@dataclass(frozen=True)
-class MoEShape:
-    """One source's MoE, resolved from its config: what the target's MoE keys become."""
-
-    router: str
-    num_experts: int
-    top_k: int
-    expert_width: int
-    shared_width: int  # 0: no shared expert
-    shared_gated: bool
-    renormalise: bool
-    scaling: float  # routed_scaling_factor of a sigmoid router (1 for softmax routers before the map)
-    n_group: int
-    topk_group: int
-    sparse: tuple[bool, ...]  # per layer: MoE (True) or dense MLP
-
-    @property
-    def target_shared_experts(self) -> int:
-        """Shared experts of the target: the source's shared width in units of the expert width, rounded up (zero
-        padding is exact); one zero shared expert when the source has none, because llama.cpp requires its tensors."""
-        return max(1, -(-self.shared_width // self.expert_width))
-
-    @property
-    def leading_dense(self) -> int:
-        """Dense layers before the first MoE layer."""
-        return next((i for i, sparse in enumerate(self.sparse) if sparse), len(self.sparse))
-
-    @property
-    def engine_loadable(self) -> bool:
-        """vLLM and llama.cpp build dense MLPs only for the leading `first_k_dense_replace` layers."""
-        return all(self.sparse[self.leading_dense:])
-
-
-def moe_spec(model_type: str) -> MoESpec | None:
-    return MOE_SPECS.get(model_type)
-
-
-def moe_shape(spec: MoESpec, config) -> MoEShape:
-    """The MoE facts of a source config (a transformers config or a raw config.json mapping)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    experts, width, layers = get(spec.num_experts), get(spec.expert_width), get("num_hidden_layers")
-    if not experts or not width:
-        raise SurgeryError(f"the source config lacks {spec.num_experts} or {spec.expert_width}; is it an MoE config?")
-    if spec.shared_width:
-        shared = get(spec.shared_width) or 0
-    elif spec.shared_count:
-        shared = width * (get(spec.shared_count) or 0)
-    else:
-        shared = 0
-    if spec.dense_layers == "first_k_dense_replace":
-        first = get("first_k_dense_replace") or 0
-        sparse = tuple(i >= first for i in range(layers))
-    elif spec.dense_layers == "mlp_only_layers":
-        dense, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step") or 1
-        sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
-    else:
-        sparse = (True,) * layers
-    sigmoid = spec.router == SIGMOID
-    renormalise = True if spec.renormalise is None else bool(get(spec.renormalise, False))
-    shape = MoEShape(
-        router=spec.router, num_experts=experts, top_k=get("num_experts_per_tok"), expert_width=width,
-        shared_width=shared, shared_gated=spec.shared_gate is not None and shared > 0, renormalise=renormalise,
-        scaling=float(get("routed_scaling_factor", 1.0) or 1.0) if sigmoid else 1.0,
-        n_group=(get("n_group") or 1) if sigmoid else 1, topk_group=(get("topk_group") or 1) if sigmoid else 1,
-        sparse=sparse,
-    )
-    if not 0 < shape.top_k <= experts:
-        raise SurgeryError(f"num_experts_per_tok {shape.top_k} must be between 1 and the {experts} experts")
-    if experts % shape.n_group or experts // shape.n_group < 2 or shape.topk_group > shape.n_group:
-        raise SurgeryError(f"n_group {shape.n_group} / topk_group {shape.topk_group} do not fit {experts} experts "
-                           "(each group needs ≥ 2 experts)")
-    return shape
 
 
 # --- routing, as pure functions (parity with transformers' routers is tested) -------------------------------------
@@ -336,16 +228,6 @@ def routing_fidelity(source: dict, target: dict, shape: MoEShape, inputs: torch.
             "block_relative_error": float((y_dst - y_src).norm() / y_src.norm().clamp_min(1e-30))}
 
 
-def target_routing(shape: MoEShape) -> MoEShape:
-    """The target router's settings for a source: a sigmoid source's own; for softmax sources one group, renormalised,
-    ρ = 1 (`map_softmax_router`)."""
-    from dataclasses import replace
-
-    if shape.router == SIGMOID:
-        return shape
-    return replace(shape, router=SIGMOID, n_group=1, topk_group=1, renormalise=True, scaling=1.0)
-
-
 def source_block(state: dict, prefix: str, spec: MoESpec) -> tuple[dict, torch.Tensor | None]:
     """One source MoE layer's tensors under the target's names (for `routing_fidelity`), and its shared expert's token
     gate (None when it has none). Read-only: the init maps' ledger is not involved."""
@@ -359,3 +241,30 @@ def source_block(state: dict, prefix: str, spec: MoESpec) -> tuple[dict, torch.T
             out[f"shared_experts.{name}.weight"] = state[f"{block}.{spec.shared}.{name}.weight"]
     gate = state.get(f"{block}.{spec.shared_gate}.weight") if spec.shared_gate else None
     return out, gate
+
+
+def fidelity_by_layer(teacher_state: dict, student_state: dict, arch, shape: MoEShape, stats) -> dict[int, dict]:
+    """`routing_fidelity` of every MoE layer on its calibration inputs (`LayerStats.moe_inputs`); empty without them."""
+    out = {}
+    for i, sparse in enumerate(shape.sparse):
+        inputs = None if stats is None else stats[i].moe_inputs
+        if not sparse or inputs is None:
+            continue
+        source, gate = source_block(teacher_state, f"{arch.layers}.{i}", arch.moe)
+        prefix = f"model.layers.{i}.mlp."
+        target = {k[len(prefix):]: v for k, v in student_state.items() if k.startswith(prefix)}
+        out[i] = routing_fidelity(source, target, shape, inputs, gate)
+    return out
+
+
+def fidelity_table(fidelity: dict[int, dict], shape: MoEShape):
+    """Per MoE layer, how closely the target's router and experts reproduce the source's on calibration text."""
+    from rich.table import Table
+
+    router = "copied (DeepSeek-V3's)" if shape.router == SIGMOID else "softmax → sigmoid, choice kept"
+    table = Table(title=f"MoE blocks after init ({router}; on calibration text)")
+    for col in ("layer", "top-k agreement", "routing-weight L1", "block rel. error"):
+        table.add_column(col, justify="right")
+    for i, f in fidelity.items():
+        table.add_row(str(i), f"{f['topk_agreement']:.2%}", f"{f['weight_l1']:.3g}", f"{f['block_relative_error']:.3g}")
+    return table

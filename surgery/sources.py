@@ -199,10 +199,13 @@ class SourceShape:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    moe: object = None  # architectures.MoEShape of an MoE source, None for a dense one
 
     @classmethod
     def from_config(cls, config) -> "SourceShape":
         """From a transformers config object or a raw config.json mapping."""
+        from ling_surgery.surgery.architectures import source_moe
+
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         heads = get("num_attention_heads")
         rope = get("rope_parameters") or get("rope_scaling") or {}
@@ -215,13 +218,14 @@ class SourceShape:
             head_dim=get("head_dim") or get("hidden_size") // heads,
             rope_type=rope.get("rope_type", rope.get("type", "default")),
             hidden_act=get("hidden_act", "silu") or "silu",
-            num_experts=get("num_local_experts", 0) or get("num_experts", 0) or 0,
+            num_experts=get("num_local_experts", 0) or get("num_experts", 0) or get("n_routed_experts", 0) or 0,
             max_position_embeddings=get("max_position_embeddings"),
             vocab_size=get("vocab_size", 0) or 0,
             intermediate_size=get("intermediate_size", 0) or 0,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=get("model_type") == "qwen2" or bool(get("attention_bias", False)),
             o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)),
+            moe=source_moe(config),
         )
 
     @classmethod

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import torch
 
+from ling_surgery.surgery.architectures import source_moe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.distill import attention_transfer, heldout_perplexity, logit_distill, pretrain
 from ling_surgery.surgery.init_maps import build_student, init_student_state, mla_energy_kept
+from ling_surgery.surgery.moe import fidelity_by_layer, fidelity_table
 from ling_surgery.surgery.rl import rl
 from ling_surgery.surgery.sft import sft
 from ling_surgery.surgery.taps import collect_stats
 
 
 def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
-    """Stage `kind: init`: activation statistics of the teacher on calibration text, then the init maps.
+    """Stage `kind: init`: activation statistics of the teacher on calibration text, then the init maps (for MoE
+    sources, how closely each MoE block is reproduced: `moe.routing_fidelity`).
 
     The calibration windows are the first training windows; later stages start after them.
     """
@@ -27,12 +30,18 @@ def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     state = init_student_state(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage)
     student = build_student(state, ctx.target_config).to(ctx.device)
     energy = mla_energy_kept(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage.svd)
+    moe = source_moe(ctx.source_config)
+    routing = {} if moe is None else fidelity_by_layer(teacher_state, state, ctx.arch, moe, stats)
     del state, teacher_state
     metrics = {"calibration_tokens": int(windows.numel()) if n_windows else 0,
                "parameters": sum(p.numel() for p in student.parameters()),
                "mla_energy_kept": {str(i): kept for i, kept in energy.items()}}
+    if routing:
+        metrics["moe_routing"] = {str(i): f for i, f in routing.items()}
     if ctx.console is not None and energy:
         ctx.console.print(energy_table(energy))
+    if ctx.console is not None and routing:
+        ctx.console.print(fidelity_table(routing, moe))
     if ctx.eval_windows is not None:
         metrics["perplexity_after_init"] = heldout_perplexity(student, ctx)
         if ctx.console is not None:

@@ -6,8 +6,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ling_surgery.surgery.architectures import ArchSpec, get_module, head_dim
+from ling_surgery.surgery.architectures import ArchSpec, get_module, head_dim, source_moe
 from ling_surgery.surgery.init_maps import LayerStats
+from ling_surgery.surgery.moe import CALIBRATION_TOKENS_PER_LAYER
 
 
 @contextmanager
@@ -32,7 +33,8 @@ def attention_taps(model, arch: ArchSpec):
 
 @torch.no_grad()
 def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
-    """Second moments of each attention input, per-head output rms, and pre-qk-norm rms on calibration batches."""
+    """Second moments of each attention input, per-head output rms, pre-qk-norm rms and MoE block inputs on
+    calibration batches."""
     config = model.config
     layers = get_module(model, arch.layers)
     d, heads = head_dim(config), config.num_attention_heads
@@ -41,8 +43,12 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
     moment = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(n)]
     mean = [torch.zeros(hidden, dtype=torch.float64) for _ in range(n)]
     head_sq = [torch.zeros(heads, dtype=torch.float64) for _ in range(n)]
-    q_rms = [torch.zeros(heads, dtype=torch.float64) for _ in range(n)]
-    k_rms = [torch.zeros(config.num_key_value_heads, dtype=torch.float64) for _ in range(n)]
+    # qk-norm rms per head, or one for a norm over all heads (OLMoE)
+    q_groups, k_groups = (heads, config.num_key_value_heads) if arch.qk_norm_per_head else (1, 1)
+    q_rms = [torch.zeros(q_groups, dtype=torch.float64) for _ in range(n)]
+    k_rms = [torch.zeros(k_groups, dtype=torch.float64) for _ in range(n)]
+    moe = source_moe(config)
+    moe_inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
     count = 0
     handles = []
     for i, layer in enumerate(layers):
@@ -60,11 +66,19 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
         handles.append(attn.register_forward_hook(attn_hook, with_kwargs=True))
         handles.append(get_module(attn, arch.o_proj).register_forward_pre_hook(o_hook))
         if arch.qk_norm is not None:
-            for name, acc in zip(arch.qk_norm, (q_rms, k_rms)):
-                def norm_hook(module, args, acc=acc, i=i):
-                    acc[i] += args[0].double().pow(2).mean(-1).sqrt().reshape(-1, args[0].shape[-2]).sum(0).cpu()
+            for name, acc, groups in zip(arch.qk_norm, (q_rms, k_rms), (q_groups, k_groups)):
+                def norm_hook(module, args, acc=acc, i=i, groups=groups):
+                    acc[i] += args[0].double().pow(2).mean(-1).sqrt().reshape(-1, groups).sum(0).cpu()
 
                 handles.append(get_module(attn, name).register_forward_pre_hook(norm_hook))
+        if moe is not None and moe.sparse[i]:
+            def moe_hook(module, args, i=i):  # the MoE block's inputs (post-attention-norm), for the router map
+                kept = sum(len(x) for x in moe_inputs[i])
+                if kept < CALIBRATION_TOKENS_PER_LAYER:
+                    x = args[0].detach().reshape(-1, hidden)[: CALIBRATION_TOKENS_PER_LAYER - kept]
+                    moe_inputs[i].append(x.float().cpu())
+
+            handles.append(get_module(layer, arch.moe.block).register_forward_pre_hook(moe_hook))
     try:
         for input_ids in batches:
             model(input_ids=input_ids.to(model.device))
@@ -81,6 +95,7 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
             head_rms=(head_sq[i] / count).sqrt(),
             q_rms=q_rms[i] / count if arch.qk_norm else None,
             k_rms=k_rms[i] / count if arch.qk_norm else None,
+            moe_inputs=torch.cat(moe_inputs[i]) if moe_inputs[i] else None,
         )
         for i in range(n)
     ]

@@ -75,6 +75,17 @@ def shape_problems(recipe, shape) -> list[str]:
                             f"most {shape.num_layers}")
     elif get_target(recipe.target).linear_attention:
         problems += layout_problems(shape.num_layers, recipe.plan.layer_group_size, recipe.plan.full_attention_layers)
+    moe = getattr(shape, "moe", None)
+    if moe is not None and not moe.engine_loadable:
+        dense = [i for i, sparse in enumerate(moe.sparse) if not sparse]
+        if not get_target(recipe.target).linear_attention:
+            problems.append(f"the source's dense MLP layers {dense} are not all leading, and target {recipe.target} "
+                            "(deepseek_v3) has dense MLPs only before its first MoE layer; use target hybrid-linear "
+                            "with plan.moe_layout: source")
+        elif recipe.plan.moe_layout == "engines":
+            problems.append(f"the source's dense MLP layers {dense} are not all leading: vLLM and llama.cpp build dense "
+                            "MLPs only for the first layers; set plan.moe_layout: source to keep the source's layout "
+                            "(the upgraded model then runs in transformers only)")
     dr, rank = recipe.plan.mla.qk_rope_head_dim, recipe.plan.mla.kv_lora_rank
     if dr > shape.head_dim:
         problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; "
@@ -109,10 +120,11 @@ def target_config(source_config, plan: LayerPlan, recipe):
     """The upgraded model's config; every dim comes from the source.
 
     Heads = source query heads (GQA keys/values are repeated per head), MLA v_head_dim = the source head dim (and
-    so does the KDA head dim: the serving engines need KDA dk == v_head_dim), all MLPs dense, RoPE on the dr/2
+    so does the KDA head dim: the serving engines need KDA dk == v_head_dim), MLPs as the source's (dense, or MoE
+    with its experts, shared experts and router settings: `architectures.target_routing`), RoPE on the dr/2
     highest-frequency pairs under θ' = θ^(dr/d) (θ'^(-2j/dr) = θ^(-2j/d)), embeddings untied.
     """
-    from ling_surgery.surgery.architectures import check_source_config, head_dim
+    from ling_surgery.surgery.architectures import check_source_config, head_dim, source_moe, target_routing
     from ling_surgery.surgery.init_maps import LATENT_NORM_EPS
     from ling_surgery.surgery.sources import SourceShape
 
@@ -156,18 +168,27 @@ def target_config(source_config, plan: LayerPlan, recipe):
         topk_group=1,
         num_experts_per_tok=1,
     )
+    moe = source_moe(source_config)
+    if moe is not None:
+        routing = target_routing(moe)
+        common.update(
+            num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_width, n_shared_experts=moe.target_shared_experts,
+            n_group=routing.n_group, topk_group=routing.topk_group, norm_topk_prob=routing.renormalise,
+            routed_scaling_factor=routing.scaling, first_k_dense_replace=moe.leading_dense,
+        )
     if target.model_type == "deepseek_v3":
         from transformers import DeepseekV3Config
 
-        return DeepseekV3Config(
-            **common, q_lora_rank=None, moe_intermediate_size=source_config.intermediate_size,
-            n_routed_experts=1, n_shared_experts=1, rope_interleave=True,
-        )
+        experts = dict(n_routed_experts=moe.num_experts) if moe else dict(
+            moe_intermediate_size=source_config.intermediate_size, n_routed_experts=1, n_shared_experts=1)
+        return DeepseekV3Config(**common, **experts, q_lora_rank=None, rope_interleave=True)
     from transformers import BailingHybridConfig
 
+    mlp_types = ["sparse" if sparse else "dense" for sparse in moe.sparse] if moe else ["dense"] * layers
     return BailingHybridConfig(
         **common, head_dim=d, rope_theta=rope["rope_theta"], layer_types=plan.layer_types,
-        layer_group_size=plan.group_size or layers, mlp_layer_types=["dense"] * layers, num_local_experts=1,
+        layer_group_size=plan.group_size or layers, mlp_layer_types=mlp_types,
+        num_local_experts=moe.num_experts if moe else 1,
     )
 
 
@@ -180,18 +201,23 @@ def serving_config(config_dict: dict, config) -> dict:
     if config.model_type == "deepseek_v3":
         out.update({
             "architectures": ["DeepseekV3ForCausalLM"],
-            "first_k_dense_replace": layers,
+            "first_k_dense_replace": config.first_k_dense_replace,
             "q_lora_rank": None,
             "rope_interleave": True,
             "num_nextn_predict_layers": 0,
             "tie_word_embeddings": False,
         })
         return out
+    sparse = [i for i, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+    # The engines build dense MLPs for the first `first_k_dense_replace` layers and MoE for the rest (moe.md §4); the
+    # shared expert's width is moe_shared_expert_intermediate_size × num_shared_experts in vLLM and
+    # moe_intermediate_size × n_shared_experts in transformers: one expert width makes both agree.
+    expert_width = config.moe_intermediate_size if sparse else config.intermediate_size
     out.update({
         "architectures": ["BailingMoeV3ForCausalLM"],
         # transformers writes the RoPE dim here; the engines (and transformers' own reload) read the KDA dim.
         "head_dim": config.linear_head_dim,
-        "first_k_dense_replace": layers,
+        "first_k_dense_replace": sparse[0] if sparse else layers,
         "no_kda_lora": True,
         "kda_safe_gate": True,
         "gated_attention_proj_granularity_type": "head_wise",
@@ -202,15 +228,17 @@ def serving_config(config_dict: dict, config) -> dict:
         "use_qkv_bias": False,
         "score_function": "sigmoid",
         "moe_router_enable_expert_bias": True,
-        "moe_shared_expert_intermediate_size": config.intermediate_size,
-        "num_shared_experts": 0,
-        "moe_intermediate_size": config.intermediate_size,
+        "moe_shared_expert_intermediate_size": expert_width,
+        "num_shared_experts": config.n_shared_experts if sparse else 0,
+        "moe_intermediate_size": expert_width,
         "norm_topk_prob": config.norm_topk_prob,
         "moe_renormalize": config.norm_topk_prob,
         "n_group": config.n_group,
         "num_expert_group": config.n_group,
         "num_experts_per_tok": config.num_experts_per_tok,
         "num_experts_per_token": config.num_experts_per_tok,
+        "topk_group": config.topk_group,
+        "routed_scaling_factor": config.routed_scaling_factor,
         "max_position_embeddings": config.max_position_embeddings,
         "model_max_length": config.max_position_embeddings,
     })

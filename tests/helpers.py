@@ -128,9 +128,14 @@ def tiny_overrides(model, data) -> list[str]:
     ]
 
 
-def tiny_source_with_text(root: Path) -> tuple[Path, Path]:
-    """A saved tiny Llama with its character tokenizer, and a text file to train on."""
-    save_tiny_source(root / "model")
+def tiny_source_with_text(root: Path, model_type: str = "llama") -> tuple[Path, Path]:
+    """A saved tiny model (Llama unless `model_type` names another; MoE types from `tiny_moe_model`) with its character
+    tokenizer, and a text file to train on."""
+    if model_type in MOE_TINY:
+        tiny_moe_model(model_type).save_pretrained(root / "model")
+        char_tokenizer().save_pretrained(root / "model")
+    else:
+        save_tiny_source(root / "model", model_type)
     data = root / "data.txt"
     data.write_text("".join(f"Paragraph {i}: " + "the model reads text and learns. " * 3 + "\n\n" for i in range(200)))
     return root / "model", data

@@ -7,9 +7,10 @@ from transformers import BailingHybridConfig
 from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridMoE, BailingHybridTopkRouter
 
 from ling_surgery.surgery import moe
+from ling_surgery.surgery.architectures import MOE_SPECS, SIGMOID, MoEShape, moe_shape, target_routing
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.init_maps import Ledger
-from tests.helpers import MOE_TINY, tiny_moe_model
+from helpers import MOE_TINY, tiny_moe_model
 
 SIGMOID_TYPES = ["deepseek_v3", "glm4_moe", "dots1"]
 SOFTMAX_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
@@ -17,12 +18,12 @@ LAYER = 1  # an MoE layer in every tiny source (DeepSeek-style ones keep layer 0
 
 
 def shape_of(model):
-    return moe.moe_shape(moe.moe_spec(model.config.model_type), model.config)
+    return moe_shape(MOE_SPECS[model.config.model_type], model.config)
 
 
-def target_block(shape: moe.MoEShape, tensors: dict, hidden: int = 64) -> BailingHybridMoE:
+def target_block(shape: MoEShape, tensors: dict, hidden: int = 64) -> BailingHybridMoE:
     """transformers' own target MoE block with the mapped tensors loaded strictly."""
-    target = moe.target_routing(shape)
+    target = target_routing(shape)
     config = BailingHybridConfig(
         hidden_size=hidden, moe_intermediate_size=shape.expert_width, num_local_experts=shape.num_experts,
         num_experts_per_tok=shape.top_k, n_group=target.n_group, topk_group=target.topk_group,
@@ -35,7 +36,7 @@ def target_block(shape: moe.MoEShape, tensors: dict, hidden: int = 64) -> Bailin
 
 
 def map_layer(model, inputs=None):
-    spec, shape = moe.moe_spec(model.config.model_type), shape_of(model)
+    spec, shape = MOE_SPECS[model.config.model_type], shape_of(model)
     prefix = f"model.layers.{LAYER}"
     state = {k: v for k, v in model.state_dict().items() if k.startswith(f"{prefix}.mlp.")}
     ledger = Ledger(state)
@@ -62,7 +63,7 @@ def test_sigmoid_route_matches_transformers_router():
         router.e_score_correction_bias.normal_(0, 0.2)
     x = torch.randn(200, 32)
     _, weights, idx = router(x)
-    shape = moe.MoEShape(moe.SIGMOID, 16, 3, 8, 0, False, True, 2.5, 4, 2, (True,))
+    shape = MoEShape(SIGMOID, 16, 3, 8, 0, False, True, 2.5, 4, 2, (True,))
     mine_idx, mine_w = moe.sigmoid_route(x @ router.weight.T, router.e_score_correction_bias, shape)
     order, mine_order = idx.argsort(-1), mine_idx.argsort(-1)
     assert torch.equal(idx.gather(1, order), mine_idx.gather(1, mine_order))
@@ -102,7 +103,7 @@ def test_softmax_routers_keep_every_choice(model_type):
         _, _, source_idx = model.model.layers[LAYER].mlp.gate(x)
         _, _, target_idx = block.gate(x)
     assert torch.equal(source_idx.sort(-1).values, target_idx.sort(-1).values)
-    source, gate = moe.source_block(state, f"model.layers.{LAYER}", moe.moe_spec(model_type))
+    source, gate = moe.source_block(state, f"model.layers.{LAYER}", MOE_SPECS[model_type])
     fidelity = moe.routing_fidelity(source, tensors, shape, x, gate)
     assert fidelity["topk_agreement"] == 1.0
     assert 0 < fidelity["weight_l1"] < 2 and 0 < fidelity["block_relative_error"] < 1
@@ -116,7 +117,7 @@ def test_fitted_router_shift_reproduces_routing_weights(model_type):
     calibration, held_out = with_constant_feature(2048), with_constant_feature(512, seed=2)
     _, shape, state, tensors = map_layer(model, calibration)
     _, _, _, plain = map_layer(model, None)
-    source, gate = moe.source_block(state, f"model.layers.{LAYER}", moe.moe_spec(model_type))
+    source, gate = moe.source_block(state, f"model.layers.{LAYER}", MOE_SPECS[model_type])
     fitted = moe.routing_fidelity(source, tensors, shape, held_out, gate)
     unfitted = moe.routing_fidelity(source, plain, shape, held_out, gate)
     assert fitted["topk_agreement"] == 1.0
@@ -130,7 +131,7 @@ def test_fitted_router_shift_reproduces_routing_weights(model_type):
     with torch.no_grad():
         routed = block.experts(held_out, *reversed(block.gate(held_out)[1:]))
     idx, w = moe.sigmoid_route(held_out @ tensors["gate.weight"].T, tensors["gate.e_score_correction_bias"],
-                               moe.target_routing(shape))
+                               target_routing(shape))
     expected = moe.experts_output(tensors["experts.gate_up_proj"], tensors["experts.down_proj"], idx, w, held_out)
     torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)
 
@@ -156,7 +157,7 @@ def test_shared_expert_width_is_zero_padded_exactly():
 
 def test_experts_of_unequal_size_are_refused():
     model = tiny_moe_model("qwen3_moe")
-    spec, shape = moe.moe_spec("qwen3_moe"), shape_of(model)
+    spec, shape = MOE_SPECS["qwen3_moe"], shape_of(model)
     state = dict(model.state_dict())
     name = f"model.layers.{LAYER}.mlp.experts.down_proj"
     state[name] = state[name][..., :24]
@@ -177,4 +178,89 @@ def test_dense_layers_and_what_the_engines_load():
 def test_router_groups_must_fit_the_experts():
     config = dict(MOE_TINY["deepseek_v3"], num_hidden_layers=2, n_group=3)
     with pytest.raises(SurgeryError, match="n_group 3"):
-        moe.moe_shape(moe.moe_spec("deepseek_v3"), config)
+        moe_shape(MOE_SPECS["deepseek_v3"], config)
+
+
+# --- whole conversions --------------------------------------------------------------------------------------------
+
+CONVERTIBLE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "dots1"]  # Llama-style attention; DeepSeek's MLA: below
+
+
+def convert_tiny(teacher, plan: dict | None = None, batches=None):
+    """Init maps with the plan values the recipe leaves unset derived from the source, as `convert` does."""
+    from ling_surgery.surgery.architectures import get_arch
+    from ling_surgery.surgery.config import Recipe
+    from ling_surgery.surgery.init_maps import build_student, init_student_state
+    from ling_surgery.surgery.sources import SourceShape
+    from ling_surgery.surgery.targets import check_shapes, target_config
+    from ling_surgery.surgery.taps import collect_stats
+
+    arch = get_arch(teacher.config.model_type)
+    stats = collect_stats(teacher, arch, batches or [torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(i))
+                                                     for i in range(4)])
+    recipe = Recipe.model_validate({"plan": plan or {"layer_group_size": 2}})
+    layer_plan, resolved, _ = check_shapes(recipe, SourceShape.from_config(teacher.config))
+    target = target_config(teacher.config, layer_plan, resolved)
+    state = init_student_state(teacher.state_dict(), arch, teacher.config, target, stats, resolved.stages[0])
+    return build_student(state, target), stats
+
+
+@pytest.mark.parametrize("model_type", CONVERTIBLE)
+def test_moe_source_converts_with_defaults_and_reloads_exactly(model_type, tmp_path):
+    import json
+
+    from helpers import char_tokenizer
+
+    from ling_surgery.surgery.export import save_model, verify_export
+
+    teacher = tiny_moe_model(model_type)
+    student, stats = convert_tiny(teacher)
+    shape = shape_of(teacher)
+    for i, sparse in enumerate(shape.sparse):
+        if not sparse:
+            continue
+        x = stats[i].moe_inputs[:256]
+        source, target = teacher.model.layers[i].mlp, student.model.layers[i].mlp
+        with torch.no_grad():
+            if shape.router == SIGMOID:  # the same block, bit for bit
+                assert torch.equal(target(x[None]), source(x[None])), i
+            else:
+                assert torch.equal(target.gate(x)[2].sort(-1).values, source.gate(x)[2].sort(-1).values), i
+    out = save_model(student, char_tokenizer(), tmp_path / "out", {})
+    check = verify_export(out, student, torch.randint(3, 100, (1, 40)))  # reloaded in a fresh process
+    assert check["bit_exact"] and check["greedy_cache_matches"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (8, 2, 32)
+    assert config["num_shared_experts"] == shape.target_shared_experts
+    assert config["moe_shared_expert_intermediate_size"] == 32  # × num_shared_experts, as vLLM reads it
+    assert config["first_k_dense_replace"] == shape.leading_dense and config["score_function"] == "sigmoid"
+    assert config["norm_topk_prob"] is True and config["use_bias"] is False
+    routing = target_routing(shape)
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (
+        routing.n_group, routing.topk_group, routing.scaling)
+
+
+def test_a_layout_the_engines_cannot_load_is_refused_unless_asked(tmp_path):
+    from ling_surgery.surgery.config import Recipe
+    from ling_surgery.surgery.errors import RecipeError
+    from ling_surgery.surgery.sources import SourceShape
+    from ling_surgery.surgery.targets import check_shapes
+
+    teacher = tiny_moe_model("qwen2_moe", mlp_only_layers=[2])
+    shape = SourceShape.from_config(teacher.config)
+    with pytest.raises(RecipeError, match=r"dense MLP layers \[2\] are not all leading.*plan.moe_layout: source"):
+        check_shapes(Recipe.model_validate({"plan": {"layer_group_size": 2}}), shape)
+    with pytest.raises(RecipeError, match="target all-mla"):
+        check_shapes(Recipe.model_validate({"target": "all-mla", "plan": {"moe_layout": "source"}}), shape)
+    student, _ = convert_tiny(teacher, {"layer_group_size": 2, "moe_layout": "source"})
+    assert student.config.mlp_layer_types == ["sparse", "sparse", "dense", "sparse"]
+
+
+def test_an_moe_source_without_a_supported_router_is_refused():
+    from ling_surgery.surgery.architectures import check_source
+    from ling_surgery.surgery.sources import SourceShape
+
+    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "num_local_experts": 8}
+    with pytest.raises(SurgeryError, match="8 experts, but its MoE router is not supported; MoE sources supported: "):
+        check_source(SourceShape.from_config(config))
