@@ -15,6 +15,9 @@ DEFAULT_ROLES = ("teacher", "upgraded")  # the report's columns for a conversion
 
 def cost_rows(teacher: Costs, student: Costs) -> list[tuple[str, str, str, str]]:
     rows = [("parameters", f"{teacher.params / 1e6:.1f} M", f"{student.params / 1e6:.1f} M", f"{student.params / teacher.params:.2f}×")]
+    if teacher.active_params is not None or student.active_params is not None:  # MoE: what one token computes with
+        rows.append(("active parameters / token", f"{teacher.active / 1e6:.1f} M", f"{student.active / 1e6:.1f} M",
+                     f"{student.active / teacher.active:.2f}×"))
     rows.append(
         ("KV cache / token (bf16)", human_bytes(teacher.kv_bytes_per_token), human_bytes(student.kv_bytes_per_token),
          f"{student.kv_bytes_per_token / teacher.kv_bytes_per_token:.3f}×")
@@ -31,6 +34,7 @@ def build_report(teacher_costs: Costs, student_costs: Costs, quality: dict, stag
     costs = {
         name: {
             "params": c.params,
+            "active_params": c.active,
             "kv_bytes_per_token": c.kv_bytes_per_token,
             "state_bytes_per_sequence": c.state_bytes_per_sequence,
             **{f"cache_bytes_at_{ctx}": c.cache_bytes(ctx) for ctx in CONTEXTS},
@@ -42,7 +46,12 @@ def build_report(teacher_costs: Costs, student_costs: Costs, quality: dict, stag
 
 def report_costs(report: dict) -> tuple[Costs, Costs]:
     fields = ("params", "kv_bytes_per_token", "state_bytes_per_sequence")
-    return tuple(Costs(*(report["costs"][who][f] for f in fields)) for who in ("teacher", "student"))
+    costs = []
+    for who in ("teacher", "student"):
+        saved = report["costs"][who]
+        active = saved.get("active_params")  # reports written before MoE sources have none: every parameter active
+        costs.append(Costs(*(saved[f] for f in fields), None if active in (None, saved["params"]) else active))
+    return tuple(costs)
 
 
 def report_roles(report: dict) -> tuple[str, str]:

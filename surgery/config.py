@@ -189,6 +189,9 @@ class TrainingStage(Strict):
                                 "as a share of lr")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps in the final decay")
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clipping")
+    router_bias_rate: float = Field(
+        1e-3, ge=0, description="MoE students whose routers train: after each optimizer step every router's selection "
+        "bias moves this much towards equal expert load (DeepSeek-V3's auxiliary-loss-free balancing); 0 keeps it")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward pass instead of "
                                            "keeping its activations (less memory, ~1/3 more compute)")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters on the trainable groups' linear layers "

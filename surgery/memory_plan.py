@@ -51,24 +51,46 @@ class StudentDims:
     kv_lora_rank: int
     rope_dim: int
     layer_types: tuple[str, ...]
+    # MoE students: per layer MoE (True) or dense; routed experts, per token, their width and the shared experts
+    sparse: tuple[bool, ...] = ()
+    experts: int = 0
+    top_k: int = 0
+    expert_width: int = 0
+    shared_experts: int = 0
+
+    def is_sparse(self, i: int) -> bool:
+        return bool(self.sparse) and self.sparse[i]
+
+    def mlp_width(self, i: int) -> int:
+        """The MLP width one token computes through in layer i: top-k experts and the shared ones, or the dense MLP."""
+        return (self.top_k + self.shared_experts) * self.expert_width if self.is_sparse(i) else self.intermediate
 
     @classmethod
     def of_conversion(cls, shape, recipe, layer_types) -> "StudentDims":
         """From the source's `SourceShape` and a recipe whose plan values are resolved (`check_shapes`)."""
         from ling_surgery.surgery.targets import get_target
 
+        moe = shape.moe
+        experts = {} if moe is None else dict(sparse=moe.sparse, experts=moe.num_experts, top_k=moe.top_k,
+                                              expert_width=moe.expert_width, shared_experts=moe.target_shared_experts)
         return cls(get_target(recipe.target).model_type, shape.vocab_size, shape.hidden_size, shape.intermediate_size,
                    shape.num_heads, shape.head_dim, recipe.plan.mla.kv_lora_rank, recipe.plan.mla.qk_rope_head_dim,
-                   tuple(layer_types))
+                   tuple(layer_types), **experts)
 
     @classmethod
     def of_config(cls, config) -> "StudentDims":
         """From an upgraded model's config (object or config.json mapping)."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         layers = get("num_hidden_layers")
+        experts = get("num_local_experts") or get("num_experts") or get("n_routed_experts") or 0
+        types = get("mlp_layer_types")  # bailing_hybrid; deepseek_v3: MoE from first_k_dense_replace on
+        sparse = tuple(t == "sparse" for t in types) if types else tuple(
+            experts > 1 and i >= (get("first_k_dense_replace") or 0) for i in range(layers))
         return cls(get("model_type"), get("vocab_size"), get("hidden_size"), get("intermediate_size"),
                    get("num_attention_heads"), get("v_head_dim"), get("kv_lora_rank"), get("qk_rope_head_dim"),
-                   tuple(get("layer_types") or [MLA] * layers))
+                   tuple(get("layer_types") or [MLA] * layers), sparse if any(sparse) else (), experts,
+                   get("num_experts_per_tok") or 0, get("moe_intermediate_size") or 0,
+                   get("n_shared_experts") or get("num_shared_experts") or 0)
 
 
 def student_tensors(dims: StudentDims) -> dict[str, tuple[int, ...]]:
@@ -93,9 +115,16 @@ def student_tensors(dims: StudentDims) -> dict[str, tuple[int, ...]]:
                         p + "self_attn.o_proj.weight": (h, n * d)}
             if dims.model_type == "bailing_hybrid":  # head-wise output gate
                 tensors[p + "self_attn.g_proj.weight"] = (n, h)
-        tensors |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                    p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,)}
+        if dims.is_sparse(i):
+            e, w, shared = dims.experts, dims.expert_width, dims.shared_experts * dims.expert_width
+            tensors |= {p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_up_proj": (e, 2 * w, h),
+                        p + "mlp.experts.down_proj": (e, h, w), p + "mlp.shared_experts.gate_proj.weight": (shared, h),
+                        p + "mlp.shared_experts.up_proj.weight": (shared, h),
+                        p + "mlp.shared_experts.down_proj.weight": (h, shared)}
+        else:
+            tensors |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                        p + "mlp.down_proj.weight": (h, inter)}
+        tensors |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
     return tensors | {"model.norm.weight": (h,), "lm_head.weight": (dims.vocab, h)}
 
 
@@ -105,12 +134,23 @@ def teacher_root(shape) -> int:
 
 
 def teacher_parameters(shape) -> int:
-    """Parameters of a dense Llama-family source (a `sources.SourceShape`)."""
+    """Parameters of a Llama-family source, dense or MoE (a `sources.SourceShape`)."""
+    from ling_surgery.surgery.architectures import ARCHITECTURES
+
     h, n, kv, d = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
     attention = 2 * h * n * d + 2 * h * kv * d + (n * d + 2 * kv * d if shape.qkv_bias else 0) + (h if shape.o_bias else 0)
-    attention += 2 * d if shape.model_type == "qwen3" else 0  # q_norm, k_norm
-    layer = attention + 3 * h * shape.intermediate_size + 2 * h
-    return shape.num_layers * layer + teacher_root(shape)
+    arch = ARCHITECTURES.get(shape.model_type)
+    if arch is not None and arch.qk_norm is not None:  # q_norm, k_norm: per head, or over all heads (OLMoE)
+        attention += 2 * d if arch.qk_norm_per_head else (n + kv) * d
+    layers = shape.num_layers * (attention + 2 * h)
+    moe = shape.moe
+    for i in range(shape.num_layers):
+        if moe is not None and moe.sparse[i]:  # router, experts, shared expert (and Qwen2-MoE's shared gate)
+            layers += moe.num_experts * (h + 3 * h * moe.expert_width) + 3 * h * moe.shared_width
+            layers += h if moe.shared_gated else 0
+        else:
+            layers += 3 * h * shape.intermediate_size
+    return layers + teacher_root(shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -156,14 +196,15 @@ class LayerActivations:
     mlp: tuple[float, ...]  # × (hidden, intermediate, 1)
     head: dict[str, float]  # loss → × vocab
 
-    def layer(self, kind: str, dims: StudentDims, chunk: int, mlp: bool = True) -> float:
+    def layer(self, kind: str, dims: StudentDims, chunk: int, mlp: bool = True, width: int | None = None) -> float:
+        """`width`: the MLP width a token goes through (an MoE layer's top-k and shared experts; default: dense)."""
         h, n, d = dims.hidden, dims.heads, dims.head_dim
         if kind == KDA:
             features = (h, n * d, n * d * d / chunk, n * chunk, n)
             mixer = sum(c * f for c, f in zip(self.kda, features))
         else:
             mixer = sum(c * f for c, f in zip(self.mla, (h, n * (2 * d) / 2, dims.kv_lora_rank, 1)))
-        inner = sum(c * f for c, f in zip(self.mlp, (h, dims.intermediate, 1))) if mlp else 0
+        inner = sum(c * f for c, f in zip(self.mlp, (h, width or dims.intermediate, 1))) if mlp else 0
         return 4 * (mixer + inner)
 
 
@@ -256,7 +297,7 @@ def stage_memory(stage, dims: StudentDims, teacher_params: int, seq_len: int, ch
         if loss == "kl" and getattr(stage, "teacher_topk", 0):
             loss = "topk"
         head = 4 * table.head[loss] * dims.vocab
-        layers = [table.layer(kind, dims, chunk) for kind in dims.layer_types]
+        layers = [table.layer(kind, dims, chunk, width=dims.mlp_width(i)) for i, kind in enumerate(dims.layer_types)]
         per_token = sum(layers) + head
         checkpointed = len(layers) * 4 * dims.hidden + max(layers) + head
     activations = tokens * (checkpointed if stage.activation_checkpointing else per_token)
@@ -313,7 +354,7 @@ class MemoryPlan:
     def of_shape(cls, shape, recipe, layer_types) -> "MemoryPlan | None":
         """For a conversion, from the source's `SourceShape` and the recipe with its plan values resolved; None when the
         source's header lacks the sizes (vocabulary, MLP width) the arithmetic needs."""
-        if not (shape.vocab_size and shape.intermediate_size):
+        if not (shape.vocab_size and (shape.intermediate_size or shape.moe)):
             return None
         return cls.of_recipe(recipe, StudentDims.of_conversion(shape, recipe, layer_types), shape)
 

@@ -268,3 +268,98 @@ def fidelity_table(fidelity: dict[int, dict], shape: MoEShape):
     for i, f in fidelity.items():
         table.add_row(str(i), f"{f['topk_agreement']:.2%}", f"{f['weight_l1']:.3g}", f"{f['block_relative_error']:.3g}")
     return table
+
+
+# --- training: DeepSeek-V3's auxiliary-loss-free load balancing ----------------------------------------------------
+
+class ExpertLoad:
+    """Counts the tokens each expert of the student's MoE layers receives, and balances them the way DeepSeek-V3 does
+    (report §2.1.2, "auxiliary-loss-free load balancing"): after every optimizer step each router's selection bias
+    moves by γ towards equal load, b_i ← b_i + γ·sign(mean load − load_i), outside the gradient. The bias only picks
+    experts (the weights are σ(l) without it), so this steers load without an auxiliary loss pulling on the router.
+
+    Counts come from forward hooks on the routers (every training forward of the student); over several processes
+    they are summed before the update so every process moves its biases alike.
+    """
+
+    def __init__(self, model, rate: float):
+        types = getattr(model.config, "mlp_layer_types", None)
+        first = getattr(model.config, "first_k_dense_replace", 0) or 0
+        layers = model.model.layers
+        self.routers = {i: layers[i].mlp.gate for i in range(len(layers))
+                        if (types[i] == "sparse" if types else i >= first) and hasattr(layers[i].mlp, "experts")}
+        self.rate = rate
+        experts = {i: r.e_score_correction_bias.numel() for i, r in self.routers.items()}
+        self.step_counts = {i: torch.zeros(n, dtype=torch.float64) for i, n in experts.items()}
+        self.total_counts = {i: torch.zeros(n, dtype=torch.float64) for i, n in experts.items()}
+        self.handles = []
+
+    def __bool__(self) -> bool:
+        return bool(self.routers)
+
+    def __enter__(self):
+        for i, router in self.routers.items():
+            def hook(module, args, output, i=i):
+                if torch.is_grad_enabled():  # training forwards only (not evaluation inside a stage)
+                    idx = output[2].detach().reshape(-1).cpu()
+                    self.step_counts[i] += torch.bincount(idx, minlength=len(self.step_counts[i])).double()
+
+            self.handles.append(router.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @torch.no_grad()
+    def after_step(self, balance: bool) -> None:
+        """End of an optimizer step: sum the step's counts over processes, move the biases (when `balance`), reset."""
+        if not self.routers:
+            return
+        counts = torch.stack(list(self.step_counts.values()))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = next(iter(self.routers.values())).e_score_correction_bias.device  # NCCL reduces GPU tensors only
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        for (i, router), count in zip(self.routers.items(), counts):
+            self.total_counts[i] += count
+            if balance and self.rate and count.sum() > 0:
+                bias = router.e_score_correction_bias
+                bias += (self.rate * torch.sign(count.mean() - count)).to(bias.device, bias.dtype)
+            self.step_counts[i].zero_()
+
+    def state(self) -> dict:
+        """What a resumed stage needs: the biases and the counts so far."""
+        return {"biases": {i: r.e_score_correction_bias.detach().cpu().clone() for i, r in self.routers.items()},
+                "counts": {i: c.clone() for i, c in self.total_counts.items()}}
+
+    @torch.no_grad()
+    def load_state(self, state: dict) -> None:
+        for i, router in self.routers.items():
+            router.e_score_correction_bias.copy_(state["biases"][i])
+            self.total_counts[i].copy_(state["counts"][i])
+
+    def summary(self) -> dict:
+        """Per MoE layer: tokens routed (token × top-k slots), the busiest and idlest expert's load over the mean (1.0
+        is perfectly balanced), and every expert's count."""
+        out = {}
+        for i, count in self.total_counts.items():
+            mean = count.mean()
+            if mean <= 0:
+                continue
+            out[str(i)] = {"routed": int(count.sum()), "max_over_mean": round(float(count.max() / mean), 3),
+                           "min_over_mean": round(float(count.min() / mean), 3), "counts": [int(c) for c in count]}
+        return out
+
+
+def load_table(summary: dict):
+    from rich.table import Table
+
+    table = Table(title="expert load per MoE layer (1.00 = balanced)")
+    for col in ("layer", "routed", "busiest / mean", "idlest / mean"):
+        table.add_column(col, justify="right")
+    for layer, load in summary.items():
+        table.add_row(layer, str(load["routed"]), f"{load['max_over_mean']:.2f}", f"{load['min_over_mean']:.2f}")
+    return table

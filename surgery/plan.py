@@ -100,6 +100,11 @@ class Costs:
     params: int
     kv_bytes_per_token: int  # grows with context
     state_bytes_per_sequence: int  # constant: KDA recurrent + conv state
+    active_params: int | None = None  # per token, for MoE models (routed experts a token skips left out); None: params
+
+    @property
+    def active(self) -> int:
+        return self.params if self.active_params is None else self.active_params
 
     def cache_bytes(self, context: int) -> int:
         return self.kv_bytes_per_token * context + self.state_bytes_per_sequence
@@ -114,10 +119,31 @@ def count_params(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def skipped_expert_params(config) -> int:
+    """Parameters of the routed experts a token does not use: per MoE layer, (E − k) experts of 3·H·I (SwiGLU)."""
+    from ling_surgery.surgery.architectures import source_moe
+
+    moe = source_moe(config)
+    if moe is not None:
+        layers, experts, top_k, width = sum(moe.sparse), moe.num_experts, moe.top_k, moe.expert_width
+    else:  # a target config: bailing_hybrid (mlp_layer_types) or deepseek_v3 (first_k_dense_replace)
+        experts = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None) or 0
+        types = getattr(config, "mlp_layer_types", None)
+        first = getattr(config, "first_k_dense_replace", None)
+        layers = types.count("sparse") if types else max(0, config.num_hidden_layers - (first or 0)) if experts > 1 else 0
+        top_k, width = getattr(config, "num_experts_per_tok", 1), getattr(config, "moe_intermediate_size", 0)
+    return layers * max(0, experts - top_k) * 3 * config.hidden_size * width
+
+
+def _costs(config, per_token: int, state: int) -> Costs:
+    total, skipped = count_params(config), skipped_expert_params(config)
+    return Costs(total, per_token, state, total - skipped if skipped else None)
+
+
 def teacher_costs(config, kv_dtype_bytes: int = 2) -> Costs:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token = config.num_hidden_layers * 2 * kv_heads * head_dim(config) * kv_dtype_bytes
-    return Costs(count_params(config), per_token, 0)
+    return _costs(config, per_token, 0)
 
 
 def student_costs(config, kv_dtype_bytes: int = 2) -> Costs:
@@ -129,7 +155,7 @@ def student_costs(config, kv_dtype_bytes: int = 2) -> Costs:
     if n_kda:
         h, dk = config.linear_num_heads, config.linear_head_dim
         state = n_kda * (h * dk * dk * 4 + 3 * h * dk * (config.short_conv_kernel_size - 1) * kv_dtype_bytes)
-    return Costs(count_params(config), per_token, state)
+    return _costs(config, per_token, state)
 
 
 def human_bytes(n: float) -> str:

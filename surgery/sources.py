@@ -223,7 +223,7 @@ class SourceShape:
             vocab_size=get("vocab_size", 0) or 0,
             intermediate_size=get("intermediate_size", 0) or 0,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=get("model_type") == "qwen2" or bool(get("attention_bias", False)),
+            qkv_bias=get("model_type") == "qwen2" or bool(get("qkv_bias", False)) or bool(get("attention_bias", False)),
             o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)),
             moe=source_moe(config),
         )

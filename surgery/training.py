@@ -23,6 +23,7 @@ from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.defaults import logit_distill_trainable
 from ling_surgery.surgery.errors import SurgeryError
 from ling_surgery.surgery.kda import student_logits
+from ling_surgery.surgery.moe import ExpertLoad, load_table
 from ling_surgery.surgery.parameter_groups import TRAINABLE_GROUPS
 from ling_surgery.surgery.plan import KDA, mixer_types
 from ling_surgery.surgery.progress import training_progress
@@ -37,6 +38,7 @@ class StageResult:
     seconds: float = 0.0
     trainable_params: int = 0
     losses: list[float] = field(default_factory=list)
+    expert_load: dict = field(default_factory=dict)  # MoE students: moe.ExpertLoad.summary()
 
     def summary(self) -> dict:
         head = self.losses[: max(1, len(self.losses) // 10)]
@@ -50,6 +52,7 @@ class StageResult:
             "loss_first": round(sum(head) / len(head), 5) if self.losses else None,
             "loss_last": round(sum(tail) / len(tail), 5) if self.losses else None,
             "losses": [round(x, 5) for x in self.losses],
+            **({"expert_load": self.expert_load} if self.expert_load else {}),
         }
 
 
@@ -360,6 +363,9 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     else:
         select_trainable(student, groups)
     result.trainable_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    # MoE students: expert load counted on every training forward; selection biases balanced while the routers train.
+    load = ExpertLoad(student, stage.router_bias_rate)
+    balance = bool(load) and all(router.weight.requires_grad for router in load.routers.values())
     # Data parallelism through the engine: the loss runs inside a module the engine wraps, so the engine averages the
     # gradients; each process trains its share of every micro-batch. DDP (accelerate) keeps a whole replica per
     # process; FSDP2 (`shard_for_training`) and ZeRO-3 (`zero3.wrap`) shard weights, gradients and optimizer state
@@ -402,6 +408,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
                 group["lr"] = lr
         torch.set_rng_state(saved["rng"].cpu())
+        if "expert_load" in saved:
+            load.load_state(saved["expert_load"])
         done, result.losses, result.seconds = saved["step"], saved["losses"], saved["seconds"]
         result.steps, result.tokens = done, done * tokens_per_step
         if console is not None:
@@ -409,8 +417,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     batches = stage_batches(stage, ctx, ctx.window_start + done * windows_per_step)
     student.train()
     start = time.perf_counter() - result.seconds
-    with training_progress(name, steps * tokens_per_step, console or Console(quiet=True),
-                           completed=done * tokens_per_step) as progress:
+    with load, training_progress(name, steps * tokens_per_step, console or Console(quiet=True),
+                                 completed=done * tokens_per_step) as progress:
         for step in range(done, steps):
             step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
             for micro in range(accumulation):
@@ -441,6 +449,7 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                     for p, rate in row_rates.items():
                         p.copy_(before[p] + (p - before[p]) * rate)
                 optimizer.zero_grad(set_to_none=True)
+            load.after_step(balance)
             scheduler.step()
             result.losses.append(step_loss)
             result.steps += 1
@@ -463,12 +472,16 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                     "rng": torch.get_rng_state(),
                     "losses": list(result.losses),
                     "seconds": time.perf_counter() - start,
+                    "expert_load": load.state(),
                 }
                 if sharded:  # every process writes its shard
                     ctx.state.save_shard(state, step + 1, steps, rank, processes, accelerator.wait_for_everyone)
                 elif accelerator.is_main_process:  # the weights are the same in every process: one writes
                     ctx.state.save(state, step + 1, steps)
     result.seconds = time.perf_counter() - start
+    result.expert_load = load.summary()
+    if console is not None and result.expert_load:
+        console.print(load_table(result.expert_load))
     accelerator.wait_for_everyone()
     if zero:
         zero3.unwrap(engine, trained, student)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import TINY
+from helpers import MOE_TINY, TINY
 from ling_surgery.surgery.config import LogitDistillStage, LoraSettings, Recipe
 from ling_surgery.surgery.errors import RecipeError
 from ling_surgery.surgery.memory_plan import (ACTIVATIONS, GIB, Hardware, MemoryPlan, StudentDims, student_tensors,
@@ -23,24 +23,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _conversion(model_type="llama", target="hybrid-linear", **dims):
-    source = AutoConfig.for_model(model_type, **{**TINY, **dims})
+    source = AutoConfig.for_model(model_type, **{**TINY, **MOE_TINY.get(model_type, {}), **dims})
     recipe = Recipe.model_validate({"target": target, "plan": {"layer_group_size": 2} if target == "hybrid-linear" else {}})
     plan, resolved, _ = check_shapes(recipe, SourceShape.from_config(source))
     return source, resolved, plan, target_config(source, plan, resolved)
 
 
 @pytest.mark.parametrize("target", ["hybrid-linear", "all-mla"])
-def test_student_tensors_are_the_models_own(target):
-    source, recipe, plan, config = _conversion(target=target)
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "mixtral", "dots1"])
+def test_student_tensors_are_the_models_own(target, model_type):
+    source, recipe, plan, config = _conversion(model_type, target=target)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     real = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert student_tensors(StudentDims.of_config(config)) == real
+    assert student_tensors(StudentDims.of_config(json.loads(config.to_json_string()))) == real  # as config.json has it
     assert student_tensors(StudentDims.of_conversion(SourceShape.from_config(source), recipe, plan.layer_types)) == real
 
 
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("llama", {"attention_bias": True}), ("mistral", {}),
-                                              ("qwen2", {}), ("qwen3", {"tie_word_embeddings": False})])
+                                              ("qwen2", {}), ("qwen3", {"tie_word_embeddings": False}),
+                                              *((t, MOE_TINY[t]) for t in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
+                                                                           "dots1"))])
 def test_teacher_parameters_count_the_model(model_type, extra):
     config = AutoConfig.for_model(model_type, **{**TINY, **extra})
     with torch.device("meta"):

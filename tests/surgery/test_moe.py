@@ -264,3 +264,110 @@ def test_an_moe_source_without_a_supported_router_is_refused():
               "num_local_experts": 8}
     with pytest.raises(SurgeryError, match="8 experts, but its MoE router is not supported; MoE sources supported: "):
         check_source(SourceShape.from_config(config))
+
+
+# --- training MoE students ------------------------------------------------------------------------------------------
+
+def moe_setup(model_type: str = "qwen3_moe", **ctx_fields):
+    """A tiny MoE teacher, its converted student and a run context on a repetitive token stream."""
+    from ling_surgery.surgery.architectures import get_arch
+    from ling_surgery.surgery.context import RunContext
+    from ling_surgery.surgery.data import TokenStream
+
+    teacher = tiny_moe_model(model_type)
+    stream = TokenStream.of_tokens(torch.randint(3, 40, (64,), generator=torch.Generator().manual_seed(0)).repeat(40))
+    student, _ = convert_tiny(teacher, batches=[stream.windows(32)[:4]])
+    return student, RunContext(teacher, get_arch(model_type), stream, 32, torch.device("cpu"), 8, **ctx_fields)
+
+
+def biases(model):
+    return {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "dots1"])
+def test_an_moe_student_distills_with_balanced_load_reported(model_type):
+    from ling_surgery.surgery.config import LogitDistillStage
+    from ling_surgery.surgery.distill import logit_distill
+
+    student, ctx = moe_setup(model_type)
+    before = biases(student)
+    stage = LogitDistillStage(tokens=30 * 64, batch_size=2, lr=3e-3, trainable=["all"], router_bias_rate=1e-2)
+    student, result = logit_distill(student, stage, ctx)
+    losses = result["losses"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    sparse = [str(i) for i, kind in enumerate(student.config.mlp_layer_types) if kind == "sparse"]
+    load = result["expert_load"]
+    assert list(load) == sparse
+    for layer in sparse:  # every token of every step, top-k slots each
+        assert load[layer]["routed"] == 30 * 64 * 2 == sum(load[layer]["counts"])
+        assert load[layer]["max_over_mean"] >= 1 >= load[layer]["min_over_mean"]
+    after = biases(student)
+    for name, bias in after.items():  # moved in steps of the rate, outside the gradient
+        steps = (bias - before[name]) / 1e-2
+        assert steps.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-3), name
+
+
+def test_frozen_routers_keep_their_selection_biases():
+    from ling_surgery.surgery.config import LogitDistillStage
+    from ling_surgery.surgery.distill import logit_distill
+
+    student, ctx = moe_setup("dots1")
+    before = biases(student)
+    stage = LogitDistillStage(tokens=4 * 64, batch_size=2, lr=3e-3, trainable=["mixers", "norms"])
+    student, result = logit_distill(student, stage, ctx)
+    assert result["expert_load"] and all(torch.equal(b, before[n]) for n, b in biases(student).items())
+
+
+def test_a_resumed_moe_stage_ends_bit_equal_biases_included(tmp_path):
+    from helpers import dies_after_saving
+
+    from ling_surgery.surgery.checkpoint import TrainingState
+    from ling_surgery.surgery.config import LogitDistillStage
+    from ling_surgery.surgery.distill import logit_distill
+
+    stage = LogitDistillStage(tokens=6 * 64, batch_size=2, lr=3e-3, trainable=["all"], router_bias_rate=1e-2)
+    unbroken, ctx = moe_setup()
+    _, full = logit_distill(unbroken, stage, ctx)
+    broken, ctx = moe_setup()
+    ctx.state, ctx.save_every = dies_after_saving(TrainingState(tmp_path / "state.pt", "fp"), step=4), 2
+    with pytest.raises(KeyboardInterrupt):
+        logit_distill(broken, stage, ctx)
+    resumed, ctx = moe_setup()
+    ctx.state, ctx.save_every = TrainingState(tmp_path / "state.pt", "fp"), 2
+    _, result = logit_distill(resumed, stage, ctx)
+    assert result["losses"] == full["losses"] and result["expert_load"] == full["expert_load"]
+    for (name, a), b in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_moe_student_trains_under_bf16_autocast():
+    """The path every CUDA run takes: routers, experts and the selection-bias update under CPU bf16 autocast."""
+    from ling_surgery.surgery.config import LogitDistillStage
+    from ling_surgery.surgery.distill import logit_distill
+
+    stage = LogitDistillStage(tokens=4 * 64, batch_size=2, lr=3e-3, trainable=["all"])
+    student, ctx = moe_setup(bf16_autocast=True)
+    _, autocast = logit_distill(student, stage, ctx)
+    student, ctx = moe_setup()
+    _, fp32 = logit_distill(student, stage, ctx)
+    assert autocast["losses"] != fp32["losses"]  # autocast did run in bf16 ...
+    assert autocast["losses"] == pytest.approx(fp32["losses"], rel=0.1)  # ... the same function up to its rounding
+
+
+def test_the_plan_shows_total_and_active_parameters_and_plans_memory(tmp_path):
+    from rich.console import Console
+
+    from ling_surgery.surgery.config import Recipe
+    from ling_surgery.surgery.convert import plan_conversion
+    from ling_surgery.surgery.plan import skipped_expert_params
+
+    tiny_moe_model("qwen2_moe").save_pretrained(tmp_path / "src")
+    conversion = plan_conversion(Recipe.model_validate({"source": {"model": str(tmp_path / "src")},
+                                                        "plan": {"layer_group_size": 2}}))
+    console = Console(width=200, record=True)
+    console.print(conversion.table())
+    text = console.export_text()
+    # 4 MoE layers × 6 experts a token skips × 3 × 64 × 32: 0.3 M parameters, 0.15 M active
+    assert skipped_expert_params(conversion.source_config) == 4 * 6 * 3 * 64 * 32
+    assert "active parameters / token" in text and "0.1 M" in text
+    assert "logit_distill" in text  # the memory plan counts the MoE tensors too
