@@ -153,6 +153,9 @@ class ArchSpec:
     may_have_qkv_bias: bool = False  # projection biases are read from the weights when present
     hidden_act: str = "silu"
     moe: MoESpec | None = None  # MoE sources: where the experts and the router are
+    # DeepSeek's attention is already MLA (q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj): its MLA layers
+    # are copied, its KDA layers start from its NoPE queries, keys and values (init_maps.mla_source_heads)
+    mla_attention: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -165,14 +168,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mixtral": ArchSpec("mixtral", moe=MOE_SPECS["mixtral"]),
     "olmoe": ArchSpec("olmoe", qk_norm=("q_norm", "k_norm"), qk_norm_per_head=False, moe=MOE_SPECS["olmoe"]),
     "dots1": ArchSpec("dots1", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True, moe=MOE_SPECS["dots1"]),
+    "deepseek_v3": ArchSpec("deepseek_v3", mla_attention=True, moe=MOE_SPECS["deepseek_v3"]),
 }
 
 
 def source_moe(config) -> MoEShape | None:
-    """The MoE of a source config (transformers object or config.json mapping); None for a dense source."""
+    """The MoE of a source config (transformers object or config.json mapping); None for a dense source (an all-MLA
+    upgrade of a dense model is a deepseek_v3 with one expert and only dense layers)."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     arch = ARCHITECTURES.get(get("model_type"))
-    return moe_shape(arch.moe, config) if arch is not None and arch.moe is not None else None
+    if arch is None or arch.moe is None or (get(arch.moe.num_experts) or 0) <= 1:
+        return None
+    shape = moe_shape(arch.moe, config)
+    return shape if any(shape.sparse) else None
 
 
 def get_arch(model_type: str) -> ArchSpec:
@@ -197,6 +205,10 @@ def check_source(shape) -> ArchSpec:
         raise SurgeryError(
             f"hidden_act {shape.hidden_act!r} is not supported (bailing_hybrid reuses it in the KDA conv); need 'silu'"
         )
+    if arch.mla_attention and shape.q_lora_rank:
+        raise SurgeryError(f"{shape.model_type} sources with q_lora_rank {shape.q_lora_rank} (DeepSeek-V3/R1, Kimi-K2) "
+                           "are not supported: bailing_hybrid has no query LoRA in transformers; sources without it "
+                           "(DeepSeek-V2-Lite-style, Moonlight) convert")
     if shape.num_experts and arch.moe is None:
         moe_types = ", ".join(sorted(k for k, v in ARCHITECTURES.items() if v.moe))
         raise SurgeryError(f"model_type {shape.model_type!r} has {shape.num_experts} experts, but its MoE router is not "
@@ -212,6 +224,9 @@ def check_source_config(config) -> ArchSpec:
 
 
 def head_dim(config) -> int:
+    """The per-head width the upgraded model's heads take: a GQA source's head dim, an MLA source's value dim."""
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "v_head_dim", None):
+        return config.v_head_dim
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 

@@ -50,9 +50,14 @@ class ConversionPlan:
         t = self.target_config
         for a, b, kind in runs:
             label = f"{a}" if a == b else f"{a}–{b}"
-            if kind == MLA:
-                gate = "gated " if self.target.gated_mla else ""
+            gate = "gated " if self.target.gated_mla else ""
+            if kind == MLA and self.arch.mla_attention:
+                table.add_row(label, f"{gate}MLA", f"the source's MLA copied exactly (r={t.kv_lora_rank}, RoPE "
+                              f"{t.qk_rope_head_dim} dims)")
+            elif kind == MLA:
                 table.add_row(label, f"{gate}MLA", f"joint K/V SVD → r={t.kv_lora_rank}, RoPE {t.qk_rope_head_dim}/{t.qk_rope_head_dim + t.qk_nope_head_dim} dims")
+            elif self.arch.mla_attention:
+                table.add_row(label, "KDA", "q/k/v from the MLA's NoPE queries, keys and values")
             else:
                 table.add_row(label, "KDA", "q/k/v/o from attention, GQA repeated")
         costs = Table(title="costs (computed from configs)")

@@ -10,6 +10,7 @@ what it was derived from.
 | `plan.full_attention_count` | (placement: measured) L / that g                            | `num_hidden_layers` L |
 | `plan.mla.qk_rope_head_dim`| d/2, at most 64, even                                       | `head_dim` d          |
 | `plan.mla.kv_lora_rank`    | G·d/2, at most 512 and D, a multiple of 32 once ≥ 32        | KV heads G, d, hidden D |
+| `plan.mla.*` of an MLA source | the source's own (DeepSeek attention is copied)          | `kv_lora_rank`, `qk_rope_head_dim` |
 | `stages.<logit_distill>.trainable` | hybrids: [kda_mixers, mlp, norms]; all-MLA: [mixers, mlp, norms] | `target` |
 
 Why these numbers (research/anchors-methods.md):
@@ -118,6 +119,13 @@ def resolve_defaults(recipe, shape):
         value, reason = layer_group_size(shape.num_layers)
         plan["layer_group_size"] = value
         derived.append(Derived("plan.layer_group_size", value, reason))
+    if shape.mla is not None:  # DeepSeek attention stays the MLA it is: its own latent and RoPE widths
+        rank, _, rope, _ = shape.mla
+        for key, value in (("qk_rope_head_dim", rope), ("kv_lora_rank", rank)):
+            if plan["mla"][key] is None:
+                plan["mla"][key] = value
+                derived.append(Derived(f"plan.mla.{key}", value, f"the source's own MLA ({shape.model_type}): its MLA "
+                                       "layers are copied exactly"))
     if plan["mla"]["qk_rope_head_dim"] is None:
         value, reason = rope_head_dim(shape.head_dim)
         plan["mla"]["qk_rope_head_dim"] = value

@@ -35,6 +35,7 @@ class LayerStats:
     q_rms: torch.Tensor | None = None  # rms of pre-qk-norm queries per head, (H,) (per-model norm: (1,))
     k_rms: torch.Tensor | None = None  # rms of pre-qk-norm keys per KV head, (G,) (per-model norm: (1,))
     moe_inputs: torch.Tensor | None = None  # up to moe.CALIBRATION_TOKENS_PER_LAYER inputs of an MoE block, (N, D)
+    latent_rms: float | None = None  # an MLA source's mean per-token rms of its latent before kv_a_layernorm
 
 
 class Ledger:
@@ -139,7 +140,7 @@ def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
 
     | student                 | from                                                                     |
     |-------------------------|--------------------------------------------------------------------------|
-    | q_proj                  | Wq (biases/qk-norm folded)                                               |
+    | q_proj                  | Wq (biases/qk-norm folded); an MLA source: `mla_source_heads`             |
     | k_proj, v_proj          | Wk, Wv with each KV head repeated for its query heads                    |
     | conv1d                  | identity tap ε_h on the current token, so silu(ε z) ≈ ε z / 2 stays linear |
     | forget_gate.f_proj      | 0 (gate input-independent at init)                                       |
@@ -151,8 +152,13 @@ def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     """
     d = head_dim(source_config)
     heads, groups, hidden = source_config.num_attention_heads, source_config.num_key_value_heads, source_config.hidden_size
-    wq, wk, wv, wo = teacher_attention(ledger, prefix, arch, stats, d)
-    wk, wv = repeat_kv_rows(wk, groups, heads, d), repeat_kv_rows(wv, groups, heads, d)
+    if arch.mla_attention:  # DeepSeek: its NoPE queries and keys and its values; those channels carry no position
+        wq, wk, wv, wo = mla_source_heads(ledger, prefix, stats, source_config)
+        periods = torch.full((d,), float(half_life[1]), dtype=torch.float64)
+    else:
+        wq, wk, wv, wo = teacher_attention(ledger, prefix, arch, stats, d)
+        wk, wv = repeat_kv_rows(wk, groups, heads, d), repeat_kv_rows(wv, groups, heads, d)
+        periods = rope_half_lives(source_config, d, *half_life)
 
     moment = torch.eye(hidden, dtype=torch.float64) if stats is None else stats.x_moment
     taps = []
@@ -164,7 +170,7 @@ def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     conv = torch.zeros(3 * heads * d, 1, kernel, dtype=torch.float64)
     conv[:, 0, -1] = torch.cat(taps)
 
-    log_decay = -math.log(2) / rope_half_lives(source_config, d, *half_life).repeat(heads)  # g = log α per token
+    log_decay = -math.log(2) / periods.repeat(heads)  # g = log α per token
     frac = (log_decay / target_config.kda_lower_bound).clamp(1e-7, 1 - 1e-7)  # g = lower_bound · sigmoid(dt_bias)
     head_rms = torch.ones(heads, dtype=torch.float64) if stats is None else stats.head_rms
     o_proj = (wo.view(hidden, heads, d) * head_rms[None, :, None]).reshape(hidden, heads * d)
@@ -181,6 +187,53 @@ def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
         "o_norm.weight": torch.full((d,), GATE_COMPENSATION, dtype=torch.float64),
         "o_proj.weight": o_proj,
     }
+
+
+def mla_source_heads(ledger: Ledger, prefix: str, stats: LayerStats | None, source_config):
+    """Per-head q/k/v/o (H·dv rows each, float64) of a DeepSeek MLA layer, for a KDA layer in its place.
+
+    DeepSeek: q_h = [q_nope; q_rope], [k_nope_h; v_h] = kv_b_h · RMSNorm(A x)·w with A the latent rows of
+    kv_a_proj_with_mqa, and one RoPE key shared by all heads. KDA has no positions: it takes the NoPE queries and keys
+    and the values, the latent's RMSNorm folded at its calibrated rms (w ⊙ Ax / E[rms], as `_fold_qk_norm`), each
+    head's q/k cut or zero-padded to dv channels (KDA's head dim is the value dim; DeepSeek's dn = dv).
+    """
+    heads, hidden = source_config.num_attention_heads, source_config.hidden_size
+    dn, dr, dv, r = (source_config.qk_nope_head_dim, source_config.qk_rope_head_dim, source_config.v_head_dim,
+                     source_config.kv_lora_rank)
+    wq = _f64(ledger.take(f"{prefix}.q_proj.weight")).view(heads, dn + dr, hidden)[:, :dn]
+    latent = _f64(ledger.take(f"{prefix}.kv_a_proj_with_mqa.weight"))[:r]
+    norm = _f64(ledger.take(f"{prefix}.kv_a_layernorm.weight"))
+    rms = stats.latent_rms if stats is not None and stats.latent_rms is not None else 1.0
+    latent = latent * (norm / max(float(rms), 1e-6))[:, None]
+    kv_b = _f64(ledger.take(f"{prefix}.kv_b_proj.weight")).view(heads, dn + dv, r)
+    wk, wv = kv_b[:, :dn] @ latent, kv_b[:, dn:] @ latent
+
+    def to_dv(w):  # (H, dn, D) → (H, dv, D)
+        return w[:, :dv] if dn >= dv else torch.cat([w, w.new_zeros(heads, dv - dn, hidden)], dim=1)
+
+    wo = _f64(ledger.take(f"{prefix}.o_proj.weight"))
+    return to_dv(wq).reshape(heads * dv, hidden), to_dv(wk).reshape(heads * dv, hidden), wv.reshape(heads * dv, hidden), wo
+
+
+def copy_mla(ledger: Ledger, prefix: str, source_config, gated: bool = True) -> dict:
+    """A DeepSeek MLA layer as the target's MLA, exactly: every tensor copied (RoPE rows of a rotate-half source made
+    interleaved, as the target always is); gated targets get g_proj = 0 (sigmoid 1/2) and 2·o_proj (research/moe.md §3:
+    DeepseekV3Attention → BailingHybridAttention, max |diff| 0)."""
+    heads, hidden = source_config.num_attention_heads, source_config.hidden_size
+    dn, dr = source_config.qk_nope_head_dim, source_config.qk_rope_head_dim
+    take = lambda name: ledger.take(f"{prefix}.{name}.weight").clone()  # noqa: E731
+    q, kv_a, norm, kv_b, wo = (take(n) for n in ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"))
+    if not getattr(source_config, "rope_interleave", True):  # new[2j] = old[j], new[2j+1] = old[j + dr/2]
+        order = torch.stack([torch.arange(dr // 2), torch.arange(dr // 2) + dr // 2], dim=1).reshape(-1)
+        q = q.view(heads, dn + dr, hidden)
+        q = torch.cat([q[:, :dn], q[:, dn:][:, order]], dim=1).reshape(-1, hidden)
+        kv_a = torch.cat([kv_a[:-dr], kv_a[-dr:][order]])
+    mixer = {"q_proj.weight": q, "kv_a_proj_with_mqa.weight": kv_a, "kv_a_layernorm.weight": norm,
+             "kv_b_proj.weight": kv_b, "o_proj.weight": wo}
+    if gated:
+        mixer["g_proj.weight"] = torch.zeros(heads, hidden, dtype=wo.dtype)
+        mixer["o_proj.weight"] = GATE_COMPENSATION * wo
+    return mixer
 
 
 def rope_split(d: int, dr: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,6 +353,8 @@ def mla_energy_kept(teacher_state, arch: ArchSpec, source_config, target_config,
     """
     from ling_surgery.surgery.plan import MLA, mixer_types
 
+    if arch.mla_attention:  # the source's own MLA layers are copied: nothing is lost
+        return {}
     d = head_dim(source_config)
     groups, hidden = source_config.num_key_value_heads, source_config.hidden_size
     dr, r = target_config.qk_rope_head_dim, target_config.kv_lora_rank
@@ -366,7 +421,9 @@ def init_student_state(teacher_state, arch: ArchSpec, source_config, target_conf
             for name in arch.mlp:
                 out[f"{dst}.mlp.{name.split('.')[-1]}.weight"] = ledger.take(f"{src}.{name}.weight").clone()
         prefix = f"{src}.{arch.attention}"
-        if kind == MLA:
+        if kind == MLA and arch.mla_attention:
+            mixer = copy_mla(ledger, prefix, source_config, gated)
+        elif kind == MLA:
             mixer = init_mla(ledger, prefix, arch, layer_stats, source_config, target_config, init_stage.svd, gated,
                              init_stage.latent_norm)
         else:

@@ -57,6 +57,11 @@ class StudentDims:
     top_k: int = 0
     expert_width: int = 0
     shared_experts: int = 0
+    nope_dim: int | None = None  # MLA NoPE query/key dims (an MLA source's own); None: head_dim − rope_dim
+
+    @property
+    def qk_nope(self) -> int:
+        return self.head_dim - self.rope_dim if self.nope_dim is None else self.nope_dim
 
     def is_sparse(self, i: int) -> bool:
         return bool(self.sparse) and self.sparse[i]
@@ -73,6 +78,8 @@ class StudentDims:
         moe = shape.moe
         experts = {} if moe is None else dict(sparse=moe.sparse, experts=moe.num_experts, top_k=moe.top_k,
                                               expert_width=moe.expert_width, shared_experts=moe.target_shared_experts)
+        if shape.mla is not None:
+            experts["nope_dim"] = shape.mla[1]
         return cls(get_target(recipe.target).model_type, shape.vocab_size, shape.hidden_size, shape.intermediate_size,
                    shape.num_heads, shape.head_dim, recipe.plan.mla.kv_lora_rank, recipe.plan.mla.qk_rope_head_dim,
                    tuple(layer_types), **experts)
@@ -90,7 +97,7 @@ class StudentDims:
                    get("num_attention_heads"), get("v_head_dim"), get("kv_lora_rank"), get("qk_rope_head_dim"),
                    tuple(get("layer_types") or [MLA] * layers), sparse if any(sparse) else (), experts,
                    get("num_experts_per_tok") or 0, get("moe_intermediate_size") or 0,
-                   get("n_shared_experts") or get("num_shared_experts") or 0)
+                   get("n_shared_experts") or get("num_shared_experts") or 0, get("qk_nope_head_dim"))
 
 
 def student_tensors(dims: StudentDims) -> dict[str, tuple[int, ...]]:
@@ -108,10 +115,11 @@ def student_tensors(dims: StudentDims) -> dict[str, tuple[int, ...]]:
                         p + "self_attn.o_norm.weight": (d,), p + "self_attn.o_proj.weight": (h, n * d),
                         p + "self_attn.g_proj.weight": (n * d, h)}
         else:
-            tensors |= {p + "self_attn.q_proj.weight": (n * d, h),
+            dn = dims.qk_nope
+            tensors |= {p + "self_attn.q_proj.weight": (n * (dn + dr), h),
                         p + "self_attn.kv_a_proj_with_mqa.weight": (r + dr, h),
                         p + "self_attn.kv_a_layernorm.weight": (r,),
-                        p + "self_attn.kv_b_proj.weight": (n * (d - dr + d), r),
+                        p + "self_attn.kv_b_proj.weight": (n * (dn + d), r),
                         p + "self_attn.o_proj.weight": (h, n * d)}
             if dims.model_type == "bailing_hybrid":  # head-wise output gate
                 tensors[p + "self_attn.g_proj.weight"] = (n, h)
@@ -139,6 +147,9 @@ def teacher_parameters(shape) -> int:
 
     h, n, kv, d = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
     attention = 2 * h * n * d + 2 * h * kv * d + (n * d + 2 * kv * d if shape.qkv_bias else 0) + (h if shape.o_bias else 0)
+    if shape.mla is not None:  # DeepSeek: q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj
+        r, dn, dr, dv = shape.mla
+        attention = n * (dn + dr) * h + (r + dr) * h + r + n * (dn + dv) * r + h * n * dv
     arch = ARCHITECTURES.get(shape.model_type)
     if arch is not None and arch.qk_norm is not None:  # q_norm, k_norm: per head, or over all heads (OLMoE)
         attention += 2 * d if arch.qk_norm_per_head else (n + kv) * d

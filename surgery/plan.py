@@ -141,6 +141,9 @@ def _costs(config, per_token: int, state: int) -> Costs:
 
 
 def teacher_costs(config, kv_dtype_bytes: int = 2) -> Costs:
+    if getattr(config, "kv_lora_rank", None):  # an MLA source (DeepSeek): the engines cache its latents
+        per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * kv_dtype_bytes
+        return _costs(config, per_token, 0)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token = config.num_hidden_layers * 2 * kv_heads * head_dim(config) * kv_dtype_bytes
     return _costs(config, per_token, 0)

@@ -200,6 +200,9 @@ class SourceShape:
     qkv_bias: bool = False
     o_bias: bool = False
     moe: object = None  # architectures.MoEShape of an MoE source, None for a dense one
+    # DeepSeek attention (already MLA): (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim); None: GQA/MHA
+    mla: tuple[int, int, int, int] | None = None
+    q_lora_rank: int = 0
 
     @classmethod
     def from_config(cls, config) -> "SourceShape":
@@ -215,7 +218,7 @@ class SourceShape:
             hidden_size=get("hidden_size"),
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or get("hidden_size") // heads,
+            head_dim=(get("v_head_dim") if get("kv_lora_rank") else None) or get("head_dim") or get("hidden_size") // heads,
             rope_type=rope.get("rope_type", rope.get("type", "default")),
             hidden_act=get("hidden_act", "silu") or "silu",
             num_experts=get("num_local_experts", 0) or get("num_experts", 0) or get("n_routed_experts", 0) or 0,
@@ -226,6 +229,9 @@ class SourceShape:
             qkv_bias=get("model_type") == "qwen2" or bool(get("qkv_bias", False)) or bool(get("attention_bias", False)),
             o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)),
             moe=source_moe(config),
+            mla=(get("kv_lora_rank"), get("qk_nope_head_dim"), get("qk_rope_head_dim"), get("v_head_dim"))
+            if get("kv_lora_rank") and get("qk_rope_head_dim") else None,
+            q_lora_rank=get("q_lora_rank") or 0,
         )
 
     @classmethod

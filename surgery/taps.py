@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ling_surgery.surgery.architectures import ArchSpec, get_module, head_dim, source_moe
+from ling_surgery.surgery.architectures import ArchSpec, get_module, source_moe
 from ling_surgery.surgery.init_maps import LayerStats
 from ling_surgery.surgery.moe import CALIBRATION_TOKENS_PER_LAYER
 
@@ -37,7 +37,7 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
     calibration batches."""
     config = model.config
     layers = get_module(model, arch.layers)
-    d, heads = head_dim(config), config.num_attention_heads
+    heads = config.num_attention_heads
     n = len(layers)
     hidden = config.hidden_size
     moment = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(n)]
@@ -49,6 +49,7 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
     k_rms = [torch.zeros(k_groups, dtype=torch.float64) for _ in range(n)]
     moe = source_moe(config)
     moe_inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    latent_rms = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
     count = 0
     handles = []
     for i, layer in enumerate(layers):
@@ -60,7 +61,7 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
             mean[i] += x.sum(0)
 
         def o_hook(module, args, i=i):
-            z = args[0].reshape(-1, heads, d).double().cpu()
+            z = args[0].reshape(-1, heads, args[0].shape[-1] // heads).double().cpu()
             head_sq[i] += z.pow(2).mean(-1).sum(0)
 
         handles.append(attn.register_forward_hook(attn_hook, with_kwargs=True))
@@ -71,6 +72,11 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
                     acc[i] += args[0].double().pow(2).mean(-1).sqrt().reshape(-1, groups).sum(0).cpu()
 
                 handles.append(get_module(attn, name).register_forward_pre_hook(norm_hook))
+        if arch.mla_attention:
+            def latent_hook(module, args, i=i):  # the per-token rms that the latent's RMSNorm divides by
+                latent_rms[i] += args[0].double().pow(2).mean(-1).sqrt().sum().cpu()
+
+            handles.append(get_module(attn, "kv_a_layernorm").register_forward_pre_hook(latent_hook))
         if moe is not None and moe.sparse[i]:
             def moe_hook(module, args, i=i):  # the MoE block's inputs (post-attention-norm), for the router map
                 kept = sum(len(x) for x in moe_inputs[i])
@@ -96,6 +102,7 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
             q_rms=q_rms[i] / count if arch.qk_norm else None,
             k_rms=k_rms[i] / count if arch.qk_norm else None,
             moe_inputs=torch.cat(moe_inputs[i]) if moe_inputs[i] else None,
+            latent_rms=float(latent_rms[i] / count) if arch.mla_attention else None,
         )
         for i in range(n)
     ]

@@ -87,6 +87,10 @@ def shape_problems(recipe, shape) -> list[str]:
                             "MLPs only for the first layers; set plan.moe_layout: source to keep the source's layout "
                             "(the upgraded model then runs in transformers only)")
     dr, rank = recipe.plan.mla.qk_rope_head_dim, recipe.plan.mla.kv_lora_rank
+    mla = getattr(shape, "mla", None)
+    if mla is not None and (rank, dr) != (mla[0], mla[2]):
+        problems.append(f"plan.mla (kv_lora_rank {rank}, qk_rope_head_dim {dr}) differs from the source's own MLA "
+                        f"(kv_lora_rank {mla[0]}, qk_rope_head_dim {mla[2]}), which is copied exactly; leave plan.mla unset")
     if dr > shape.head_dim:
         problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; "
                         f"pick at most {shape.head_dim} or leave it unset")
@@ -124,7 +128,7 @@ def target_config(source_config, plan: LayerPlan, recipe):
     with its experts, shared experts and router settings: `architectures.target_routing`), RoPE on the dr/2
     highest-frequency pairs under θ' = θ^(dr/d) (θ'^(-2j/dr) = θ^(-2j/d)), embeddings untied.
     """
-    from ling_surgery.surgery.architectures import check_source_config, head_dim, source_moe, target_routing
+    from ling_surgery.surgery.architectures import check_source_config, get_arch, head_dim, source_moe, target_routing
     from ling_surgery.surgery.init_maps import LATENT_NORM_EPS
     from ling_surgery.surgery.sources import SourceShape
 
@@ -135,7 +139,9 @@ def target_config(source_config, plan: LayerPlan, recipe):
     dr = recipe.plan.mla.qk_rope_head_dim
     rope = dict(getattr(source_config, "rope_parameters", None) or {"rope_type": "default"})
     theta = rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0))
-    rope["rope_theta"] = float(theta) ** (dr / d)
+    mla_source = get_arch(source_config.model_type).mla_attention
+    # An MLA source's RoPE dims are copied as they are; a GQA source's kept pairs run under θ' = θ^(dr/d).
+    rope["rope_theta"] = float(theta) if mla_source else float(theta) ** (dr / d)
     rope.setdefault("rope_type", "default")
     eos = source_config.eos_token_id
     pad = getattr(source_config, "pad_token_id", None)
@@ -149,13 +155,14 @@ def target_config(source_config, plan: LayerPlan, recipe):
         num_key_value_heads=source_config.num_attention_heads,
         kv_lora_rank=recipe.plan.mla.kv_lora_rank,
         qk_rope_head_dim=dr,
-        qk_nope_head_dim=d - dr,
+        qk_nope_head_dim=source_config.qk_nope_head_dim if mla_source else d - dr,
         v_head_dim=d,
         hidden_act=source_config.hidden_act,
         max_position_embeddings=getattr(source_config, "max_position_embeddings", 4096),
         # The MLA latent norm's ε, which transformers fixes at 1e-6 and the engines read from here (init_maps); every
         # other norm sees mean squares ≫ 1e-5, so the source's ε would change nothing (SmolLM2: perplexity ±3e-5).
-        rms_norm_eps=LATENT_NORM_EPS,
+        # (an MLA source keeps its own ε, so its copied norms compute what they did)
+        rms_norm_eps=source_config.rms_norm_eps if mla_source else LATENT_NORM_EPS,
         rope_parameters=rope,
         first_k_dense_replace=layers,  # all MLPs dense
         num_mtp_layers=0,

@@ -54,7 +54,8 @@ MOE_TINY = {  # tiny MoE sources (research/moe.md §5): 8 experts of width 32, 2
     "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
     "deepseek_v3": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
-                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4),
+                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4,
+                        head_dim=8),  # transformers reads the RoPE width from head_dim
     "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                      n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5),
     "dots1": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,

@@ -183,10 +183,10 @@ def test_router_groups_must_fit_the_experts():
 
 # --- whole conversions --------------------------------------------------------------------------------------------
 
-CONVERTIBLE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "dots1"]  # Llama-style attention; DeepSeek's MLA: below
+CONVERTIBLE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "dots1", "deepseek_v3"]
 
 
-def convert_tiny(teacher, plan: dict | None = None, batches=None):
+def convert_tiny(teacher, plan: dict | None = None, batches=None, target: str = "hybrid-linear"):
     """Init maps with the plan values the recipe leaves unset derived from the source, as `convert` does."""
     from ling_surgery.surgery.architectures import get_arch
     from ling_surgery.surgery.config import Recipe
@@ -198,7 +198,7 @@ def convert_tiny(teacher, plan: dict | None = None, batches=None):
     arch = get_arch(teacher.config.model_type)
     stats = collect_stats(teacher, arch, batches or [torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(i))
                                                      for i in range(4)])
-    recipe = Recipe.model_validate({"plan": plan or {"layer_group_size": 2}})
+    recipe = Recipe.model_validate({"target": target, "plan": {"layer_group_size": 2} if plan is None else plan})
     layer_plan, resolved, _ = check_shapes(recipe, SourceShape.from_config(teacher.config))
     target = target_config(teacher.config, layer_plan, resolved)
     state = init_student_state(teacher.state_dict(), arch, teacher.config, target, stats, resolved.stages[0])
@@ -371,3 +371,58 @@ def test_the_plan_shows_total_and_active_parameters_and_plans_memory(tmp_path):
     assert skipped_expert_params(conversion.source_config) == 4 * 6 * 3 * 64 * 32
     assert "active parameters / token" in text and "0.1 M" in text
     assert "logit_distill" in text  # the memory plan counts the MoE tensors too
+
+
+# --- DeepSeek attention stays MLA exactly -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target, plan", [("hybrid-linear", {"layer_group_size": 1}), ("all-mla", {})])
+def test_an_all_mla_conversion_of_deepseek_reproduces_it_bit_for_bit(target, plan):
+    """Every layer MLA: attention copied (gated: g_proj 0, o_proj doubled), MoE copied, dense lead layer copied — the
+    golden test of the whole mapping."""
+    teacher = tiny_moe_model("deepseek_v3")
+    student, _ = convert_tiny(teacher, plan, target=target)
+    x = torch.randint(3, 100, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, teacher(x).logits)
+
+
+def test_a_rotate_half_deepseek_source_is_made_interleaved():
+    teacher = tiny_moe_model("deepseek_v3", rope_interleave=False)
+    student, _ = convert_tiny(teacher, {"layer_group_size": 1})
+    x = torch.randint(3, 100, (2, 40))
+    with torch.no_grad():  # the same scores summed in another order
+        torch.testing.assert_close(student(x).logits, teacher(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_deepseek_kda_layers_start_from_its_nope_queries_keys_and_values():
+    from ling_surgery.surgery.init_maps import Ledger, mla_source_heads
+
+    teacher = tiny_moe_model("deepseek_v3")
+    prefix = "model.layers.0.self_attn"
+    state = {k: v for k, v in teacher.state_dict().items() if k.startswith(prefix)}
+    q, k, v, o = mla_source_heads(Ledger(state), prefix, None, teacher.config)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    attn = teacher.model.layers[0].self_attn
+    latent = x @ state[f"{prefix}.kv_a_proj_with_mqa.weight"].double()[:32].T  # no norm: rms 1 without calibration
+    kv = (latent * state[f"{prefix}.kv_a_layernorm.weight"].double()) @ state[f"{prefix}.kv_b_proj.weight"].double().T
+    kv = kv.view(5, 4, 32)
+    torch.testing.assert_close((x @ k.T).view(5, 4, 16), kv[..., :16])
+    torch.testing.assert_close((x @ v.T).view(5, 4, 16), kv[..., 16:])
+    queries = (x @ attn.q_proj.weight.double().T).view(5, 4, 24)[..., :16]
+    torch.testing.assert_close((x @ q.T).view(5, 4, 16), queries)
+
+
+def test_deepseek_sources_with_query_lora_or_another_mla_shape_are_refused():
+    from ling_surgery.surgery.architectures import check_source
+    from ling_surgery.surgery.config import Recipe
+    from ling_surgery.surgery.errors import RecipeError
+    from ling_surgery.surgery.sources import SourceShape
+    from ling_surgery.surgery.targets import check_shapes
+
+    config = dict(MOE_TINY["deepseek_v3"], model_type="deepseek_v3", num_hidden_layers=2, hidden_size=64,
+                  num_attention_heads=4, q_lora_rank=16)
+    with pytest.raises(SurgeryError, match="q_lora_rank 16 .* not supported"):
+        check_source(SourceShape.from_config(config))
+    shape = SourceShape.from_config(tiny_moe_model("deepseek_v3").config)
+    with pytest.raises(RecipeError, match="differs from the source's own MLA"):
+        check_shapes(Recipe.model_validate({"plan": {"layer_group_size": 2, "mla": {"kv_lora_rank": 16}}}), shape)

@@ -35,7 +35,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
     config = load_config(resolve_source(str(tmp_path)))
-    with pytest.raises(SurgeryError, match="not supported; supported: dots1, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"):
+    with pytest.raises(SurgeryError, match="not supported; supported: deepseek_v3, dots1, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         check_source_config(config)
 
 
