@@ -17,13 +17,13 @@ per-token shift c(x) = v·x common to all experts) keeps every token's top-k cho
 Renormalised sources: the renormalisation cancels e^{−m} and any error of c, so the weights converge to the source's as
 m grows. Unnormalised sources: ρ ≈ e^m undoes the margin and the weights are p_i·e^{δ(x)}, δ the fit's residual. v is
 the least-squares fit of c on calibration inputs (`fit_router_shift`); it works where inputs share a direction, as
-the residual stream of trained LLMs does, and is kept only where it measurably helps (`map_softmax_router`). bailing's router has no logit bias, so no linear map is exact in general
-(research/moe.md §2a).
+the residual stream of trained LLMs does, and is kept only where it measurably helps (`map_softmax_router`).
+bailing's router has no logit bias, so no linear map is exact in general (research/moe.md §2a).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
@@ -243,16 +243,25 @@ def source_block(state: dict, prefix: str, spec: MoESpec) -> tuple[dict, torch.T
     return out, gate
 
 
-def fidelity_by_layer(teacher_state: dict, student_state: dict, arch, shape: MoEShape, stats) -> dict[int, dict]:
-    """`routing_fidelity` of every MoE layer on its calibration inputs (`LayerStats.moe_inputs`); empty without them."""
+def fidelity_by_layer(teacher_state: dict, student_state: dict | None, arch, shape: MoEShape, stats) -> dict[int, dict]:
+    """`routing_fidelity` of every MoE layer on its calibration inputs (`LayerStats.moe_inputs`); empty without them.
+    `student_state` None: each block is mapped here (`init_moe`), as the init stage would."""
+    from ling_surgery.surgery.init_maps import Ledger
+
     out = {}
     for i, sparse in enumerate(shape.sparse):
         inputs = None if stats is None else stats[i].moe_inputs
         if not sparse or inputs is None:
             continue
-        source, gate = source_block(teacher_state, f"{arch.layers}.{i}", arch.moe)
-        prefix = f"model.layers.{i}.mlp."
-        target = {k[len(prefix):]: v for k, v in student_state.items() if k.startswith(prefix)}
+        layer = f"{arch.layers}.{i}"
+        source, gate = source_block(teacher_state, layer, arch.moe)
+        if student_state is None:
+            block = f"{layer}.{arch.moe.block}."
+            target = init_moe(Ledger({k: v for k, v in teacher_state.items() if k.startswith(block)}), layer, arch.moe,
+                              shape, inputs)
+        else:
+            prefix = f"model.layers.{i}.mlp."
+            target = {k[len(prefix):]: v for k, v in student_state.items() if k.startswith(prefix)}
         out[i] = routing_fidelity(source, target, shape, inputs, gate)
     return out
 
@@ -268,6 +277,66 @@ def fidelity_table(fidelity: dict[int, dict], shape: MoEShape):
     for i, f in fidelity.items():
         table.add_row(str(i), f"{f['topk_agreement']:.2%}", f"{f['weight_l1']:.3g}", f"{f['block_relative_error']:.3g}")
     return table
+
+
+def router_swap(teacher, arch, shape: MoEShape, stats, windows: torch.Tensor, batch_size: int = 2) -> dict | None:
+    """The end-to-end cost of the router map alone: KL(source ‖ source whose routers are the mapped sigmoid routers) per
+    token on `windows`, and both perplexities. The experts, shared experts and attention stay the source's, so this
+    separates router error from everything the conversion replaces. Exact routers (sigmoid sources) give 0.
+
+    The swap is a forward hook on each source router returning the mapped routing (logits, weights, expert indices:
+    what every source router returns); the mapped router is fitted on the same calibration inputs `init_moe` uses.
+    None without calibration inputs."""
+    from ling_surgery.surgery.architectures import get_module
+
+    layers = get_module(teacher, arch.layers)
+    target = target_routing(shape)
+    mapped = {}
+    for i, sparse in enumerate(shape.sparse):
+        inputs = None if stats is None else stats[i].moe_inputs
+        if not sparse or inputs is None:
+            continue
+        router = get_module(layers[i], f"{arch.moe.block}.gate")
+        if shape.router == SIGMOID:
+            weight, bias, scale = router.weight.detach(), getattr(router, arch.moe.selection_bias), 1.0
+        else:
+            weight, scale = map_softmax_router(router.weight.detach(), shape, inputs)
+            bias = torch.zeros(shape.num_experts)
+        mapped[i] = (router, weight, bias, scale)
+    if not mapped:
+        return None
+
+    def nll(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+    from ling_surgery.surgery.distill import kl_divergence
+
+    total = {"kl": 0.0, "source": 0.0, "swapped": 0.0}
+    batches = list(windows.split(batch_size))
+    with torch.no_grad():
+        for ids in batches:
+            ids = ids.to(teacher.device)
+            reference = teacher(input_ids=ids).logits
+            handles = []
+            for router, weight, bias, scale in mapped.values():
+                def swap(module, args, output, weight=weight, bias=bias, scale=scale):
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    logits = x.float() @ weight.float().T
+                    idx, w = sigmoid_route(logits, bias.to(logits.device), target)
+                    return logits, (w * scale).to(output[1].dtype), idx
+
+                handles.append(router.register_forward_hook(swap))
+            try:
+                swapped = teacher(input_ids=ids).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+            total["kl"] += kl_divergence(reference, swapped).item() / len(batches)
+            total["source"] += nll(reference, ids).item()
+            total["swapped"] += nll(swapped, ids).item()
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return {"kl": total["kl"], "perplexity_source": math.exp(total["source"] / tokens),
+            "perplexity_swapped": math.exp(total["swapped"] / tokens), "tokens": int(windows.numel())}
 
 
 # --- training: DeepSeek-V3's auxiliary-loss-free load balancing ----------------------------------------------------

@@ -268,7 +268,27 @@ def measure_plan(conversion, console=None, kl_windows: int = 2):
     resolved = resolve_measured(conversion, measures) if conversion.plan.measured else conversion
     if console is not None:
         print_measures(console, measures, resolved)
+        print_router_swap(console, conversion, teacher, windows[:kl_windows])
     return measures, resolved
+
+
+def print_router_swap(console, conversion, teacher, windows: torch.Tensor) -> None:
+    """MoE sources: how the router map alone does on these windows (`moe.router_swap`, fitted on the same windows)."""
+    from ling_surgery.surgery.architectures import source_moe
+    from ling_surgery.surgery.moe import fidelity_by_layer, fidelity_table, router_swap
+    from ling_surgery.surgery.taps import collect_stats
+
+    moe = source_moe(conversion.source_config)
+    if moe is None or not len(windows):
+        return
+    stats = collect_stats(teacher, conversion.arch, [windows])
+    swap = router_swap(teacher, conversion.arch, moe, stats, windows)
+    if swap is None:
+        return
+    state = {k: v.detach() for k, v in teacher.state_dict().items()}
+    console.print(fidelity_table(fidelity_by_layer(state, None, conversion.arch, moe, stats), moe))
+    console.print(f"source with only its routers swapped: KL {swap['kl']:.3g} nats/token, perplexity "
+                  f"{swap['perplexity_source']:.4g} → {swap['perplexity_swapped']:.4g} ({swap['tokens']} tokens)")
 
 
 def print_measures(console, measures: LayerMeasures, conversion) -> None:

@@ -70,6 +70,13 @@ def vllm_refusal(config) -> str | None:
     """Why vLLM would not serve this exported config as transformers runs it (None: it would)."""
     if config.model_type != "bailing_hybrid":
         return None
+    moe = "sparse" in (getattr(config, "mlp_layer_types", None) or [])
+    if moe and not config.norm_topk_prob:
+        return ("not for vLLM: its BailingMoeV3 MoE always renormalises the routing weights, and this model's router "
+                "does not (norm_topk_prob false, as its source's); serve it with transformers")
+    if moe and "dense" in config.mlp_layer_types[config.mlp_layer_types.index("sparse"):]:
+        return ("not for vLLM: it builds dense MLPs only for the leading layers, and this model has dense layers "
+                "after MoE ones (plan.moe_layout: source); serve it with transformers")
     group, types = getattr(config, "layer_group_size", None), mixer_types(config)
     if group and engine_layer_types(config.num_hidden_layers, group) == types:
         return None

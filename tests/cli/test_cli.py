@@ -266,6 +266,26 @@ def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, message):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()
 
 
+def test_moe_sources_the_conversion_cannot_take_exit_2(tmp_path):
+    """An MoE family without a supported router, a DeepSeek source with query LoRA and dense layers the engines cannot
+    load: one line each, exit code 2, nothing written."""
+    from helpers import MOE_TINY, TINY, tiny_moe_model
+    from transformers import GraniteMoeConfig
+
+    GraniteMoeConfig(**{**TINY, "intermediate_size": 32, "num_local_experts": 8, "num_experts_per_tok": 2}
+                     ).save_pretrained(tmp_path / "granite")
+    tiny_moe_model("deepseek_v3").config.__class__(**{**TINY, **MOE_TINY["deepseek_v3"], "q_lora_rank": 16}
+                                                   ).save_pretrained(tmp_path / "qlora")
+    tiny_moe_model("qwen2_moe", mlp_only_layers=[2]).config.save_pretrained(tmp_path / "interleaved")
+    expected = {"granite": "model_type 'granitemoe' is not supported; supported: deepseek_v3",
+                "qlora": "q_lora_rank 16 (DeepSeek-V3/R1, Kimi-K2) are not supported",
+                "interleaved": "dense MLP layers [2] are not all leading"}
+    for name, message in expected.items():
+        result = run_cli("convert", str(tmp_path / name), "--output", str(tmp_path / f"{name}-out"), "--dry-run")
+        assert result.returncode == 2 and message in _error_line(result), (name, result.stderr[-500:])
+        assert "Traceback" not in result.stderr and not (tmp_path / f"{name}-out").exists()
+
+
 def test_unsupported_architecture_exit_2(tmp_path):
     from transformers import GPT2Config
 

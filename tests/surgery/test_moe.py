@@ -426,3 +426,53 @@ def test_deepseek_sources_with_query_lora_or_another_mla_shape_are_refused():
     shape = SourceShape.from_config(tiny_moe_model("deepseek_v3").config)
     with pytest.raises(RecipeError, match="differs from the source's own MLA"):
         check_shapes(Recipe.model_validate({"plan": {"layer_group_size": 2, "mla": {"kv_lora_rank": 16}}}), shape)
+
+
+# --- the router map alone, end to end -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["dots1", "mixtral", "olmoe"])
+def test_router_swap_measures_the_router_map_alone(model_type):
+    from ling_surgery.surgery.architectures import get_arch
+    from ling_surgery.surgery.taps import collect_stats
+
+    teacher = tiny_moe_model(model_type)
+    windows = torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_stats(teacher, get_arch(model_type), [windows])
+    swap = moe.router_swap(teacher, get_arch(model_type), shape_of(teacher), stats, windows)
+    if model_type == "dots1":  # DeepSeek-V3's router: the same function
+        assert swap["kl"] == 0 and swap["perplexity_swapped"] == swap["perplexity_source"]
+    else:
+        assert 0 < swap["kl"] < 1e-3
+    from dataclasses import replace
+
+    without = [replace(s, moe_inputs=None) for s in stats]
+    assert moe.router_swap(teacher, get_arch(model_type), shape_of(teacher), without, windows) is None
+
+
+def test_plan_measure_prints_the_moe_map_of_a_moe_source(tmp_path):
+    from helpers import tiny_overrides, tiny_source_with_text
+    from rich.console import Console
+
+    from ling_surgery.surgery.config import load_recipe
+    from ling_surgery.surgery.convert import plan_conversion
+    from ling_surgery.surgery.placement import measure_plan
+
+    source = tiny_source_with_text(tmp_path, "mixtral")
+    recipe = load_recipe("ci-smoke", tiny_overrides(*source) + ["plan.layer_group_size=null", "plan.placement=measured",
+                                                                "plan.full_attention_count=2"])
+    console = Console(record=True, width=160)
+    measure_plan(plan_conversion(recipe), console)
+    text = console.export_text()
+    assert "MoE blocks after init" in text and "100.00%" in text and "routers swapped: KL" in text
+
+
+def test_what_vllm_would_serve_differently_is_named():
+    from ling_surgery.surgery.plan import vllm_refusal
+
+    renormalised, _ = convert_tiny(tiny_moe_model("deepseek_v3"))
+    assert vllm_refusal(renormalised.config) is None
+    unnormalised, _ = convert_tiny(tiny_moe_model("dots1", norm_topk_prob=False))
+    assert "always renormalises" in vllm_refusal(unnormalised.config)
+    interleaved, _ = convert_tiny(tiny_moe_model("qwen3_moe", mlp_only_layers=[2]),
+                                  {"layer_group_size": 2, "moe_layout": "source"})
+    assert "dense MLPs only for the leading layers" in vllm_refusal(interleaved.config)
