@@ -151,6 +151,7 @@ class ArchSpec:
     qk_norm: tuple[str, str] | None = None  # RMSNorm on q and k before RoPE (Qwen3: per head; read when present)
     qk_norm_per_head: bool = True  # False: one RMSNorm over all heads' channels (OLMoE)
     may_have_qkv_bias: bool = False  # projection biases are read from the weights when present
+    o_bias: bool = True  # attention_bias also puts a bias on o_proj (Llama); False: on q/k/v only (GLM-4.5)
     hidden_act: str = "silu"
     moe: MoESpec | None = None  # MoE sources: where the experts and the router are
     # DeepSeek's attention is already MLA (q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj): its MLA layers
@@ -169,6 +170,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "olmoe": ArchSpec("olmoe", qk_norm=("q_norm", "k_norm"), qk_norm_per_head=False, moe=MOE_SPECS["olmoe"]),
     "dots1": ArchSpec("dots1", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True, moe=MOE_SPECS["dots1"]),
     "deepseek_v3": ArchSpec("deepseek_v3", mla_attention=True, moe=MOE_SPECS["deepseek_v3"]),
+    # GLM-4.5: RoPE on the first half of each head, q/k/v biases (attention_bias), optional per-head q/k norms
+    "glm4_moe": ArchSpec("glm4_moe", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True, o_bias=False,
+                         moe=MOE_SPECS["glm4_moe"]),
 }
 
 
@@ -221,6 +225,18 @@ def check_source_config(config) -> ArchSpec:
     from ling_surgery.surgery.sources import SourceShape
 
     return check_source(SourceShape.from_config(config))
+
+
+def rotary_dim(config) -> int:
+    """How many channels of each head RoPE rotates (partial rotary, GLM-4.5: the first half), even; an MLA source's
+    RoPE width. Pairs are (j, j + R/2) at θ^(-2j/R)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if get("kv_lora_rank") and get("qk_rope_head_dim"):
+        return get("qk_rope_head_dim")
+    rope = get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", get("partial_rotary_factor")) or 1.0
+    d = get("head_dim") or get("hidden_size") // get("num_attention_heads")
+    return int(d * factor) // 2 * 2
 
 
 def head_dim(config) -> int:

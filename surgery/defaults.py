@@ -128,6 +128,9 @@ def resolve_defaults(recipe, shape):
                                        "layers are copied exactly"))
     if plan["mla"]["qk_rope_head_dim"] is None:
         value, reason = rope_head_dim(shape.head_dim)
+        if shape.rotary_dim and shape.rotary_dim < value:  # partial rotary: only the rotated channels carry position
+            value, reason = shape.rotary_dim, (f"derived from the source's partial rotary: RoPE on {shape.rotary_dim} "
+                                               f"of {shape.head_dim} channels per head, all kept")
         plan["mla"]["qk_rope_head_dim"] = value
         derived.append(Derived("plan.mla.qk_rope_head_dim", value, reason))
     if plan["mla"]["kv_lora_rank"] is None:

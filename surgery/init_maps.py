@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ling_surgery.surgery.architectures import ArchSpec, head_dim
+from ling_surgery.surgery.architectures import ArchSpec, head_dim, rotary_dim
 from ling_surgery.surgery.errors import SurgeryError
 
 GATE_COMPENSATION = 2.0  # sigmoid(0) = 0.5 for zero-initialised output gates; the next linear map doubles back
@@ -109,10 +109,11 @@ def teacher_attention(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerS
     if bo is not None and bo.abs().max() > 0:
         raise SurgeryError("sources with an o_proj bias are not supported (bailing_hybrid has none on KDA layers)")
     wq, wk, wv = (absorb_bias(w, None if b is None else _f64(b), stats) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-    if arch.qk_norm is not None:
-        qn, kn = (_f64(ledger.take(f"{prefix}.{n}.weight")) for n in arch.qk_norm)
-        wq = _fold_qk_norm(wq, qn, None if stats is None else stats.q_rms)
-        wk = _fold_qk_norm(wk, kn, None if stats is None else stats.k_rms)
+    if arch.qk_norm is not None:  # read when present (GLM-4.5: use_qk_norm)
+        qn, kn = (ledger.take_optional(f"{prefix}.{n}.weight") for n in arch.qk_norm)
+        if qn is not None:
+            wq = _fold_qk_norm(wq, _f64(qn), None if stats is None else stats.q_rms)
+            wk = _fold_qk_norm(wk, _f64(kn), None if stats is None else stats.k_rms)
     return wq, wk, wv, wo
 
 
@@ -124,14 +125,16 @@ def repeat_kv_rows(weight: torch.Tensor, groups: int, heads: int, d: int) -> tor
 def rope_half_lives(source_config, d: int, lo: float, hi: float) -> torch.Tensor:
     """Per key channel, the period (tokens) of the RoPE pair it belongs to in the teacher, clamped to [lo, hi].
 
-    Llama's rotate_half pairs channel i with i + d/2 at frequency ω_i = θ^(-2i/d): channels that encode short-range
-    position rotate fast, so they get a short memory, slow channels a long one.
+    Llama's rotate_half pairs channel i with i + R/2 at frequency ω_i = θ^(-2i/R) (R = d, or the rotated part of a
+    partial-rotary head, whose other channels carry no position and get the longest memory): channels that encode
+    short-range position rotate fast, so they get a short memory, slow channels a long one.
     """
     rope = getattr(source_config, "rope_parameters", None) or {}
     theta = float(rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0)))
-    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    rotary = rotary_dim(source_config)
+    freq = theta ** (-torch.arange(0, rotary, 2, dtype=torch.float64) / rotary)
     period = (2 * math.pi / freq).clamp(lo, hi)
-    return torch.cat([period, period])
+    return torch.cat([period, period, torch.full((d - rotary,), float(hi), dtype=torch.float64)])
 
 
 def init_kda(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | None, source_config, target_config,
@@ -236,14 +239,14 @@ def copy_mla(ledger: Ledger, prefix: str, source_config, gated: bool = True) -> 
     return mixer
 
 
-def rope_split(d: int, dr: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rope_split(d: int, dr: int, rotary: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channel indices of the teacher head: NoPE channels, and the first/second halves of the kept RoPE pairs.
 
-    The dr/2 highest-frequency pairs (i, i + d/2), i < dr/2, keep RoPE (under θ' = θ^(dr/d) their frequencies are
-    unchanged); every other channel becomes NoPE.
+    The dr/2 highest-frequency pairs (i, i + R/2), i < dr/2, keep RoPE (R = `rotary`, the rotated channels: d unless
+    partial; under θ' = θ^(dr/R) their frequencies are unchanged); every other channel becomes NoPE.
     """
     first = torch.arange(dr // 2)
-    second = first + d // 2
+    second = first + (rotary or d) // 2
     kept = set(first.tolist()) | set(second.tolist())
     nope = torch.tensor([c for c in range(d) if c not in kept], dtype=torch.long)
     return nope, first, second
@@ -310,7 +313,7 @@ def init_mla(ledger: Ledger, prefix: str, arch: ArchSpec, stats: LayerStats | No
     use_stats = stats is not None and svd == "activation"
     moment = stats.x_moment if use_stats else torch.eye(hidden, dtype=torch.float64)
     sqrt_c, inv_sqrt_c = _sqrt_and_inv_sqrt(moment) if use_stats else (moment, moment)
-    nope, first, second = rope_split(d, dr)
+    nope, first, second = rope_split(d, dr, rotary_dim(source_config))
     wq_h, wk_g, wv_g = wq.view(heads, d, hidden), wk.view(groups, d, hidden), wv.view(groups, d, hidden)
 
     # Shared RoPE key and the per-group complex factors folded into the queries.
@@ -358,7 +361,7 @@ def mla_energy_kept(teacher_state, arch: ArchSpec, source_config, target_config,
     d = head_dim(source_config)
     groups, hidden = source_config.num_key_value_heads, source_config.hidden_size
     dr, r = target_config.qk_rope_head_dim, target_config.kv_lora_rank
-    nope, first, second = rope_split(d, dr)
+    nope, first, second = rope_split(d, dr, rotary_dim(source_config))
     out = {}
     for i, kind in enumerate(mixer_types(target_config)):
         if kind != MLA:

@@ -151,7 +151,7 @@ def teacher_parameters(shape) -> int:
         r, dn, dr, dv = shape.mla
         attention = n * (dn + dr) * h + (r + dr) * h + r + n * (dn + dv) * r + h * n * dv
     arch = ARCHITECTURES.get(shape.model_type)
-    if arch is not None and arch.qk_norm is not None:  # q_norm, k_norm: per head, or over all heads (OLMoE)
+    if shape.qk_norm:  # q_norm, k_norm: per head, or over all heads (OLMoE)
         attention += 2 * d if arch.qk_norm_per_head else (n + kv) * d
     layers = shape.num_layers * (attention + 2 * h)
     moe = shape.moe

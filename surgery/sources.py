@@ -203,11 +203,13 @@ class SourceShape:
     # DeepSeek attention (already MLA): (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim); None: GQA/MHA
     mla: tuple[int, int, int, int] | None = None
     q_lora_rank: int = 0
+    rotary_dim: int = 0  # channels of each head RoPE rotates (partial rotary: fewer than head_dim); 0: unknown
+    qk_norm: bool = False  # RMSNorms on q and k (the family has them and, for GLM-4.5, use_qk_norm is on)
 
     @classmethod
     def from_config(cls, config) -> "SourceShape":
         """From a transformers config object or a raw config.json mapping."""
-        from ling_surgery.surgery.architectures import source_moe
+        from ling_surgery.surgery.architectures import ARCHITECTURES, rotary_dim, source_moe
 
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         heads = get("num_attention_heads")
@@ -227,11 +229,15 @@ class SourceShape:
             intermediate_size=get("intermediate_size", 0) or 0,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=get("model_type") == "qwen2" or bool(get("qkv_bias", False)) or bool(get("attention_bias", False)),
-            o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)),
+            o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)) and (
+                get("model_type") not in ARCHITECTURES or ARCHITECTURES[get("model_type")].o_bias),
             moe=source_moe(config),
             mla=(get("kv_lora_rank"), get("qk_nope_head_dim"), get("qk_rope_head_dim"), get("v_head_dim"))
             if get("kv_lora_rank") and get("qk_rope_head_dim") else None,
             q_lora_rank=get("q_lora_rank") or 0,
+            rotary_dim=rotary_dim(config),
+            qk_norm=get("model_type") in ARCHITECTURES and ARCHITECTURES[get("model_type")].qk_norm is not None
+            and get("use_qk_norm", True) is not False,
         )
 
     @classmethod
@@ -254,6 +260,8 @@ class SourceShape:
             vocab_size=meta.get(f"{arch}.vocab_size", 0) or meta.get("tokenizer.ggml.tokens#count", 0),
             tie_word_embeddings=bool(meta["#tensor_names"]) and "output.weight" not in meta["#tensor_names"],
             intermediate_size=meta.get(f"{arch}.feed_forward_length", 0),
+            rotary_dim=meta.get(f"{arch}.rope.dimension_count", meta.get(f"{arch}.attention.key_length",
+                                                                          hidden // max(heads, 1))),
         )
 
 

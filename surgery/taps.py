@@ -66,7 +66,7 @@ def collect_stats(model, arch: ArchSpec, batches) -> list[LayerStats]:
 
         handles.append(attn.register_forward_hook(attn_hook, with_kwargs=True))
         handles.append(get_module(attn, arch.o_proj).register_forward_pre_hook(o_hook))
-        if arch.qk_norm is not None:
+        if arch.qk_norm is not None and hasattr(attn, arch.qk_norm[0]):
             for name, acc, groups in zip(arch.qk_norm, (q_rms, k_rms), (q_groups, k_groups)):
                 def norm_hook(module, args, acc=acc, i=i, groups=groups):
                     acc[i] += args[0].double().pow(2).mean(-1).sqrt().reshape(-1, groups).sum(0).cpu()

@@ -91,9 +91,11 @@ def shape_problems(recipe, shape) -> list[str]:
     if mla is not None and (rank, dr) != (mla[0], mla[2]):
         problems.append(f"plan.mla (kv_lora_rank {rank}, qk_rope_head_dim {dr}) differs from the source's own MLA "
                         f"(kv_lora_rank {mla[0]}, qk_rope_head_dim {mla[2]}), which is copied exactly; leave plan.mla unset")
-    if dr > shape.head_dim:
-        problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source head_dim {shape.head_dim}; "
-                        f"pick at most {shape.head_dim} or leave it unset")
+    rotary = getattr(shape, "rotary_dim", 0) or shape.head_dim
+    if dr > rotary:
+        what = "head_dim" if rotary == shape.head_dim else "rotated channels per head"
+        problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source's {rotary} {what}; "
+                        f"pick at most {rotary} or leave it unset")
     if rank > shape.hidden_size:
         problems.append(f"plan.mla.kv_lora_rank {rank} exceeds hidden_size {shape.hidden_size}; pick a smaller rank or "
                         "leave it unset")
@@ -128,7 +130,8 @@ def target_config(source_config, plan: LayerPlan, recipe):
     with its experts, shared experts and router settings: `architectures.target_routing`), RoPE on the dr/2
     highest-frequency pairs under θ' = θ^(dr/d) (θ'^(-2j/dr) = θ^(-2j/d)), embeddings untied.
     """
-    from ling_surgery.surgery.architectures import check_source_config, get_arch, head_dim, source_moe, target_routing
+    from ling_surgery.surgery.architectures import (check_source_config, get_arch, head_dim, rotary_dim, source_moe,
+                                                    target_routing)
     from ling_surgery.surgery.init_maps import LATENT_NORM_EPS
     from ling_surgery.surgery.sources import SourceShape
 
@@ -140,9 +143,11 @@ def target_config(source_config, plan: LayerPlan, recipe):
     rope = dict(getattr(source_config, "rope_parameters", None) or {"rope_type": "default"})
     theta = rope.get("rope_theta", getattr(source_config, "rope_theta", 10000.0))
     mla_source = get_arch(source_config.model_type).mla_attention
-    # An MLA source's RoPE dims are copied as they are; a GQA source's kept pairs run under θ' = θ^(dr/d).
-    rope["rope_theta"] = float(theta) if mla_source else float(theta) ** (dr / d)
+    # An MLA source's RoPE dims are copied as they are; a GQA source's kept pairs run under θ' = θ^(dr/R), R its rotated
+    # channels (all d, or a partial-rotary head's first part), and MLA rotates all its dr RoPE dims.
+    rope["rope_theta"] = float(theta) if mla_source else float(theta) ** (dr / rotary_dim(source_config))
     rope.setdefault("rope_type", "default")
+    rope.pop("partial_rotary_factor", None)
     eos = source_config.eos_token_id
     pad = getattr(source_config, "pad_token_id", None)
     layers = plan.num_layers

@@ -291,7 +291,7 @@ def test_unsupported_architecture_exit_2(tmp_path):
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     result = run_cli("convert", str(tmp_path / "gpt2"), "--output", str(tmp_path / "o"))
-    assert result.returncode == 2 and "supported: deepseek_v3, dots1, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3" in _error_line(result)
+    assert result.returncode == 2 and "supported: deepseek_v3, dots1, glm4_moe, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3" in _error_line(result)
     result = run_cli("export", str(tmp_path / "gpt2"), "--format", "gguf", "--output", str(tmp_path / "o.gguf"))
     assert result.returncode == 2 and "supported model types: bailing_hybrid, llama, mistral" in _error_line(result)
     assert not (tmp_path / "o.gguf").exists()

@@ -30,7 +30,7 @@ def _conversion(model_type="llama", target="hybrid-linear", **dims):
 
 
 @pytest.mark.parametrize("target", ["hybrid-linear", "all-mla"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "mixtral", "dots1", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "mixtral", "dots1", "deepseek_v3", "glm4_moe"])
 def test_student_tensors_are_the_models_own(target, model_type):
     source, recipe, plan, config = _conversion(model_type, target=target)
     with torch.device("meta"):
@@ -44,7 +44,9 @@ def test_student_tensors_are_the_models_own(target, model_type):
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("llama", {"attention_bias": True}), ("mistral", {}),
                                               ("qwen2", {}), ("qwen3", {"tie_word_embeddings": False}),
                                               *((t, MOE_TINY[t]) for t in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
-                                                                           "dots1", "deepseek_v3"))])
+                                                                           "dots1", "deepseek_v3", "glm4_moe")),
+                                              ("glm4_moe", {**MOE_TINY["glm4_moe"], "attention_bias": True,
+                                                            "use_qk_norm": True})])
 def test_teacher_parameters_count_the_model(model_type, extra):
     config = AutoConfig.for_model(model_type, **{**TINY, **extra})
     with torch.device("meta"):

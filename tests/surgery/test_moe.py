@@ -183,10 +183,10 @@ def test_router_groups_must_fit_the_experts():
 
 # --- whole conversions --------------------------------------------------------------------------------------------
 
-CONVERTIBLE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "dots1", "deepseek_v3"]
+CONVERTIBLE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "dots1", "deepseek_v3", "glm4_moe"]
 
 
-def convert_tiny(teacher, plan: dict | None = None, batches=None, target: str = "hybrid-linear"):
+def convert_tiny(teacher, plan: dict | None = None, batches=None, target: str = "hybrid-linear", init: dict | None = None):
     """Init maps with the plan values the recipe leaves unset derived from the source, as `convert` does."""
     from ling_surgery.surgery.architectures import get_arch
     from ling_surgery.surgery.config import Recipe
@@ -198,7 +198,8 @@ def convert_tiny(teacher, plan: dict | None = None, batches=None, target: str = 
     arch = get_arch(teacher.config.model_type)
     stats = collect_stats(teacher, arch, batches or [torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(i))
                                                      for i in range(4)])
-    recipe = Recipe.model_validate({"target": target, "plan": {"layer_group_size": 2} if plan is None else plan})
+    recipe = Recipe.model_validate({"target": target, "plan": {"layer_group_size": 2} if plan is None else plan,
+                                    **({"stages": [{"kind": "init", **init}]} if init else {})})
     layer_plan, resolved, _ = check_shapes(recipe, SourceShape.from_config(teacher.config))
     target = target_config(teacher.config, layer_plan, resolved)
     state = init_student_state(teacher.state_dict(), arch, teacher.config, target, stats, resolved.stages[0])
@@ -476,3 +477,38 @@ def test_what_vllm_would_serve_differently_is_named():
     interleaved, _ = convert_tiny(tiny_moe_model("qwen3_moe", mlp_only_layers=[2]),
                                   {"layer_group_size": 2, "moe_layout": "source"})
     assert "dense MLPs only for the leading layers" in vllm_refusal(interleaved.config)
+
+
+# --- GLM-4.5: partial rotary, q/k/v biases, optional q/k norms --------------------------------------------------
+
+def test_partial_rotary_keeps_the_rotated_pairs_exactly():
+    """MQA GLM, all layers MLA, every rotated pair kept (dr = R = 8 of 16 channels), full-rank latent: the MLA init
+    matches the teacher, so the pairs (j, j + R/2) and θ' = θ^(dr/R) are right."""
+    teacher = tiny_moe_model("glm4_moe", num_key_value_heads=1)
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight.mul_(50)  # keep rms(h) ≫ the norms' eps, which the latent norm re-applies
+        for layer in teacher.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+    plan = {"layer_group_size": 1, "mla": {"kv_lora_rank": 24, "qk_rope_head_dim": 8}}
+    student, _ = convert_tiny(teacher, plan, init={"svd": "weight"})
+    assert student.config.rope_parameters["rope_theta"] == pytest.approx(10000.0)  # θ^(8/8): the rotated pairs' own
+    ids = torch.randint(3, 100, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_glm_with_biases_and_qk_norms_converts_and_more_rope_than_it_rotates_is_refused():
+    from ling_surgery.surgery.config import Recipe
+    from ling_surgery.surgery.errors import RecipeError
+    from ling_surgery.surgery.sources import SourceShape
+    from ling_surgery.surgery.targets import check_shapes
+
+    teacher = tiny_moe_model("glm4_moe", attention_bias=True, use_qk_norm=True)
+    student, _ = convert_tiny(teacher)  # every teacher tensor accounted for, biases and norms folded
+    x = torch.randint(3, 100, (1, 24))
+    with torch.no_grad():
+        assert torch.isfinite(student(x).logits).all()
+    shape = SourceShape.from_config(teacher.config)
+    assert (shape.rotary_dim, shape.qkv_bias, shape.o_bias) == (8, True, False)
+    with pytest.raises(RecipeError, match="qk_rope_head_dim 16 exceeds the source's 8 rotated channels per head"):
+        check_shapes(Recipe.model_validate({"plan": {"layer_group_size": 2, "mla": {"qk_rope_head_dim": 16}}}), shape)

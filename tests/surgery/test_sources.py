@@ -35,7 +35,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
     config = load_config(resolve_source(str(tmp_path)))
-    with pytest.raises(SurgeryError, match="not supported; supported: deepseek_v3, dots1, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"):
+    with pytest.raises(SurgeryError, match="not supported; supported: deepseek_v3, dots1, glm4_moe, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         check_source_config(config)
 
 
@@ -70,7 +70,8 @@ def test_gguf_header_reader_skips_arrays_and_reads_scalars(tmp_path):
     assert "tokenizer.ggml.tokens" not in meta and meta["tokenizer.ggml.tokens#count"] == 4
     assert meta["#tensor_names"] == ["token_embd.weight"]
     # the vocabulary's size from the token list, tied embeddings from the missing output.weight (memory plan)
-    assert SourceShape.from_gguf(path) == SourceShape("llama", 6, 64, 4, 2, 16, vocab_size=4, tie_word_embeddings=True)
+    assert SourceShape.from_gguf(path) == SourceShape("llama", 6, 64, 4, 2, 16, vocab_size=4, tie_word_embeddings=True,
+                                                    rotary_dim=16)
 
 
 def test_not_a_gguf_file_is_a_one_line_error(tmp_path):
