@@ -271,7 +271,9 @@ def fidelity_table(fidelity: dict[int, dict], shape: MoEShape):
     from rich.table import Table
 
     router = "copied (DeepSeek-V3's)" if shape.router == SIGMOID else "softmax → sigmoid, choice kept"
-    table = Table(title=f"MoE blocks after init ({router}; on calibration text)")
+    caption = ("the source's shared expert is scaled per token by σ(g·x), which the target cannot represent: it is "
+               "replaced by its least-squares constant (in the block error)" if shape.shared_gated else None)
+    table = Table(title=f"MoE blocks after init ({router}; on calibration text)", caption=caption)
     for col in ("layer", "top-k agreement", "routing-weight L1", "block rel. error"):
         table.add_column(col, justify="right")
     for i, f in fidelity.items():
