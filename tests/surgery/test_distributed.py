@@ -177,3 +177,39 @@ def test_a_nan_loss_in_one_process_stops_every_process_with_one_message(tmp_path
     errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(2)]
     assert errors[0] == errors[1]  # the same line in both: the main process prints it
     assert "loss became nan at step 0 in process 1 of 2" in errors[0] and "lower stages.logit_distill.lr" in errors[0]
+
+
+def _train_moe(work_dir, engine: str):
+    """A tiny Qwen3-MoE student's logit distillation with the routers and their selection biases training."""
+    from test_moe import biases, moe_setup
+
+    student, ctx = moe_setup("qwen3_moe")
+    ctx.work_dir, ctx.engine = work_dir, engine
+    stage = LogitDistillStage(tokens=4 * 128, batch_size=2, grad_accumulation=2, lr=1e-3, trainable=["all"],
+                              router_bias_rate=1e-2)
+    student, result = logit_distill(student, stage, ctx)
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    return weights, biases(student), result
+
+
+def _moe_worker(rank: int, world: int, port: int, work_dir, out, engine):
+    as_process(rank, world, port)
+    weights, bias, result = _train_moe(work_dir, engine)
+    torch.save({"weights": weights, "biases": bias, "load": result["expert_load"]}, out / f"moe{rank}.pt")
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
+def test_moe_students_balance_alike_over_two_processes(engine, tmp_path):
+    """Expert counts are summed over the processes before each selection-bias update: two processes move every bias
+    as one process does, and report the same load."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    weights, bias, result = _train_moe(tmp_path / "one", "ddp")
+    mp.spawn(_moe_worker, args=(2, _free_port(), tmp_path / "two", tmp_path, engine), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"moe{r}.pt") for r in range(2)]
+    for name, expected in bias.items():
+        assert torch.equal(ranks[0]["biases"][name], ranks[1]["biases"][name]), name
+        assert torch.equal(ranks[0]["biases"][name], expected), name
+    assert ranks[0]["load"] == ranks[1]["load"] == result["expert_load"]
+    for name, expected in weights.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], expected, atol=2e-5, rtol=1e-4, msg=name)
