@@ -15,9 +15,10 @@ per-token shift c(x) = v·x common to all experts) keeps every token's top-k cho
     σ(l_i + c) ≈ e^{l_i − log Z} · e^{−m} = p_i · e^{−m}.
 
 Renormalised sources: the renormalisation cancels e^{−m} and any error of c, so the weights converge to the source's as
-m grows. Unnormalised sources: ρ ≈ e^m undoes the margin and the weights are p_i·e^{δ(x)}, δ the fit's residual. v is
-the least-squares fit of c on calibration inputs (`fit_router_shift`); it works where inputs share a direction, as
-the residual stream of trained LLMs does, and is kept only where it measurably helps (`map_softmax_router`).
+m grows. Unnormalised sources: the target renormalises too (vLLM always does), so their weights p_i become
+ρ·p_i / Σ_S p_j with ρ a least-squares constant: approximate, measured. v is the least-squares fit of c on
+calibration inputs (`fit_router_shift`); it works where inputs share a direction, as the residual stream of trained
+LLMs does, and is kept only where it measurably helps (`map_softmax_router`).
 bailing's router has no logit bias, so no linear map is exact in general (research/moe.md §2a).
 """
 
@@ -45,20 +46,20 @@ def softmax_route(logits: torch.Tensor, top_k: int, renormalise: bool):
     return idx, weights
 
 
-def sigmoid_route(logits: torch.Tensor, bias: torch.Tensor, shape: MoEShape, scaling: float | None = None):
+def sigmoid_route(logits: torch.Tensor, bias: torch.Tensor, shape: MoEShape):
     """DeepSeek-V3's routing (the target's): σ scores, choice-only bias, group-limited top-k, renorm, scaling."""
     scores = logits.float().sigmoid()
-    choice = scores + bias.float()
+    choice = scores + bias.float().to(scores.device)
     experts = choice.shape[-1]
     grouped = choice.view(-1, shape.n_group, experts // shape.n_group)
     group_idx = grouped.topk(2, dim=-1)[0].sum(-1).topk(shape.topk_group, dim=-1, sorted=False)[1]
-    keep = torch.zeros(len(choice), shape.n_group, dtype=torch.bool).scatter_(1, group_idx, True)
+    keep = torch.zeros(len(choice), shape.n_group, dtype=torch.bool, device=choice.device).scatter_(1, group_idx, True)
     choice = choice.masked_fill(~keep.repeat_interleave(experts // shape.n_group, dim=1), float("-inf"))
     idx = torch.topk(choice, shape.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, idx)
     if shape.renormalise:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return idx, weights * (shape.scaling if scaling is None else scaling)
+    return idx, weights * shape.scaling
 
 
 def experts_output(gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
@@ -371,9 +372,12 @@ class ExpertLoad:
     def __enter__(self):
         for i, router in self.routers.items():
             def hook(module, args, output, i=i):
-                if torch.is_grad_enabled():  # training forwards only (not evaluation inside a stage)
-                    idx = output[2].detach().reshape(-1).cpu()
-                    self.step_counts[i] += torch.bincount(idx, minlength=len(self.step_counts[i])).double()
+                # Training forwards only: not evaluation inside a stage (no grad), nor activation checkpointing's
+                # recomputation, which runs inside the backward pass (a graph task is running).
+                if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+                    idx = output[2].detach().reshape(-1)
+                    count = torch.bincount(idx, minlength=len(self.step_counts[i]))
+                    self.step_counts[i] += count.cpu().double()
 
             self.handles.append(router.register_forward_hook(hook))
         return self

@@ -512,3 +512,13 @@ def test_glm_with_biases_and_qk_norms_converts_and_more_rope_than_it_rotates_is_
     assert (shape.rotary_dim, shape.qkv_bias, shape.o_bias) == (8, True, False)
     with pytest.raises(RecipeError, match="qk_rope_head_dim 16 exceeds the source's 8 rotated channels per head"):
         check_shapes(Recipe.model_validate({"plan": {"layer_group_size": 2, "mla": {"qk_rope_head_dim": 16}}}), shape)
+
+
+def test_activation_checkpointing_counts_each_token_once():
+    from ling_surgery.surgery.config import LogitDistillStage
+    from ling_surgery.surgery.distill import logit_distill
+
+    stage = LogitDistillStage(tokens=4 * 64, batch_size=2, lr=3e-3, trainable=["all"], activation_checkpointing=True)
+    student, ctx = moe_setup()
+    _, result = logit_distill(student, stage, ctx)
+    assert {layer["routed"] for layer in result["expert_load"].values()} == {4 * 64 * 2}  # not twice: recomputed
