@@ -93,9 +93,9 @@ def shape_problems(recipe, shape) -> list[str]:
                         f"(kv_lora_rank {mla[0]}, qk_rope_head_dim {mla[2]}), which is copied exactly; leave plan.mla unset")
     rotary = getattr(shape, "rotary_dim", 0) or shape.head_dim
     if dr > rotary:
-        what = "head_dim" if rotary == shape.head_dim else "rotated channels per head"
-        problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds the source's {rotary} {what}; "
-                        f"pick at most {rotary} or leave it unset")
+        limit = (f"the source head_dim {rotary}" if rotary == shape.head_dim
+                 else f"the source's {rotary} rotated channels per head")
+        problems.append(f"plan.mla.qk_rope_head_dim {dr} exceeds {limit}; pick at most {rotary} or leave it unset")
     if rank > shape.hidden_size:
         problems.append(f"plan.mla.kv_lora_rank {rank} exceeds hidden_size {shape.hidden_size}; pick a smaller rank or "
                         "leave it unset")
