@@ -447,7 +447,13 @@ def finalize(recipe, conversion, folder: RunFolder, model, teacher, tokenizer, e
         if trajectory:
             report["trajectory"] = trajectory
         if recipe.export.verify:
-            report["export_check"] = verify_export(tmp, model, probe)
+            check = report["export_check"] = verify_export(tmp, model, probe)
+            if not check["bit_exact"]:  # raised before the commit: the folder is not written, the stages are kept
+                raise SurgeryError(
+                    f"export check failed: reloaded in a fresh process, the model's logits differ from the trained "
+                    f"model's by max |Δlogit| = {check['max_abs_diff']:.3g} (expected 0); {folder.model} was not "
+                    "written and the stage checkpoints are kept. Please report it; export.verify: false writes the "
+                    "model unchecked")
         write_report(tmp, report)
 
     manifest = {"fingerprint": export_fingerprint(recipe), "kind": "export", "ling_surgery": meta,

@@ -192,3 +192,24 @@ def test_an_moe_source_runs_every_stage_with_routing_and_load_in_the_manifests(t
     assert list(load) == ["0", "1", "2", "3"] and all(layer["routed"] == 256 * 2 for layer in load.values())
     assert report["export_check"]["bit_exact"]
     assert report["costs"]["teacher"]["active_params"] < report["costs"]["teacher"]["params"]
+
+
+def test_an_export_that_does_not_reload_exactly_fails_the_run_and_writes_nothing(source, tmp_path, monkeypatch):
+    """The fresh-process check is a gate: a mismatch (simulated) stops the run naming its size, before the model folder
+    is committed; the stage checkpoints stay, and a rerun with a good export writes it."""
+    from ling_surgery.surgery import export
+
+    real = export.verify_export
+
+    def off_by_a_bit(folder, model, input_ids):
+        return {**real(folder, model, input_ids), "max_abs_diff": 0.25, "bit_exact": False}
+
+    monkeypatch.setattr(export, "verify_export", off_by_a_bit)
+    out = tmp_path / "run"
+    with pytest.raises(SurgeryError, match=r"export check failed: .* max \|Δlogit\| = 0.25 \(expected 0\)"):
+        _run(source, out, "export.verify=true")
+    assert not (out / "model").exists() and not list(out.glob("model*"))
+    assert all((out / "stages" / d / MANIFEST).is_file() for d in STAGE_DIRS)
+    monkeypatch.undo()
+    assert _run(source, out, "export.verify=true")["export_check"]["bit_exact"]
+    assert (out / "model" / "config.json").is_file()
