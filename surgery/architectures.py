@@ -162,7 +162,7 @@ class ArchSpec:
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", may_have_qkv_bias=True),  # attention_bias=True puts biases on q/k/v/o
     "mistral": ArchSpec("mistral"),
-    "qwen2": ArchSpec("qwen2", may_have_qkv_bias=True),  # always biases on q/k/v
+    "qwen2": ArchSpec("qwen2", may_have_qkv_bias=True, o_bias=False),  # always biases on q/k/v, never on o_proj
     "qwen3": ArchSpec("qwen3", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True),
     "qwen3_moe": ArchSpec("qwen3_moe", qk_norm=("q_norm", "k_norm"), may_have_qkv_bias=True, moe=MOE_SPECS["qwen3_moe"]),
     "qwen2_moe": ArchSpec("qwen2_moe", may_have_qkv_bias=True, moe=MOE_SPECS["qwen2_moe"]),

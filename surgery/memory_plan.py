@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ling_surgery.surgery.plan import KDA, MLA
+from ling_surgery.surgery.plan import KDA, MLA, moe_layers, routed_experts
 
 GIB = 2**30
 CONV_KERNEL = 4  # bailing_hybrid's short_conv_kernel_size (transformers' default; target_config keeps it)
@@ -89,13 +89,10 @@ class StudentDims:
         """From an upgraded model's config (object or config.json mapping)."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         layers = get("num_hidden_layers")
-        experts = get("num_local_experts") or get("num_experts") or get("n_routed_experts") or 0
-        types = get("mlp_layer_types")  # bailing_hybrid; deepseek_v3: MoE from first_k_dense_replace on
-        sparse = tuple(t == "sparse" for t in types) if types else tuple(
-            experts > 1 and i >= (get("first_k_dense_replace") or 0) for i in range(layers))
+        sparse = moe_layers(config)
         return cls(get("model_type"), get("vocab_size"), get("hidden_size"), get("intermediate_size"),
                    get("num_attention_heads"), get("v_head_dim"), get("kv_lora_rank"), get("qk_rope_head_dim"),
-                   tuple(get("layer_types") or [MLA] * layers), sparse if any(sparse) else (), experts,
+                   tuple(get("layer_types") or [MLA] * layers), sparse if any(sparse) else (), routed_experts(config),
                    get("num_experts_per_tok") or 0, get("moe_intermediate_size") or 0,
                    get("n_shared_experts") or get("num_shared_experts") or 0, get("qk_nope_head_dim"))
 

@@ -121,6 +121,15 @@ def map_softmax_router(weight: torch.Tensor, shape: MoEShape, inputs: torch.Tens
     return best[1], best[2]
 
 
+def map_router(weight: torch.Tensor, bias: torch.Tensor | None, shape: MoEShape, inputs: torch.Tensor | None):
+    """The target router of one source router: (weight, selection bias, ρ the scale of the routed experts' outputs).
+    Sigmoid routers are copied with their bias; softmax routers go through `map_softmax_router`, with bias 0."""
+    if shape.router == SIGMOID:
+        return weight.clone(), bias.clone(), 1.0
+    mapped, scale = map_softmax_router(weight, shape, inputs)
+    return mapped, torch.zeros(shape.num_experts, dtype=torch.float32), scale
+
+
 def shared_gate_scale(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, token_gate: torch.Tensor,
                       inputs: torch.Tensor | None) -> float:
     """Qwen2-MoE's shared expert is scaled per token by σ(g·x); the target's is not. The best constant γ (least
@@ -157,15 +166,10 @@ def init_moe(ledger, prefix: str, spec: MoESpec, shape: MoEShape, inputs: torch.
         raise SurgeryError(f"{block}.experts: tensors {tuple(gate_up.shape)} / {tuple(down.shape)} do not match "
                            f"{shape.num_experts} experts of width {width} (experts of unequal size are not supported)")
     router = ledger.take(f"{block}.gate.weight")
-    out = {"experts.gate_up_proj": gate_up.clone(), "experts.down_proj": down.clone()}
-    if spec.router == SIGMOID:
-        out["gate.weight"] = router.clone()
-        out["gate.e_score_correction_bias"] = ledger.take(f"{block}.gate.{spec.selection_bias}").clone()
-    else:
-        out["gate.weight"], scale = map_softmax_router(router, shape, inputs)
-        out["gate.e_score_correction_bias"] = torch.zeros(shape.num_experts, dtype=torch.float32)
-        if scale != 1.0:
-            out["experts.down_proj"] = (down.double() * scale).to(down.dtype)
+    bias = ledger.take(f"{block}.gate.{spec.selection_bias}") if spec.router == SIGMOID else None
+    weight, bias, scale = map_router(router, bias, shape, inputs)
+    out = {"experts.gate_up_proj": gate_up.clone(), "gate.weight": weight, "gate.e_score_correction_bias": bias,
+           "experts.down_proj": down.clone() if scale == 1.0 else (down.double() * scale).to(down.dtype)}
 
     total = shape.target_shared_experts * width
     hidden = gate_up.shape[-1]
@@ -267,6 +271,32 @@ def fidelity_by_layer(teacher_state: dict, student_state: dict | None, arch, sha
     return out
 
 
+def measure_map(teacher, teacher_state: dict, student_state: dict | None, arch, shape: MoEShape, stats,
+                windows: torch.Tensor) -> dict:
+    """What the init stage records and `plan --measure` prints for an MoE source: `moe_routing` (per layer,
+    `fidelity_by_layer`) and `moe_router_swap` (`router_swap` on `windows`); empty without calibration inputs."""
+    routing = fidelity_by_layer(teacher_state, student_state, arch, shape, stats)
+    if not routing:
+        return {}
+    metrics = {"moe_routing": {str(i): f for i, f in routing.items()}}
+    swap = router_swap(teacher, arch, shape, stats, windows)
+    if swap is not None:
+        metrics["moe_router_swap"] = swap
+    return metrics
+
+
+def print_map(console, metrics: dict, shape: MoEShape) -> None:
+    """`measure_map`'s metrics as the per-layer table and one line for the router-only swap."""
+    if not metrics:
+        return
+    console.print(fidelity_table({int(i): f for i, f in metrics["moe_routing"].items()}, shape))
+    swap = metrics.get("moe_router_swap")
+    if swap is not None:
+        console.print(f"source with only its routers swapped: KL {swap['kl']:.3g} nats/token, perplexity "
+                      f"{swap['perplexity_source']:.4g} → {swap['perplexity_swapped']:.4g} ({swap['tokens']} "
+                      "calibration tokens)")
+
+
 def fidelity_table(fidelity: dict[int, dict], shape: MoEShape):
     """Per MoE layer, how closely the target's router and experts reproduce the source's on calibration text."""
     from rich.table import Table
@@ -288,7 +318,7 @@ def router_swap(teacher, arch, shape: MoEShape, stats, windows: torch.Tensor, ba
     separates router error from everything the conversion replaces. Exact routers (sigmoid sources) give 0.
 
     The swap is a forward hook on each source router returning the mapped routing (logits, weights, expert indices:
-    what every source router returns); the mapped router is fitted on the same calibration inputs `init_moe` uses.
+    what every source router returns); the mapped router is `init_moe`'s (`map_router`, on the same inputs).
     None without calibration inputs."""
     from ling_surgery.surgery.architectures import get_module
 
@@ -300,12 +330,8 @@ def router_swap(teacher, arch, shape: MoEShape, stats, windows: torch.Tensor, ba
         if not sparse or inputs is None:
             continue
         router = get_module(layers[i], f"{arch.moe.block}.gate")
-        if shape.router == SIGMOID:
-            weight, bias, scale = router.weight.detach(), getattr(router, arch.moe.selection_bias), 1.0
-        else:
-            weight, scale = map_softmax_router(router.weight.detach(), shape, inputs)
-            bias = torch.zeros(shape.num_experts)
-        mapped[i] = (router, weight, bias, scale)
+        bias = getattr(router, arch.moe.selection_bias) if shape.router == SIGMOID else None
+        mapped[i] = (router, *map_router(router.weight.detach(), bias, shape, inputs))
     if not mapped:
         return None
 
@@ -355,11 +381,10 @@ class ExpertLoad:
     """
 
     def __init__(self, model, rate: float):
-        types = getattr(model.config, "mlp_layer_types", None)
-        first = getattr(model.config, "first_k_dense_replace", 0) or 0
+        from ling_surgery.surgery.plan import moe_layers
+
         layers = model.model.layers
-        self.routers = {i: layers[i].mlp.gate for i in range(len(layers))
-                        if (types[i] == "sparse" if types else i >= first) and hasattr(layers[i].mlp, "experts")}
+        self.routers = {i: layers[i].mlp.gate for i, sparse in enumerate(moe_layers(model.config)) if sparse}
         self.rate = rate
         experts = {i: r.e_score_correction_bias.numel() for i, r in self.routers.items()}
         self.step_counts = {i: torch.zeros(n, dtype=torch.float64) for i, n in experts.items()}

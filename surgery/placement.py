@@ -273,22 +273,17 @@ def measure_plan(conversion, console=None, kl_windows: int = 2):
 
 
 def print_router_swap(console, conversion, teacher, windows: torch.Tensor) -> None:
-    """MoE sources: how the router map alone does on these windows (`moe.router_swap`, fitted on the same windows)."""
+    """MoE sources: how the MoE map does on these windows (`moe.measure_map`, the router fitted on the same windows)."""
     from ling_surgery.surgery.architectures import source_moe
-    from ling_surgery.surgery.moe import fidelity_by_layer, fidelity_table, router_swap
+    from ling_surgery.surgery.moe import measure_map, print_map
     from ling_surgery.surgery.taps import collect_stats
 
     moe = source_moe(conversion.source_config)
     if moe is None or not len(windows):
         return
-    stats = collect_stats(teacher, conversion.arch, [windows])
-    swap = router_swap(teacher, conversion.arch, moe, stats, windows)
-    if swap is None:
-        return
     state = {k: v.detach() for k, v in teacher.state_dict().items()}
-    console.print(fidelity_table(fidelity_by_layer(state, None, conversion.arch, moe, stats), moe))
-    console.print(f"source with only its routers swapped: KL {swap['kl']:.3g} nats/token, perplexity "
-                  f"{swap['perplexity_source']:.4g} → {swap['perplexity_swapped']:.4g} ({swap['tokens']} tokens)")
+    stats = collect_stats(teacher, conversion.arch, [windows])
+    print_map(console, measure_map(teacher, state, None, conversion.arch, moe, stats, windows), moe)
 
 
 def print_measures(console, measures: LayerMeasures, conversion) -> None:

@@ -12,6 +12,24 @@ from ling_surgery.surgery.errors import SurgeryError
 KDA, MLA = "linear_attention", "full_attention"
 
 
+def routed_experts(config) -> int:
+    """Routed experts per MoE layer of an upgraded model's config (object or config.json mapping; transformers writes
+    bailing_hybrid's as num_experts); 0 or 1 for a dense one."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("num_local_experts") or get("num_experts") or get("n_routed_experts") or 0
+
+
+def moe_layers(config) -> tuple[bool, ...]:
+    """Per layer of an upgraded model's config: MoE (True) or a dense MLP — bailing_hybrid's mlp_layer_types,
+    deepseek_v3's layers from first_k_dense_replace on (when it has more than one routed expert)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    types = get("mlp_layer_types")
+    if types:
+        return tuple(t == "sparse" for t in types)
+    first, moe = get("first_k_dense_replace") or 0, routed_experts(config) > 1
+    return tuple(moe and i >= first for i in range(get("num_hidden_layers")))
+
+
 def mixer_types(config) -> list[str]:
     """Per layer, KDA or MLA, for a target config (all-MLA targets have no `layer_types`)."""
     return list(getattr(config, "layer_types", None) or [MLA] * config.num_hidden_layers)
@@ -133,11 +151,8 @@ def skipped_expert_params(config) -> int:
     moe = source_moe(config)
     if moe is not None:
         layers, experts, top_k, width = sum(moe.sparse), moe.num_experts, moe.top_k, moe.expert_width
-    else:  # a target config: bailing_hybrid (mlp_layer_types) or deepseek_v3 (first_k_dense_replace)
-        experts = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None) or 0
-        types = getattr(config, "mlp_layer_types", None)
-        first = getattr(config, "first_k_dense_replace", None)
-        layers = types.count("sparse") if types else max(0, config.num_hidden_layers - (first or 0)) if experts > 1 else 0
+    else:  # an upgraded model's config
+        layers, experts = sum(moe_layers(config)), routed_experts(config)
         top_k, width = getattr(config, "num_experts_per_tok", 1), getattr(config, "moe_intermediate_size", 0)
     return layers * max(0, experts - top_k) * 3 * config.hidden_size * width
 

@@ -229,8 +229,7 @@ class SourceShape:
             intermediate_size=get("intermediate_size", 0) or 0,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=get("model_type") == "qwen2" or bool(get("qkv_bias", False)) or bool(get("attention_bias", False)),
-            o_bias=get("model_type") != "qwen2" and bool(get("attention_bias", False)) and (
-                get("model_type") not in ARCHITECTURES or ARCHITECTURES[get("model_type")].o_bias),
+            o_bias=bool(get("attention_bias", False)) and getattr(ARCHITECTURES.get(get("model_type")), "o_bias", True),
             moe=source_moe(config),
             mla=(get("kv_lora_rank"), get("qk_nope_head_dim"), get("qk_rope_head_dim"), get("v_head_dim"))
             if get("kv_lora_rank") and get("qk_rope_head_dim") else None,

@@ -11,7 +11,7 @@ from ling_surgery.surgery.architectures import source_moe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.distill import attention_transfer, heldout_perplexity, logit_distill, pretrain
 from ling_surgery.surgery.init_maps import build_student, init_student_state, mla_energy_kept
-from ling_surgery.surgery.moe import fidelity_by_layer, fidelity_table, router_swap
+from ling_surgery.surgery.moe import measure_map, print_map
 from ling_surgery.surgery.rl import rl
 from ling_surgery.surgery.sft import sft
 from ling_surgery.surgery.taps import collect_stats
@@ -31,24 +31,15 @@ def init(teacher, stage, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
     student = build_student(state, ctx.target_config).to(ctx.device)
     energy = mla_energy_kept(teacher_state, ctx.arch, ctx.source_config, ctx.target_config, stats, stage.svd)
     moe = source_moe(ctx.source_config)
-    routing = {} if moe is None else fidelity_by_layer(teacher_state, state, ctx.arch, moe, stats)
+    moe_map = {} if moe is None else measure_map(teacher, teacher_state, state, ctx.arch, moe, stats, windows)
     del state, teacher_state
     metrics = {"calibration_tokens": int(windows.numel()) if n_windows else 0,
                "parameters": sum(p.numel() for p in student.parameters()),
-               "mla_energy_kept": {str(i): kept for i, kept in energy.items()}}
-    if routing:
-        metrics["moe_routing"] = {str(i): f for i, f in routing.items()}
-        swap = router_swap(teacher, ctx.arch, moe, stats, windows)
-        if swap is not None:
-            metrics["moe_router_swap"] = swap
+               "mla_energy_kept": {str(i): kept for i, kept in energy.items()}, **moe_map}
     if ctx.console is not None and energy:
         ctx.console.print(energy_table(energy))
-    if ctx.console is not None and routing:
-        ctx.console.print(fidelity_table(routing, moe))
-        if "moe_router_swap" in metrics:
-            swap = metrics["moe_router_swap"]
-            ctx.console.print(f"source with only its routers swapped: KL {swap['kl']:.3g} nats/token, perplexity "
-                              f"{swap['perplexity_source']:.4g} → {swap['perplexity_swapped']:.4g} (calibration text)")
+    if ctx.console is not None:
+        print_map(ctx.console, moe_map, moe)
     if ctx.eval_windows is not None:
         metrics["perplexity_after_init"] = heldout_perplexity(student, ctx)
         if ctx.console is not None:
