@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ling_surgery.surgery import sources
 from ling_surgery.surgery.errors import SurgeryError
 
 REPORT_KIND = "ling-surgery-eval"
@@ -77,6 +78,8 @@ def run_eval(
         if task not in names:
             raise SurgeryError(f"--data {task}=…: {task!r} is not among the tasks being run ({', '.join(names)})")
     out = _check_output(output) if output is not None else None
+    for model in models.values():  # a truncated or corrupt file of the last model is found before the first runs
+        sources.check_local_files(sources.resolve_source(model))
     cuda = engine == "transformers" and (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".ling-surgery-gguf-", dir=out.parent if out else None))

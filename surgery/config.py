@@ -640,9 +640,13 @@ def stage_seq_len(stage, recipe) -> int:
     return getattr(stage, "seq_len", None) or recipe.data.seq_len
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, item: str | None = None) -> Any:
     """A `--set` value: YAML, plus numbers like 2e4 that YAML 1.1 reads as strings."""
-    parsed = yaml.safe_load(text)
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SurgeryError(f"--set {item or text!r}: the value is not valid YAML ({yaml_problem(err)}); quote a plain "
+                           "string inside the argument, e.g. --set 'source.model=\"my{model\"'") from None
     if isinstance(parsed, str):
         try:
             number = float(parsed)
@@ -674,7 +678,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise SurgeryError(f"--set {item!r}: {key!r} is not a section")
         if isinstance(node, list):
             raise SurgeryError(f"--set {item!r}: name a stage field, e.g. stages.{keys[-1]}.tokens=…")
-        node[keys[-1]] = parse_value(value)
+        node[keys[-1]] = parse_value(value, item)
     return raw
 
 
@@ -690,14 +694,27 @@ def _stage_entry(stages: list, key: str, item: str) -> dict:
     raise SurgeryError(f"--set {item!r}: no stage named {key!r}; {hint}")
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What a YAML parser error says went wrong, and where ("expected ',' or ']' … at line 1, column 5")."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return str(err).splitlines()[0]
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+
+
 def read_recipe_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"recipe {str(path)!r} not found; pass a YAML file or a shipped recipe name (ling-surgery recipes ls)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise SurgeryError(f"recipe {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); "
+                           "save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise SurgeryError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise SurgeryError(f"recipe {str(path)!r} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise SurgeryError(f"recipe {str(path)!r} must hold a mapping of sections (source, plan, data, stages, …)")
     return raw

@@ -46,14 +46,46 @@ def user_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def write_failure(err: BaseException, folder: Path) -> str:
+    """Why a write into `folder` failed, in words, with the free space there: a full disk is said as such (errno 28),
+    and torch.save's RuntimeError on one (it does not raise OSError) gets the free space to say it."""
+    errno, said = getattr(err, "errno", None), getattr(err, "strerror", None)
+    if errno == 28:  # with what was found short, when a check (not the OS) found it
+        reason = "the disk is full" + (f" ({said})" if said and said != os.strerror(28) else "")
+    else:
+        reason = said or _first_line(err)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    return f"{reason} ({free / 2**30:.2f} GiB free there)"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def missing_folder(folder: Path, what: str) -> SurgeryError:
+    """The one-line error of a write into a folder that is gone: deleted, moved or unmounted while the run went on."""
+    return SurgeryError(f"{what} failed: {str(folder)!r} no longer exists (deleted, moved or unmounted during the "
+                        "run?); nothing was written there — restore the folder and rerun with --resume, or start over")
+
+
 def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
     """Create `folder` atomically: `fill(tmp)` writes into a temporary sibling that is then renamed into place.
 
-    With `replace`, an existing `folder` is moved aside first and deleted only after the new one is in place.
+    With `replace`, an existing `folder` is moved aside first and deleted only after the new one is in place. The
+    parent must exist: a folder that disappeared while the run went on is said as such, not silently recreated.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    if not folder.parent.is_dir():
+        raise missing_folder(folder.parent, f"writing {str(folder)!r}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    except OSError as err:
+        raise SurgeryError(f"writing {str(folder)!r} failed: {write_failure(err, folder.parent)}; nothing was "
+                           "written there") from None
     tmp.chmod(user_mode(0o777))  # mkdtemp makes 0700; the result should look like any folder the user creates
     old = None
     try:
@@ -66,8 +98,10 @@ def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not folder.exists():
             os.replace(old, folder)
-        reason = "the disk is full" if err.errno == 28 else (err.strerror or str(err))
-        raise SurgeryError(f"writing {str(folder)!r} failed: {reason}; nothing was written there") from None
+        if not folder.parent.is_dir():
+            raise missing_folder(folder.parent, f"writing {str(folder)!r}") from None
+        raise SurgeryError(f"writing {str(folder)!r} failed: {write_failure(err, folder.parent)}; nothing was "
+                           "written there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not folder.exists():
@@ -78,6 +112,39 @@ def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
     return folder
 
 
+def check_written(folder: Path) -> None:
+    """Every safetensors file in `folder` holds the bytes its header describes. safetensors' writer has been seen to
+    return normally on a full device, leaving a short file: raised as the OSError a full disk is (errno 28)."""
+    from ling_surgery.surgery.sources import safetensors_problem
+
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise OSError(28, f"{path.name} came out short, {problem}")
+
+
+def sweep_interrupted_writes(parent: Path) -> list[str]:
+    """What killed writes left in `parent`, put right: temporary folders (`.NAME.partial-*`) and files (`*.tmp`) are
+    removed; a folder moved aside to be replaced (`.NAME.old-*`) goes back where it was if its successor never
+    arrived, else is removed. Returns what was done, one entry each."""
+    done = []
+    for path in sorted(parent.glob(".*.partial-*")) + sorted(parent.glob("*.tmp")) + sorted(parent.glob(".*.tmp")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        done.append(f"removed {path.name}")
+    for path in sorted(parent.glob(".*.old-*")):
+        original = parent / path.name[1:].rsplit(".old-", 1)[0]
+        if original.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}")
+        else:
+            os.replace(path, original)
+            done.append(f"restored {original.name}")
+    return done
+
+
 def save_model(model, tokenizer, folder: str | Path, manifest: dict, before_commit=None, replace: bool = False) -> Path:
     """Model (with the serving-engine config keys), tokenizer with chat template, generation config and manifest.
 
@@ -86,6 +153,7 @@ def save_model(model, tokenizer, folder: str | Path, manifest: dict, before_comm
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
+        check_written(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"

@@ -17,6 +17,7 @@ interrupted stage from its training state, and `--from NAME` reruns from a named
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -68,8 +69,20 @@ def open_run_folder(output: str | Path | None, fresh: bool = False) -> RunFolder
             raise SurgeryError(f"output {str(path)!r} is a file; pass a folder to --output")
         if any(path.iterdir()) and not (path / "stages").is_dir():
             raise SurgeryError(f"output {str(path)!r} exists and is not a ling-surgery run folder; pass a new --output")
+        for part in (path, path / "stages"):
+            if part.is_dir() and not os.access(part, os.W_OK | os.X_OK):
+                raise SurgeryError(f"run folder {str(part)!r} is not writable; make it writable (chmod u+w) or copy "
+                                   "the run folder somewhere writable and pass that to --output")
         return RunFolder(path)
     return RunFolder(check_parent_writable(path))
+
+
+def sweep_run_folder(folder: RunFolder) -> list[str]:
+    """A killed run's leftovers in the run folder and its stages/, put right (`export.sweep_interrupted_writes`)."""
+    from ling_surgery.surgery.export import sweep_interrupted_writes
+
+    parents = [path for path in (folder.root, folder.root / "stages") if path.is_dir()]
+    return [line for parent in parents for line in sweep_interrupted_writes(parent)]
 
 
 def stage_statuses(recipe: Recipe, folder: RunFolder) -> list[StageStatus]:
@@ -162,6 +175,10 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, fr
     if not processes.is_main_process:
         console = Console(stderr=True, quiet=True)  # one process speaks (and writes) for all
     folder = open_run_folder(recipe.export.output, fresh=fresh and processes.is_main_process)
+    if processes.is_main_process:
+        for line in sweep_run_folder(folder):
+            console.print(f"{folder.root}: {line} (left by an interrupted run)", highlight=False)
+    processes.wait_for_everyone()  # every process reads the stages as the sweep left them
     conversion = plan_recipe(recipe)
     recipe = conversion.recipe  # plan values derived from the source are part of what runs and is fingerprinted
     statuses = stage_statuses(recipe, folder)
@@ -293,9 +310,6 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
     tokenizer = sources.load_tokenizer(conversion.source)
     with processes.main_process_first():  # the main process fills the token cache; the others read it
         train, heldout, offsets = _text_streams(recipe, tokenizer, console, documents_to_skip(recipe, conversion))
-    if main:
-        (folder.root / "stages").mkdir(parents=True, exist_ok=True)
-        (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     device = processes.device if processes.device.type == "cuda" else resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
 
@@ -309,6 +323,9 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
                                    str(device))
     eval_windows = heldout.windows(recipe.eval.seq_len)[:] if heldout is not None else None
     teacher_reference = (teacher_source or conversion.source).reference()
+    if main:  # only now: weights that do not load (another model_type's, say) leave no run folder behind
+        (folder.root / "stages").mkdir(parents=True, exist_ok=True)
+        (folder.root / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     timings = {"load": round(time.perf_counter() - t, 1)}
     if conversion.plan is not None and conversion.plan.measured:
         with processes.main_process_first():  # measured and kept by the main process, read by the others

@@ -127,6 +127,7 @@ def load_config(source: Source):
     """The source's config only (no weights): enough for planning and validation."""
     from transformers import AutoConfig
 
+    check_weight_files(source)  # a truncated GGUF breaks transformers' header reader too
     try:
         shipped = shipped_hub_config(source) if source.kind == "hub" and cached_hub_config(source) is None else None
         if shipped is not None:
@@ -146,8 +147,20 @@ def load_tokenizer(source: Source):
 
     try:
         return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs())
-    except OSError as err:
-        raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None
+    except (OSError, ValueError) as err:
+        # A folder without tokenizer files ends in transformers' "Couldn't instantiate the backend tokenizer".
+        missing = source.kind == "folder" and not has_tokenizer_files(Path(source.location))
+        reason = "it has no tokenizer files" if missing else _first_line(err)
+        raise SurgeryError(f"cannot load the tokenizer of {source.name!r}: {reason}; {TOKENIZER_FIX}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
+TOKENIZER_FIX = ("copy tokenizer.json (or tokenizer.model) and tokenizer_config.json from the model it came from "
+                 "(tokenizer.save_pretrained(folder))")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_model(source: Source, dtype, device: str = "cpu"):
@@ -156,13 +169,34 @@ def load_model(source: Source, dtype, device: str = "cpu"):
 
 
 def load_weights(source: Source, dtype, device: str = "cpu"):
-    """The source model alone (eval mode, frozen)."""
+    """The source model alone (eval mode, frozen). Weights that do not fit the config (another model_type's, other
+    sizes) are refused, not left at their random init as transformers would with a warning."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    check_weight_files(source)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report: what it finds is said in one line below
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
+        model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **source.load_kwargs())
     except OSError as err:
         raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None
+    except SafetensorError as err:
+        raise SurgeryError(f"cannot load {source.name!r}: a weight file is corrupt ({_first_line(err)}); save the "
+                           "model again (save_pretrained) or download it again") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problem = loading_problem(info)
+    if problem:
+        raise SurgeryError(f"the weights of {source.name!r} do not fit its config (model_type "
+                           f"{model.config.model_type!r}): {problem}; fix config.json (model_type, sizes) or pass the "
+                           "folder these weights were saved with")
+    broken = first_nonfinite(model.named_parameters())
+    if broken:
+        raise SurgeryError(f"the weights of {source.name!r} are not finite: {broken}; the file is damaged or the "
+                           "model diverged in training — use another checkpoint of it")
     if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # transformers dequantizes GGUF tensors on load but keeps the quantizer, which marks the model quantized:
         # trainers then refuse it and save_pretrained would write a GGUF quantization config into config.json.
@@ -172,6 +206,36 @@ def load_weights(source: Source, dtype, device: str = "cpu"):
     model.to(device).eval()
     model.requires_grad_(False)
     return model
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """'NAME holds nan' (or inf) for the first floating-point tensor of (name, tensor) pairs with one, else None."""
+    import torch
+
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{name} holds {'nan' if torch.isnan(tensor).any() else 'inf'}"
+    return None
+
+
+def loading_problem(info: dict) -> str | None:
+    """transformers' loading info (missing, unexpected, mismatched keys) as one clause, or None when every tensor of
+    the model came from the file and every tensor of the file went into the model."""
+    def listed(keys: list[str]) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:2]) + (f", … ({len(keys)} in all)" if len(keys) > 2 else "")
+
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"the config's model has tensors the file lacks ({listed(info['missing_keys'])})")
+    if info.get("unexpected_keys"):
+        parts.append(f"the file has tensors the config's model lacks ({listed(info['unexpected_keys'])})")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        name, in_file, in_model = sorted(mismatched, key=lambda m: m[0])[0]
+        parts.append(f"{len(mismatched)} tensors have another shape in the file ({name}: {list(in_file)} in the file, "
+                     f"{list(in_model)} by the config)")
+    return "; ".join(parts) or None
 
 
 def _first_line(err: Exception) -> str:
@@ -314,52 +378,153 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 def gguf_metadata(path: Path) -> dict:
     """Scalar and string key/values of a GGUF file's header; arrays (e.g. the vocabulary) are skipped unread, their
-    lengths kept as `KEY#count`; `#tensor_names` lists the tensors.
+    lengths kept as `KEY#count`; `#tensor_names` lists the tensors, `#tensor_infos_cut` says the file ends inside
+    them, and `#bytes_needed` is the file size they promise (None when cut or of a type unknown here).
 
     Layout (GGUF v2/v3): magic "GGUF", u32 version, u64 tensor count, u64 key/value count, then per key a
-    u64-length string, a u32 type and the value; an array is a u32 element type, a u64 count and the elements.
+    u64-length string, a u32 type and the value; an array is a u32 element type, a u64 count and the elements; then
+    per tensor a name, u32 dims, u64 sizes, u32 ggml type and u64 offset into the data, which starts at the next
+    multiple of `general.alignment` (32) after the tensor infos.
     """
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SurgeryError(f"{str(path)!r} is not a GGUF file (bad magic); pass a .gguf model file")
-        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version < 2:
-            raise SurgeryError(f"{str(path)!r} is GGUF v{version}; only v2 and v3 files are supported")
+    try:
+        with open(path, "rb") as f:
+            return _read_gguf_header(f, path)
+    except (struct.error, KeyError, ValueError, OverflowError, MemoryError) as err:
+        raise SurgeryError(f"{str(path)!r} is a truncated or corrupt GGUF file (its header breaks off: "
+                           f"{_first_line(err) or type(err).__name__}); download or export it again") from None
 
-        def read(fmt):
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
-        def read_string():
-            return f.read(read("<Q")).decode("utf-8", errors="replace")
+def _read_gguf_header(f, path: Path) -> dict:
+    if f.read(4) != b"GGUF":
+        raise SurgeryError(f"{str(path)!r} is not a GGUF file (bad magic); pass a .gguf model file")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+    if version < 2:
+        raise SurgeryError(f"{str(path)!r} is GGUF v{version}; only v2 and v3 files are supported")
 
-        def skip(kind, count=1):
-            if kind == _GGUF_STRING:
-                for _ in range(count):
-                    f.seek(read("<Q"), 1)
-            elif kind == _GGUF_ARRAY:
-                for _ in range(count):
-                    inner, n = read("<I"), read("<Q")
-                    skip(inner, n)
-            else:
-                f.seek(struct.calcsize(_GGUF_SCALARS[kind]) * count, 1)
+    def read(fmt):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
-        meta = {}
-        for _ in range(n_kv):
-            key, kind = read_string(), read("<I")
-            if kind == _GGUF_STRING:
-                meta[key] = read_string()
-            elif kind in _GGUF_SCALARS:
-                meta[key] = read(_GGUF_SCALARS[kind])
-            else:  # an array: its length is kept (`KEY#count`: the vocabulary's size), its elements skipped
-                inner, count = read("<I"), read("<Q")
-                meta[f"{key}#count"] = count
-                skip(inner, count)
-        names = []
+    def read_string():
+        return f.read(read("<Q")).decode("utf-8", errors="replace")
+
+    def skip(kind, count=1):
+        if kind == _GGUF_STRING:
+            for _ in range(count):
+                f.seek(read("<Q"), 1)
+        elif kind == _GGUF_ARRAY:
+            for _ in range(count):
+                inner, n = read("<I"), read("<Q")
+                skip(inner, n)
+        else:
+            f.seek(struct.calcsize(_GGUF_SCALARS[kind]) * count, 1)
+
+    meta = {}
+    for _ in range(n_kv):
+        key, kind = read_string(), read("<I")
+        if kind == _GGUF_STRING:
+            meta[key] = read_string()
+        elif kind in _GGUF_SCALARS:
+            meta[key] = read(_GGUF_SCALARS[kind])
+        else:  # an array: its length is kept (`KEY#count`: the vocabulary's size), its elements skipped
+            inner, count = read("<I"), read("<Q")
+            meta[f"{key}#count"] = count
+            skip(inner, count)
+    names, extents = [], []
+    try:
+        for _ in range(n_tensors):  # tensor infos: name, dims, type, offset
+            names.append(read_string())
+            n_dims = read("<I")
+            shape = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+            ggml_type, offset = read("<I"), read("<Q")
+            extents.append((offset, shape, ggml_type))
+    except struct.error:  # a truncated file: what the header holds is still worth reading
+        extents = None
+    meta["#tensor_names"], meta["#tensor_infos_cut"] = names, extents is None
+    meta["#bytes_needed"] = None if extents is None else _gguf_bytes_needed(f.tell(), meta, extents)
+    return meta
+
+
+def _gguf_bytes_needed(header_end: int, meta: dict, extents: list) -> int | None:
+    """The file size the tensor infos promise: data start (aligned) plus the farthest tensor's end."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    alignment = meta.get("general.alignment", 32) or 32
+    end = 0
+    for offset, shape, ggml_type in extents:
         try:
-            for _ in range(n_tensors):  # tensor infos: name, dims, type, offset
-                names.append(read_string())
-                f.seek(8 * read("<I") + 4 + 8, 1)
-        except struct.error:  # a truncated file: what the header holds is still worth reading
-            pass
-        meta["#tensor_names"] = names
-        return meta
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            return None  # a type this gguf package does not know: llama.cpp itself will say
+        elements = 1
+        for n in shape:
+            elements *= n
+        end = max(end, offset + elements // block * type_size)
+    return -(-header_end // alignment) * alignment + end
+
+
+def check_local_files(source: Source) -> None:
+    """What `validate` checks of a local source's files without loading them: its weight files are whole and a
+    folder with weights has a tokenizer."""
+    check_weight_files(source)
+    folder = Path(source.location)
+    holds_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))  # (a config alone: for planning)
+    if source.kind == "folder" and holds_weights and not has_tokenizer_files(folder):
+        raise SurgeryError(f"{source.name!r} has no tokenizer files; {TOKENIZER_FIX}")
+
+
+def check_weight_files(source: Source) -> None:
+    """Every weight file of a local source holds the bytes its header promises, read from the headers alone: a
+    truncated download or a corrupt file is one line naming it, before anything loads or is written."""
+    if source.gguf_file:
+        path = Path(source.location) / source.gguf_file
+        meta = gguf_metadata(path)
+        needed, size = meta["#bytes_needed"], path.stat().st_size
+        if meta["#tensor_infos_cut"]:
+            raise SurgeryError(f"{str(path)!r} is a truncated GGUF file (it ends inside its tensor list); download or "
+                               "export it again")
+        if needed is not None and size < needed:
+            raise SurgeryError(f"{str(path)!r} is a truncated GGUF file ({size:,} bytes of the {needed:,} its header "
+                               "describes); download or export it again")
+        return
+    if source.kind != "folder":
+        return  # hub downloads are checked by huggingface_hub; embedded files by their package
+    folder = Path(source.location)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SurgeryError(f"{str(index)!r} is not a safetensors index ({_first_line(err)}); save the model "
+                               "again (save_pretrained) or download it again") from None
+    else:
+        shards = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    for name in shards:
+        path = folder / name
+        if not path.is_file():
+            raise SurgeryError(f"{str(path)!r} is missing (model.safetensors.index.json lists it); copy or download "
+                               "the whole model folder again")
+        problem = safetensors_problem(path)
+        if problem:
+            raise SurgeryError(f"{str(path)!r} is {problem}; save the model again (save_pretrained) or download it again")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (u64 header length, JSON header, then exactly the bytes its
+    tensors' data_offsets cover), or None; reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"a truncated safetensors file ({size} bytes: not even its header length)"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return (f"not a safetensors file, or a truncated one (its header claims {length:,} bytes; the file has "
+                    f"{size:,})")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
+            return "not a safetensors file (its header is not the JSON tensor table)"
+    if 8 + length + end > size:
+        return f"a truncated safetensors file ({size:,} bytes of the {8 + length + end:,} its header describes)"
+    return None

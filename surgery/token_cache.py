@@ -154,6 +154,9 @@ def split_tokens(source: str, text_field: str, subset: str | None, heldout_fract
     if cached is not None:
         return cached[0], cached[1], True
     splits = split_heldout(load_documents(source, text_field, max_chars, subset), heldout_fraction)
+    for stale in folder.parent.glob(f"{key}.partial-*"):  # a killed tokenisation's (a live one's is left alone)
+        if not _process_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     partial = folder.with_name(f"{key}.partial-{os.getpid()}")
     try:
         partial.mkdir(parents=True, exist_ok=True)
@@ -202,3 +205,13 @@ def open_cached(folder: Path, key: str | None = None) -> tuple[DocumentTokens, D
         return out[0], out[1]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

@@ -109,19 +109,20 @@ def latent_row_rates(student, input_ids: torch.Tensor, chunk_size: int) -> dict[
     return rates
 
 
-def clip_gradients(params, row_rates: dict, max_norm: float, clip=torch.nn.utils.clip_grad_norm_) -> None:
+def clip_gradients(params, row_rates: dict, max_norm: float, clip=torch.nn.utils.clip_grad_norm_):
     """Clip the global gradient norm, with latent rows in their linear regime measured at their natural scale.
 
     Those rows are ~1e-5 of the map they carry (`latent_row_rates`), so their gradients are ~1e5 too large: left
     as they are they set the global norm alone, and clipping to it scaled every other gradient to ~nothing (KDA
     mixers trained beside such MLA layers moved 10-20x less in attention transfer). Their gradients are multiplied
     by the row rates first: AdamW's step does not depend on a constant per-element scale of the gradient, and the
-    rates scale the step afterwards as before. `clip` is the engine's clipping (`Accelerator.clip_grad_norm_`)."""
+    rates scale the step afterwards as before. `clip` is the engine's clipping (`Accelerator.clip_grad_norm_`); returns
+    the global norm it measured."""
     with torch.no_grad():
         for p, rate in row_rates.items():
             if p.grad is not None:
                 p.grad.mul_(rate)
-    clip(params, max_norm)
+    return clip(params, max_norm)
 
 
 def lr_factor(step: int, total: int, stage) -> float:
@@ -189,15 +190,56 @@ def stage_batches(stage, ctx: RunContext, start: int):
         window += stage.batch_size
 
 
-def check_finite(loss: torch.Tensor, accelerator, name: str, step: int) -> None:
+def check_finite(loss: torch.Tensor, accelerator, name: str, step: int, windows: range, models: dict) -> None:
     """Stop on a non-finite loss — in every process at once: each learns every process's loss (one small gather),
-    so all raise the same one-line error instead of one failing while the others wait in the next collective."""
+    so all raise the same one-line error instead of one failing while the others wait in the next collective. The
+    error names where: a weight that is not finite (`models`: {"the student": …, "the teacher": …}), else the
+    windows of the training text the step read. Nothing was updated: the last in-stage checkpoint stays as it was."""
     losses = accelerator.gather(loss.detach().float().reshape(1)) if accelerator.num_processes > 1 else loss.reshape(1)
     bad = [i for i, value in enumerate(losses.tolist()) if not math.isfinite(value)]
-    if bad:
-        where = "" if accelerator.num_processes == 1 else f" in process {', '.join(map(str, bad))} of {len(losses)}"
-        raise SurgeryError(f"stage {name}: loss became {losses[bad[0]].item()} at step {step}{where}; lower "
-                           f"stages.{name}.lr")
+    if not bad:
+        return
+    where = "" if accelerator.num_processes == 1 else f" in process {', '.join(map(str, bad))} of {len(losses)}"
+    # Over several processes the line must be the same in all (the first prints it): it names what all know.
+    weight = nonfinite_weight(models) if accelerator.num_processes == 1 else None
+    batch = f"windows {windows.start}–{windows.stop - 1} of the training text"
+    if weight is not None and step == 0:
+        cause = f"{weight}, before any update: the model's weights are broken (check its files, or the stage before)"
+    elif weight is not None:
+        cause = f"{weight}: an update blew up; lower stages.{name}.lr"
+    elif accelerator.num_processes == 1:
+        cause = (f"the weights are finite, so the outputs overflow on {batch}; lower stages.{name}.lr, or train in "
+                 "float32 (runtime.dtype)")
+    else:
+        cause = f"on {batch}; lower stages.{name}.lr, or train in float32 (runtime.dtype)"
+    raise SurgeryError(f"stage {name}: loss became {losses[bad[0]].item()} at step {step}{where} ({cause}); the last "
+                       "in-stage checkpoint is kept")
+
+
+def nonfinite_weight(models: dict) -> str | None:
+    """"the student's NAME holds nan" for the first weight of `models` ({role: module}) with a NaN or Inf, else None."""
+    from ling_surgery.surgery.sources import first_nonfinite
+
+    for role, model in models.items():
+        broken = None if model is None else first_nonfinite((n, local(p)) for n, p in model.named_parameters())
+        if broken:
+            return f"{role}'s {broken}"
+    return None
+
+
+def check_gradients(norm, trainable: dict, name: str, step: int) -> None:
+    """Stop before the optimizer step when the gradient norm is not finite (clipping would turn the weights to NaN),
+    naming the first weight whose gradient is; the weights and the last in-stage checkpoint stay as they were.
+    The norm is the global one (every process clips by the same), so every process stops alike."""
+    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if math.isfinite(value):
+        return
+    first = next((n for n, p in trainable.items() if p.grad is not None and not torch.isfinite(local(p.grad)).all()),
+                 None)
+    at = f", first in {first}" if first else ""
+    raise SurgeryError(f"stage {name}: the gradient norm became {value} at step {step}{at}; the weights were not "
+                       f"updated and the last in-stage checkpoint is kept; lower stages.{name}.lr or "
+                       f"stages.{name}.max_grad_norm")
 
 
 def engine_of(accelerator, engine: str) -> str:
@@ -392,7 +434,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
     done = 0
     saved = None
     if ctx.state is not None:
-        saved = ctx.state.load_shard(rank, processes) if sharded else ctx.state.load(map_location=ctx.device)
+        saved = (ctx.state.load_shard(rank, processes, engine_name) if sharded
+                 else ctx.state.load(map_location=ctx.device))
     if saved is not None and zero:
         zero3.load_local_state(engine, trainable, saved["params"], saved["optimizer"])
     elif saved is not None:
@@ -432,7 +475,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                 with accelerator.no_sync(engine) if micro < accumulation - 1 and not sharded else nullcontext():
                     with autocast(ctx):
                         loss = engine(input_ids, position_ids, window + rank * rows)
-                    check_finite(loss, accelerator, name, step)
+                    check_finite(loss, accelerator, name, step, range(window, window + stage.batch_size),
+                                 {"the student": trained, "the teacher": ctx.teacher})
                     if zero:  # DeepSpeed divides by its gradient_accumulation_steps, and steps after the last
                         engine.backward(loss)
                         zero3.step(engine, row_rates)
@@ -441,8 +485,9 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                 step_loss += loss.detach().double() / accumulation
             step_loss = accelerator.reduce(step_loss, "mean").item()
             if not zero:
-                clip_gradients(params, row_rates, stage.max_grad_norm,
-                               torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_)
+                norm = clip_gradients(params, row_rates, stage.max_grad_norm,
+                                      torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_)
+                check_gradients(norm, trainable, name, step)
                 before = {p: p.detach().clone() for p in row_rates}
                 optimizer.step()
                 with torch.no_grad():
@@ -475,7 +520,8 @@ def train(student, stage, ctx: RunContext, loss_fn) -> tuple[torch.nn.Module, St
                     "expert_load": load.state(),
                 }
                 if sharded:  # every process writes its shard
-                    ctx.state.save_shard(state, step + 1, steps, rank, processes, accelerator.wait_for_everyone)
+                    ctx.state.save_shard(state, step + 1, steps, rank, processes, accelerator.wait_for_everyone,
+                                          engine_name)
                 elif accelerator.is_main_process:  # the weights are the same in every process: one writes
                     ctx.state.save(state, step + 1, steps)
     result.seconds = time.perf_counter() - start

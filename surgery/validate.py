@@ -15,7 +15,7 @@ from ling_surgery.surgery.config import Recipe, load_recipe
 from ling_surgery.surgery.data import locate_documents
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
 from ling_surgery.surgery.memory_plan import MemoryPlan
-from ling_surgery.surgery.sources import read_shape, resolve_source
+from ling_surgery.surgery.sources import check_local_files, read_shape, resolve_source
 from ling_surgery.surgery.targets import check_shapes
 
 
@@ -23,12 +23,20 @@ def check_recipe(recipe: Recipe) -> list[str]:
     """Everything `run` would reject before loading weights, all problems in one `RecipeError`; returns warnings."""
     notes: list[str] = []
     problems: list[str] = []
+    source = shape = None
     try:
         source = resolve_source(recipe.source.model, recipe.source.revision)
         shape = read_shape(source)
+        check_local_files(source)
     except SurgeryError as err:
         problems.append(f"source.model: {err}")
-        shape = source = None
+        if source is None or shape is None or source.gguf_file:
+            shape = source = None
+    if recipe.source.teacher:
+        try:
+            check_local_files(resolve_source(recipe.source.teacher))
+        except SurgeryError as err:
+            problems.append(f"source.teacher: {err}")
     if source is not None and shape is None:
         notes.append(f"source {source.name!r} is a hub model that is not cached here: layer-plan checks run when "
                      "`run` downloads its config")
