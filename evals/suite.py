@@ -78,8 +78,6 @@ def run_eval(
         if task not in names:
             raise SurgeryError(f"--data {task}=…: {task!r} is not among the tasks being run ({', '.join(names)})")
     out = _check_output(output) if output is not None else None
-    for model in models.values():  # a truncated or corrupt file of the last model is found before the first runs
-        sources.check_local_files(sources.resolve_source(model))
     cuda = engine == "transformers" and (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".ling-surgery-gguf-", dir=out.parent if out else None))
@@ -90,6 +88,9 @@ def run_eval(
             from ling_surgery.evals.llamacpp import ensure_gguf, require_llama_cpp
 
             require_llama_cpp()
+        for model in models.values():  # a truncated or corrupt file of the last model is found before the first runs
+            sources.check_local_files(sources.resolve_source(model))
+        if engine == "llamacpp":
             for role, model in models.items():
                 console.print(f"{role}: {model} as GGUF ({gguf_dtype}) …")
                 refs[role] = str(ensure_gguf(model, work, role, gguf_dtype))

@@ -107,9 +107,13 @@ def test_sigkill_at_random_points_of_every_stage_kind_then_resume_gives_the_weig
                               capture_output=True, text=True, timeout=900)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
 
+    # How long each stage trained unbroken (its manifest's seconds; init: a moment): a kill lands at a random moment
+    # inside it, never past its end (a kill past it would finish the next stage in the same launch, unkilled).
+    seconds = [json.loads((tmp_path / "unbroken" / "stages" / f"{i + 1}-{kind}" / "ling_surgery_manifest.json"
+                           ).read_text())["metrics"].get("seconds", 0.2) for i, kind in enumerate(KINDS)]
     out, rng, kills = tmp_path / "broken", random.Random(27), []
     for index, kind in enumerate(KINDS):  # one kill in each stage kind, at a random moment of it
-        code, log = run_killed_in(recipe, out, index, rng.uniform(0.0, 2.5))
+        code, log = run_killed_in(recipe, out, index, rng.uniform(0.0, 0.8 * seconds[index]))
         assert code == -signal.SIGKILL and "Traceback" not in log, (kind, code, log[-3000:])
         started = [line.split(":")[0].strip("─ ") for line in log.splitlines() if " stage " in f" {line}" and "/6:" in line]
         kills.append((kind, started[-1] if started else "?"))
