@@ -1,6 +1,12 @@
 """User-facing errors."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (library messages run to tables and hints), else its type."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 class SurgeryError(Exception):
     """Bad input: the message is one line that names what is wrong and how to fix it. The CLI exits with code 2."""
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.errors import SurgeryError, first_line
 from ling_surgery.surgery.targets import serving_config
 
 MANIFEST = "ling_surgery_manifest.json"
@@ -53,17 +53,12 @@ def write_failure(err: BaseException, folder: Path) -> str:
     if errno == 28:  # with what was found short, when a check (not the OS) found it
         reason = "the disk is full" + (f" ({said})" if said and said != os.strerror(28) else "")
     else:
-        reason = said or _first_line(err)
+        reason = said or first_line(err)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return reason
     return f"{reason} ({free / 2**30:.2f} GiB free there)"
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def missing_folder(folder: Path, what: str) -> SurgeryError:

@@ -27,7 +27,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ling_surgery.surgery.checkpoint import TrainingState, export_fingerprint, stage_fingerprints
+from ling_surgery.surgery.checkpoint import TrainingState, export_fingerprint, numerics, stage_fingerprints
 from ling_surgery.surgery.config import CONVERT_KINDS, Recipe, TrainingStage, stage_seq_len
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
 from ling_surgery.surgery.export import MANIFEST, check_output_dir, check_parent_writable, read_manifest
@@ -315,7 +315,7 @@ def _execute(recipe: Recipe, conversion, folder: RunFolder, statuses, start: int
 
     console.print(f"loading {conversion.source.name} ({conversion.source.kind}) …")
     # The frozen teacher runs in bf16 on CUDA (dtype=auto); on CPU always fp32 (bf16 is ~400x slower there).
-    use_bf16 = recipe.runtime.dtype == "bfloat16" or (recipe.runtime.dtype == "auto" and device.type == "cuda")
+    use_bf16 = numerics(recipe.runtime)["dtype"] == "bfloat16"  # what the stages' fingerprints name
     if use_bf16 and device.type == "cpu":
         console.print("[yellow]warning:[/] bf16 on CPU is typically ~400x slower than fp32")
     teacher_source = getattr(conversion, "teacher", None)  # pretrain on an upgraded model: its own teacher

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.errors import SurgeryError, first_line
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,9 @@ def load_config(source: Source):
             return AutoConfig.for_model(raw.pop("model_type"), **raw)
         return AutoConfig.from_pretrained(source.location, **source.load_kwargs())
     except OSError as err:
-        raise SurgeryError(f"cannot read the config of {source.name!r}: {_first_line(err)}") from None
+        raise SurgeryError(f"cannot read the config of {source.name!r}: {first_line(err)}") from None
     except ValueError as err:
-        raise SurgeryError(f"cannot use {source.name!r}: {_first_line(err)}") from None
+        raise SurgeryError(f"cannot use {source.name!r}: {first_line(err)}") from None
 
 
 def load_tokenizer(source: Source):
@@ -150,7 +151,7 @@ def load_tokenizer(source: Source):
     except (OSError, ValueError) as err:
         # A folder without tokenizer files ends in transformers' "Couldn't instantiate the backend tokenizer".
         missing = source.kind == "folder" and not has_tokenizer_files(Path(source.location))
-        reason = "it has no tokenizer files" if missing else _first_line(err)
+        reason = "it has no tokenizer files" if missing else first_line(err)
         raise SurgeryError(f"cannot load the tokenizer of {source.name!r}: {reason}; {TOKENIZER_FIX}") from None
 
 
@@ -182,9 +183,9 @@ def load_weights(source: Source, dtype, device: str = "cpu"):
         model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **source.load_kwargs())
     except OSError as err:
-        raise SurgeryError(f"cannot load {source.name!r}: {_first_line(err)}") from None
+        raise SurgeryError(f"cannot load {source.name!r}: {first_line(err)}") from None
     except SafetensorError as err:
-        raise SurgeryError(f"cannot load {source.name!r}: a weight file is corrupt ({_first_line(err)}); save the "
+        raise SurgeryError(f"cannot load {source.name!r}: a weight file is corrupt ({first_line(err)}); save the "
                            "model again (save_pretrained) or download it again") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -236,11 +237,6 @@ def loading_problem(info: dict) -> str | None:
         parts.append(f"{len(mismatched)} tensors have another shape in the file ({name}: {list(in_file)} in the file, "
                      f"{list(in_model)} by the config)")
     return "; ".join(parts) or None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -391,7 +387,7 @@ def gguf_metadata(path: Path) -> dict:
             return _read_gguf_header(f, path)
     except (struct.error, KeyError, ValueError, OverflowError, MemoryError) as err:
         raise SurgeryError(f"{str(path)!r} is a truncated or corrupt GGUF file (its header breaks off: "
-                           f"{_first_line(err) or type(err).__name__}); download or export it again") from None
+                           f"{first_line(err)}); download or export it again") from None
 
 
 def _read_gguf_header(f, path: Path) -> dict:
@@ -455,10 +451,7 @@ def _gguf_bytes_needed(header_end: int, meta: dict, extents: list) -> int | None
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
             return None  # a type this gguf package does not know: llama.cpp itself will say
-        elements = 1
-        for n in shape:
-            elements *= n
-        end = max(end, offset + elements // block * type_size)
+        end = max(end, offset + math.prod(shape) // block * type_size)
     return -(-header_end // alignment) * alignment + end
 
 
@@ -466,9 +459,11 @@ def check_local_files(source: Source) -> None:
     """What `validate` checks of a local source's files without loading them: its weight files are whole and a
     folder with weights has a tokenizer."""
     check_weight_files(source)
+    if source.kind != "folder":
+        return
     folder = Path(source.location)
     holds_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))  # (a config alone: for planning)
-    if source.kind == "folder" and holds_weights and not has_tokenizer_files(folder):
+    if holds_weights and not has_tokenizer_files(folder):
         raise SurgeryError(f"{source.name!r} has no tokenizer files; {TOKENIZER_FIX}")
 
 
@@ -494,7 +489,7 @@ def check_weight_files(source: Source) -> None:
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise SurgeryError(f"{str(index)!r} is not a safetensors index ({_first_line(err)}); save the model "
+            raise SurgeryError(f"{str(index)!r} is not a safetensors index ({first_line(err)}); save the model "
                                "again (save_pretrained) or download it again") from None
     else:
         shards = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
