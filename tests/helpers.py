@@ -1,5 +1,6 @@
 """Shared builders for tests: a character-level tokenizer and a saved tiny model folder with text data."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -111,6 +112,68 @@ def bpe_tokenizer(vocab_size: int = 320):
     return fast
 
 
+# Text the family tokenizers are trained on: several scripts, code, numbers, whitespace runs.
+TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.", "Linear attention keeps a fixed-size state.",
+    "Multi-head latent attention caches a compressed latent per token.", "In 1984, 12345 people counted 3.14 apples!",
+    "Grüße aus Köln: Straße, Äpfel, naïve café.", "Привет, мир! Как дела?", "東京は晴れ。大阪は雨です。",
+    "def square(x):\n    return x ** 2  # 1024 * 768\n", "if (a != b) { y = a[i] + 0.5f; }\t// tab\r\n",
+]
+# Tokenised by transformers and llama.cpp in every GGUF parity test; has characters the training text lacks.
+TOKENIZER_PROBE = ("Hello, world! The fox's 3 foxes didn't jump. Grüße aus Köln — naïve café. Привет, мир! "
+                   "東京は晴れ、京都は曇り。 def f(x):\n    return x**2  # 12345 + 3.14 = 12348.14\n\tTabs  and   spaces 🙂 "
+                   "ℵ₀ 2024-12-08")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+TOKENIZER_FAMILIES = ["gpt2", "smollm", "llama3", "qwen2", "mistral"]
+
+
+def family_tokenizer(family: str, vocab_size: int = 512):
+    """A tokenizer of one family's kind, trained in-process on `TOKENIZER_TEXT` and built the way its checkpoints load:
+    gpt2 (plain ByteLevel), smollm (single digits + ByteLevel), llama3 (Llama-3's split regex, ignore_merges, BOS added),
+    qwen2 (Qwen2Tokenizer: NFC, Qwen's regex), mistral (LlamaTokenizer: SentencePiece-style ▁ pieces with byte fallback,
+    merges of every pair that forms a piece, as transformers converts SentencePiece models)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    if family == "mistral":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        tok.train_from_iterator(TOKENIZER_TEXT * 20, trainers.BpeTrainer(vocab_size=vocab_size - 259))
+        pieces = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        names = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in pieces]
+        vocab = {name: i for i, name in enumerate(names)}
+        merges = sorted(((a, b) for a in vocab for b in vocab if a + b in vocab and not a.startswith("<") and
+                         not b.startswith("<")), key=lambda m: (vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
+        return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=False)
+    specials = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]}.get(
+        family, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(models.BPE(ignore_merges=family == "llama3"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=family in ("gpt2", "smollm"))
+    split = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}.get(family)
+    if split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+    elif family == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TOKENIZER_TEXT * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if family == "qwen2":
+        spec = json.loads(tok.to_str())["model"]
+        return Qwen2Tokenizer(vocab=spec["vocab"], merges=[tuple(m) for m in spec["merges"]], unk_token=None,
+                              bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if family == "llama3":
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                       pad_token="<|end_of_text|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+
+
 def save_tiny_source(folder: Path, model_type: str = "llama", **overrides) -> Path:
     model = tiny_model(model_type, **overrides)
     model.save_pretrained(folder)
@@ -148,28 +211,42 @@ GGUF_READY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layer
 GGUF_READY_PLAN = {"layer_group_size": 2, "mla": {"kv_lora_rank": 64, "qk_rope_head_dim": 32}}
 
 
-def gguf_ready_teacher(tok):
-    """A tiny Llama with the BPE tokenizer's vocabulary, shaped so every GGUF type can hold its tensors."""
-    return tiny_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, **GGUF_READY_SHAPE)
+def gguf_ready_teacher(tok, model_type: str = "llama", **overrides):
+    """A tiny model of `model_type` (Llama unless named; MoE types as `tiny_moe_model`) with the tokenizer's vocabulary
+    and specials, shaped so every GGUF type can hold its tensors."""
+    specials = dict(bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else 1,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    build = tiny_moe_model if model_type in MOE_TINY else tiny_model
+    return build(model_type, vocab_size=len(tok), **{**specials, **GGUF_READY_SHAPE, **overrides})
 
 
-def gguf_ready_student(tok, plan: dict | None = None):
-    """Its bailing_hybrid upgrade (layers 1 and 3 MLA unless `plan` says otherwise), moved off the init so every
-    transform is exercised."""
+def gguf_ready_student(tok, plan: dict | None = None, teacher=None):
+    """The bailing_hybrid upgrade of `teacher` (default: `gguf_ready_teacher(tok)`; layers 1 and 3 MLA unless `plan`
+    says otherwise), moved off the init so every transform is exercised."""
     from ling_surgery.surgery.architectures import get_arch
     from ling_surgery.surgery.config import Recipe
     from ling_surgery.surgery.init_maps import build_student, init_student_state
     from ling_surgery.surgery.targets import layer_plan, target_config
 
-    teacher = gguf_ready_teacher(tok)
+    teacher = teacher if teacher is not None else gguf_ready_teacher(tok)
     recipe = Recipe.model_validate({"plan": plan or GGUF_READY_PLAN})
     config = target_config(teacher.config, layer_plan(recipe, 4), recipe)
-    state = init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, config, None, recipe.stages[0])
+    arch = get_arch(teacher.config.model_type)
+    stats = None
+    # biases are folded, and softmax routers mapped, over calibration inputs
+    if arch.moe is not None or any(name.endswith("_proj.bias") for name in teacher.state_dict()):
+        from ling_surgery.surgery.taps import collect_stats
+
+        generator = torch.Generator().manual_seed(0)
+        stats = collect_stats(teacher, arch, [torch.randint(0, len(tok), (2, 64), generator=generator)])
+    state = init_student_state(teacher.state_dict(), arch, teacher.config, config, stats, recipe.stages[0])
     model = build_student(state, config)
     with torch.no_grad():  # random gates, decays and conv taps exercise every transform
         for name, param in model.named_parameters():
             if "kv_a_proj_with_mqa" in name:  # relative noise: the latent rows stay in their norm's linear regime
                 param.mul_(1 + 0.5 * torch.randn_like(param))
+            elif name.endswith("mlp.gate.weight"):  # decisive routers whose sigmoid scores do not saturate to ties
+                param.copy_(torch.randn_like(param) * 2 / param.shape[1] ** 0.5)
             else:
                 param.add_(0.05 * torch.randn_like(param))
     return model

@@ -1,11 +1,12 @@
 """The llama.cpp engine: scoring and the inference benchmark on GGUF files, teacher and upgraded model side by side."""
 
 import importlib.util
+import json
 import sys
 
 import pytest
 import torch
-from helpers import bpe_tokenizer, gguf_ready_student, gguf_ready_teacher
+from helpers import bpe_tokenizer, family_tokenizer, gguf_ready_student, gguf_ready_teacher
 from rich.console import Console
 
 from ling_surgery.evals.suite import run_eval
@@ -253,3 +254,35 @@ def test_recall_grid_runs_in_llama_cpp_up_to_its_context(tmp_path):
     sequences, starts = [i.prompt + i.answer for i in items], [len(i.prompt) for i in items]
     for in_llama_cpp, in_transformers in zip(gguf.score(sequences, starts), hf.score_shared(sequences, starts)):
         torch.testing.assert_close(in_llama_cpp.logprobs, in_transformers.logprobs, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python not installed (pip install 'ling-surgery[llamacpp]')")
+def test_bench_inference_runs_a_qwen3_teacher_and_its_upgrade_in_llama_cpp(tmp_path, monkeypatch, capsys):
+    """`ling-surgery bench inference TEACHER STUDENT --engine llamacpp` for a family other than SmolLM's: both model
+    folders are exported (the teacher as llama.cpp's qwen3, with Qwen's tokenizer) and measured side by side."""
+    from ling_surgery.cli.app import main
+
+    tok = family_tokenizer("qwen2")
+    torch.manual_seed(0)
+    teacher = gguf_ready_teacher(tok, "qwen3")
+    for role, model in (("teacher", teacher), ("student", gguf_ready_student(tok, teacher=teacher))):
+        model.save_pretrained(tmp_path / role)
+        tok.save_pretrained(tmp_path / role)
+    monkeypatch.setattr(sys, "argv", ["ling-surgery", "bench", "inference", str(tmp_path / "teacher"),
+                                      str(tmp_path / "student"), "--engine", "llamacpp", "--contexts", "64,128",
+                                      "--output", str(tmp_path / "bench")])
+    try:
+        main()
+    except SystemExit as exit:
+        assert exit.code in (0, None), capsys.readouterr().err[-2000:]
+    from gguf import GGUFReader
+
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    archs = {path.name.split("-")[0]: GGUFReader(path).fields["general.architecture"].contents()
+             for path in (tmp_path / "bench" / "gguf").glob("*.gguf")}
+    assert archs == {"teacher": "qwen3", "student": "bailingmoe3"}, archs
+    for role in ("teacher", "student"):
+        rows = report["inference"][role]["contexts"]
+        assert [r["context"] for r in rows] == [64, 128] and all(r["decode_ms_per_token"] > 0 for r in rows), role
+    assert (tmp_path / "bench" / "inference.png").is_file()
