@@ -204,6 +204,9 @@ def export(
     types = ", ".join(f"{n} {t}" for t, n in sorted(summary["types"].items()))
     console.print(f"wrote {summary['path']}: {summary['arch']}, {summary['tensors']} tensors ({types}), "
                   f"{summary['bytes'] / 2**20:.1f} MiB", highlight=False)
+    if summary["f16_fallback"]:
+        console.print(f"{len(summary['f16_fallback'])} tensors in f16: their rows do not fill whole {dtype} blocks "
+                      f"(e.g. {summary['f16_fallback'][0]})", highlight=False)
 
 
 TASKS = typer.Option(None, "--tasks", help="comma-separated tasks (default: all); see `ling-surgery eval --help`")

@@ -6,6 +6,7 @@ entry here, plus a tiny-model test.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ling_surgery.surgery.errors import SurgeryError
@@ -237,6 +238,19 @@ def rotary_dim(config) -> int:
     factor = rope.get("partial_rotary_factor", get("partial_rotary_factor")) or 1.0
     d = get("head_dim") or get("hidden_size") // get("num_attention_heads")
     return int(d * factor) // 2 * 2
+
+
+def llama3_unscaled_dims(rope: dict, rotary: int) -> int:
+    """How many leading RoPE dims (pairs × 2) llama3 scaling leaves as they are: pair j (inverse frequency
+    θ^(-2j/R)) keeps its frequency while its wavelength is below original_max_position_embeddings / high_freq_factor
+    (Llama 3.1's rule, transformers' `_compute_llama3_parameters`); the rest are divided by up to `factor`. 0 when the
+    RoPE is not llama3."""
+    if rope.get("rope_type", rope.get("type")) != "llama3" or not rotary:
+        return 0
+    theta = float(rope.get("rope_theta", 10000.0))
+    limit = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    pairs = sum(1 for j in range(rotary // 2) if 2 * math.pi * theta ** (2 * j / rotary) < limit)
+    return 2 * pairs
 
 
 def head_dim(config) -> int:

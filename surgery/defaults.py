@@ -8,7 +8,7 @@ what it was derived from.
 |----------------------------|-------------------------------------------------------------|-----------------------|
 | `plan.layer_group_size`    | the divisor g of L closest (in ratio) to 6–8, ties to fewer | `num_hidden_layers` L |
 | `plan.full_attention_count` | (placement: measured) L / that g                            | `num_hidden_layers` L |
-| `plan.mla.qk_rope_head_dim`| d/2, at most 64, even                                       | `head_dim` d          |
+| `plan.mla.qk_rope_head_dim`| d/2, at most 64, even; llama3 RoPE: at most its unscaled dims | `head_dim` d, `rope_parameters` |
 | `plan.mla.kv_lora_rank`    | G·d/2, at most 512 and D, a multiple of 32 once ≥ 32        | KV heads G, d, hidden D |
 | `plan.mla.*` of an MLA source | the source's own (DeepSeek attention is copied)          | `kv_lora_rank`, `qk_rope_head_dim` |
 | `stages.<logit_distill>.trainable` | hybrids: [kda_mixers, mlp, norms]; all-MLA: [mixers, mlp, norms] | `target` |
@@ -18,7 +18,9 @@ Why these numbers (research/anchors-methods.md):
   vLLM and llama.cpp serve only periodic layouts, so g must divide L. Inside 6–8, 6 wins: the MLA layers are the only
   ones that retrieve from the context, and recall is what hybrids lose first.
 - RoPE width: half of each head keeps RoPE (Ling 2.5's partial-RoPE factor 0.5; X-EcoMLA keeps 32 of 64), at most 64
-  (DeepSeek-V3, TransMLA, Zebra-Llama: 64 RoPE dims on 128-wide heads).
+  (DeepSeek-V3, TransMLA, Zebra-Llama: 64 RoPE dims on 128-wide heads). Under llama3 scaling, at most the dims whose
+  frequency it leaves unscaled (Llama-3.1-8B: 58, Llama-3.2-1B: 30): llama.cpp's bailingmoe3 has no per-frequency
+  factors, so only those run there as in transformers (`gguf_export.rope_frequencies`).
 - Latent rank: half the teacher's value width per layer, so an MLA layer caches (r + dr) ≈ 1/4–3/8 of the teacher's
   K+V (TransMLA's 512 + 64 on Llama-3-8B's 2 × 1024), at most 512 (DeepSeek-V3 / Ling 2.5 / TransMLA, FlashMLA's
   size). A multiple of 32 so every llama.cpp quantisation block fits the latent rows.
@@ -131,6 +133,10 @@ def resolve_defaults(recipe, shape):
         if shape.rotary_dim and shape.rotary_dim < value:  # partial rotary: only the rotated channels carry position
             value, reason = shape.rotary_dim, (f"derived from the source's partial rotary: RoPE on {shape.rotary_dim} "
                                                f"of {shape.head_dim} channels per head, all kept")
+        if 2 <= shape.unscaled_rope_dims < value:  # llama3 scaling: keep only frequencies llama.cpp can reproduce
+            value, reason = shape.unscaled_rope_dims, (
+                f"{reason}; capped at the {shape.unscaled_rope_dims} RoPE dims the source's llama3 scaling leaves "
+                "unscaled, so llama.cpp (whose bailingmoe3 reads no per-frequency factors) runs the upgrade exactly")
         plan["mla"]["qk_rope_head_dim"] = value
         derived.append(Derived("plan.mla.qk_rope_head_dim", value, reason))
     if plan["mla"]["kv_lora_rank"] is None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from ling_surgery.surgery.errors import SurgeryError, first_line
-from ling_surgery.surgery.targets import serving_config
+from ling_surgery.surgery.targets import serving_config, serving_tensor_names
 
 MANIFEST = "ling_surgery_manifest.json"
 
@@ -107,6 +108,31 @@ def write_folder(folder: str | Path, fill, replace: bool = False) -> Path:
     return folder
 
 
+def rename_tensors(folder: Path, renames: dict[str, str]) -> None:
+    """Rename tensors in `folder`'s safetensors files (and their index): each header is rewritten and the data bytes
+    are copied as they are, so the weights stay bit-identical whatever their size."""
+    if not renames:
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as source:
+            (length,) = struct.unpack("<Q", source.read(8))
+            header = json.loads(source.read(length))
+            if not renames.keys() & header.keys():
+                continue
+            blob = json.dumps({renames.get(k, k): v for k, v in header.items()}, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(blob)) + blob)
+                shutil.copyfileobj(source, out, 1 << 24)
+        os.replace(tmp, path)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        spec = json.loads(index.read_text())
+        spec["weight_map"] = {renames.get(k, k): v for k, v in spec["weight_map"].items()}
+        index.write_text(json.dumps(spec, indent=2) + "\n")
+
+
 def check_written(folder: Path) -> None:
     """Every safetensors file in `folder` holds the bytes its header describes. safetensors' writer has been seen to
     return normally on a full device, leaving a short file: raised as the OSError a full disk is (errno 28)."""
@@ -148,6 +174,7 @@ def save_model(model, tokenizer, folder: str | Path, manifest: dict, before_comm
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
+        rename_tensors(tmp, serving_tensor_names(model.config))
         check_written(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -13,6 +13,8 @@ Written with the `gguf` package's writer from the documented format (llama.cpp's
 | `qwen3` | `qwen3` | per-head q/k RMSNorms; rotate-half RoPE as is |
 | `llama` | `mixtral` | as `mistral`, experts stacked (transformers fuses gate and up) |
 | `qwen3moe` / `qwen2moe` | `qwen3_moe` / `qwen2_moe` | as `qwen3` / `qwen2`, experts stacked; Qwen2-MoE's token-gated shared expert |
+| `olmoe` | `olmoe` | q/k RMSNorms over all heads, experts stacked, unnormalised softmax routing |
+| `dots1` / `glm4moe` | `dots1` / `glm4_moe` | sigmoid router with its selection bias, shared experts, dense prefix, groups and scaling as keys; GLM-4.5: partial RoPE, q/k/v biases, optional q/k norms |
 
 RoPE is read off the model's own rotary module: a uniform frequency scale becomes linear `rope.scaling.*` keys, and
 per-pair factors (llama3) a `rope_freqs` tensor where the graph reads one. The tokenizer is written so llama.cpp
@@ -40,7 +42,8 @@ from ling_surgery.surgery.init_maps import Ledger
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 F16_TINY = 127 * 2.0**-14  # a q8_0 block with this max has the smallest normal f16 scale
 GGUF_ARCH = {"bailing_hybrid": "bailingmoe3", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+             "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe", "dots1": "dots1",
+             "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2"}
 EXPERT_GATING_SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
@@ -82,14 +85,13 @@ def bailingmoe3_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.
         "output.weight": take("lm_head.weight"),
     }
     heads, d = config.num_attention_heads, config.linear_head_dim
-    dn, dv, r = config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
     sparse = {i for i, t in enumerate(getattr(config, "mlp_layer_types", None) or []) if t == "sparse"}
     for i, kind in enumerate(config.layer_types):
         src, dst = f"model.layers.{i}", f"blk.{i}"
         out[f"{dst}.attn_norm.weight"] = take(f"{src}.input_layernorm.weight")
         out[f"{dst}.ffn_norm.weight"] = take(f"{src}.post_attention_layernorm.weight")
         if i in sparse:
-            out.update(_bailing_moe_tensors(take, f"{src}.mlp", dst, config.moe_intermediate_size))
+            out.update(_sigmoid_moe_tensors(take, f"{src}.mlp", dst, config.moe_intermediate_size))
         else:
             for proj, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
                 out[f"{dst}.{name}.weight"] = take(f"{src}.mlp.{proj}.weight")
@@ -108,20 +110,110 @@ def bailingmoe3_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.
             out[f"{dst}.ssm_g_a.weight"] = take(f"{a}.g_proj.weight")
             out[f"{dst}.ssm_norm.weight"] = take(f"{a}.o_norm.weight")
         else:
-            out[f"{dst}.attn_q.weight"] = take(f"{a}.q_proj.weight")
-            out[f"{dst}.attn_kv_a_mqa.weight"] = take(f"{a}.kv_a_proj_with_mqa.weight")
-            out[f"{dst}.attn_kv_a_norm.weight"] = take(f"{a}.kv_a_layernorm.weight")
-            kv_b = take(f"{a}.kv_b_proj.weight").reshape(heads, dn + dv, r)  # per head [k_nope; v] rows
-            out[f"{dst}.attn_k_b.weight"] = np.ascontiguousarray(kv_b[:, :dn, :].transpose(0, 2, 1))
-            out[f"{dst}.attn_v_b.weight"] = np.ascontiguousarray(kv_b[:, dn:, :])
+            out.update(_mla_tensors(take, a, dst, config, interleaved=True))
             out[f"{dst}.attn_gate.weight"] = take(f"{a}.g_proj.weight")
         out[f"{dst}.attn_output.weight"] = take(f"{a}.o_proj.weight")
     ledger.check_all_consumed()
     return out
 
 
-def _bailing_moe_tensors(take, src: str, dst: str, width: int) -> dict[str, np.ndarray]:
-    """One MoE layer: the router, its selection-only bias, the stacked experts and the shared expert.
+def _mla_tensors(take, a: str, dst: str, config, interleaved: bool) -> dict[str, np.ndarray]:
+    """An MLA attention's q, latent down-projection and norm, and `kv_b_proj` split into the absorbed `attn_k_b`
+    (H, r, dn) and `attn_v_b` (H, dv, r). llama.cpp rotates adjacent pairs; a rotate-half source (DeepSeek with
+    rope_interleave false) has its RoPE rows permuted: the last dr of each head's q rows and of the latent rows."""
+    heads, r = config.num_attention_heads, config.kv_lora_rank
+    dn, dr, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    out = {}
+    if getattr(config, "q_lora_rank", None):  # DeepSeek-V3/R1, Kimi-K2: q = q_b(RMSNorm(q_a x))
+        out[f"{dst}.attn_q_a.weight"] = take(f"{a}.q_a_proj.weight")
+        out[f"{dst}.attn_q_a_norm.weight"] = take(f"{a}.q_a_layernorm.weight")
+        q_name, q = f"{dst}.attn_q_b.weight", take(f"{a}.q_b_proj.weight")
+    else:
+        q_name, q = f"{dst}.attn_q.weight", take(f"{a}.q_proj.weight")
+    kv_a = take(f"{a}.kv_a_proj_with_mqa.weight")
+    if not interleaved:
+        q = q.reshape(heads, dn + dr, -1).copy()
+        q[:, dn:] = np.stack([rotate_half_to_adjacent(h, 1) for h in q[:, dn:]])
+        q = q.reshape(heads * (dn + dr), -1)
+        kv_a = np.concatenate([kv_a[:r], rotate_half_to_adjacent(kv_a[r:], 1)])
+    kv_b = take(f"{a}.kv_b_proj.weight").reshape(heads, dn + dv, r)  # per head [k_nope; v] rows
+    return out | {
+        q_name: q,
+        f"{dst}.attn_kv_a_mqa.weight": kv_a,
+        f"{dst}.attn_kv_a_norm.weight": take(f"{a}.kv_a_layernorm.weight"),
+        f"{dst}.attn_k_b.weight": np.ascontiguousarray(kv_b[:, :dn, :].transpose(0, 2, 1)),
+        f"{dst}.attn_v_b.weight": np.ascontiguousarray(kv_b[:, dn:, :]),
+    }
+
+
+def deepseek2_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.ndarray]:
+    """GGUF tensors of a `deepseek_v3` model (DeepSeek-V3/R1 and Kimi-K2 with query LoRA, V2-Lite / Moonlight style
+    sources and the all-MLA upgrade without): MLA as in `_mla_tensors`, dense MLPs before `first_k_dense_replace`,
+    sigmoid MoE after."""
+    ledger = Ledger(state)
+    take = lambda name: _np(ledger.take(name))  # noqa: E731
+    out = {"token_embd.weight": take("model.embed_tokens.weight"), "output_norm.weight": take("model.norm.weight")}
+    head = ledger.take_optional("lm_head.weight")
+    out["output.weight"] = _np(head) if head is not None else out["token_embd.weight"]
+    moe = _deepseek_moe(config)
+    for i in range(config.num_hidden_layers):
+        src, dst, a = f"model.layers.{i}", f"blk.{i}", f"model.layers.{i}.self_attn"
+        out[f"{dst}.attn_norm.weight"] = take(f"{src}.input_layernorm.weight")
+        out[f"{dst}.ffn_norm.weight"] = take(f"{src}.post_attention_layernorm.weight")
+        out.update(_mla_tensors(take, a, dst, config, interleaved=getattr(config, "rope_interleave", True)))
+        out[f"{dst}.attn_output.weight"] = take(f"{a}.o_proj.weight")
+        if moe is not None and moe.sparse[i]:
+            out.update(_sigmoid_moe_tensors(take, f"{src}.mlp", dst, moe.expert_width))
+        else:
+            for proj, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                out[f"{dst}.{name}.weight"] = take(f"{src}.mlp.{proj}.weight")
+    ledger.check_all_consumed()
+    return out
+
+
+def _deepseek_moe(config):
+    from ling_surgery.surgery.architectures import source_moe
+
+    moe = source_moe(config)
+    if moe is not None and not moe.engine_loadable:
+        raise SurgeryError("GGUF export: llama.cpp's deepseek2 builds dense MLPs only before the first MoE layer, and "
+                           "this model has dense MLP layers after it")
+    return moe
+
+
+def deepseek2_keys(config) -> list[Key]:
+    r, dr = config.kv_lora_rank, config.qk_rope_head_dim
+    keys = [
+        Key("block_count", "uint32", config.num_hidden_layers),
+        Key("context_length", "uint32", config.max_position_embeddings),
+        Key("embedding_length", "uint32", config.hidden_size),
+        Key("feed_forward_length", "uint32", config.intermediate_size),
+        Key("attention.head_count", "uint32", config.num_attention_heads),
+        Key("attention.head_count_kv", "uint32", 1),  # one latent "head" in the cache
+        Key("attention.layer_norm_rms_epsilon", "float32", float(config.rms_norm_eps)),
+        Key("attention.key_length", "uint32", r + dr),  # the cached latent + RoPE key
+        Key("attention.value_length", "uint32", r),
+        Key("attention.key_length_mla", "uint32", config.qk_nope_head_dim + dr),
+        Key("attention.value_length_mla", "uint32", config.v_head_dim),
+        Key("attention.q_lora_rank", "uint32", getattr(config, "q_lora_rank", None) or 0),  # 0: a plain q_proj
+        Key("attention.kv_lora_rank", "uint32", r),
+        Key("rope.dimension_count", "uint32", dr),
+        Key("vocab_size", "uint32", config.vocab_size),
+    ]
+    moe = _deepseek_moe(config)
+    if moe is None:  # the loader reads these unconditionally
+        return keys + [Key("expert_feed_forward_length", "uint32", config.intermediate_size),
+                       Key("expert_shared_count", "uint32", 0),
+                       Key("leading_dense_block_count", "uint32", config.num_hidden_layers)]
+    return keys + [Key("expert_count", "uint32", moe.num_experts), Key("expert_used_count", "uint32", moe.top_k),
+                   Key("expert_feed_forward_length", "uint32", moe.expert_width)] + \
+        _sigmoid_router_keys(moe.shared_width // moe.expert_width, moe.leading_dense, moe.scaling, moe.renormalise,
+                             moe.n_group, moe.topk_group)
+
+
+def _sigmoid_moe_tensors(take, src: str, dst: str, width: int) -> dict[str, np.ndarray]:
+    """One DeepSeek-V3-style MoE layer (bailing_hybrid, dots1, GLM-4.5): the router, its selection-only bias, the
+    stacked experts and the shared expert(s).
 
     | GGUF                      | transformers                        | transform                               |
     |---------------------------|-------------------------------------|-----------------------------------------|
@@ -197,42 +289,52 @@ def _bailing_moe_keys(config) -> list[Key]:
         return [Key("expert_feed_forward_length", "uint32", width), Key("expert_shared_count", "uint32", 0),
                 Key("leading_dense_block_count", "uint32", layers),
                 Key("expert_gating_func", "uint32", EXPERT_GATING_SIGMOID)]
-    shared = config.num_shared_experts
+    return [Key("expert_count", "uint32", config.num_experts),
+            Key("expert_used_count", "uint32", config.num_experts_per_tok),
+            Key("expert_feed_forward_length", "uint32", width),
+            # transformers' shared expert is one MLP of width × count; llama.cpp reads the total here
+            Key("expert_shared_feed_forward_length", "uint32", width * config.num_shared_experts)] + \
+        _sigmoid_router_keys(config.num_shared_experts, sparse.index(True), config.routed_scaling_factor,
+                             config.norm_topk_prob, config.n_group, config.topk_group)
+
+
+def _sigmoid_router_keys(shared: int, dense_lead: int, scale: float, renormalise: bool, groups: int,
+                         groups_used: int) -> list[Key]:
+    """The keys of a DeepSeek-V3-style router, which its graphs read instead of fixing them."""
     keys = [
-        Key("expert_count", "uint32", config.num_experts),
-        Key("expert_used_count", "uint32", config.num_experts_per_tok),
-        Key("expert_feed_forward_length", "uint32", width),
-        Key("expert_shared_feed_forward_length", "uint32", width * shared),  # transformers: one MLP, width × count
         Key("expert_shared_count", "uint32", shared),
-        Key("leading_dense_block_count", "uint32", sparse.index(True)),
-        Key("expert_weights_scale", "float32", float(config.routed_scaling_factor)),
-        Key("expert_weights_norm", "bool", bool(config.norm_topk_prob)),
+        Key("leading_dense_block_count", "uint32", dense_lead),
+        Key("expert_weights_scale", "float32", float(scale)),
+        Key("expert_weights_norm", "bool", bool(renormalise)),
         Key("expert_gating_func", "uint32", EXPERT_GATING_SIGMOID),
     ]
-    # Group-limited choice (DeepSeek-V3's: groups ranked by their top-2 biased scores); llama.cpp asserts fewer groups
-    # used than exist, and using them all is no limit.
-    if config.n_group > 1 and config.topk_group < config.n_group:
-        keys += [Key("expert_group_count", "uint32", config.n_group),
-                 Key("expert_group_used_count", "uint32", config.topk_group)]
+    # Group-limited choice (groups ranked by their top-2 biased scores); llama.cpp asserts fewer groups used than
+    # exist, and using them all is no limit.
+    if groups > 1 and groups_used < groups:
+        keys += [Key("expert_group_count", "uint32", groups), Key("expert_group_used_count", "uint32", groups_used)]
     return keys
 
 
 @dataclass(frozen=True)
 class TeacherLayout:
-    """How one dense source family is laid out in llama.cpp (`src/models/<arch>.cpp`)."""
+    """How one source family is laid out in llama.cpp (`src/models/<arch>.cpp`)."""
 
     arch: str
-    # llama.cpp's LLAMA rope type rotates adjacent channels (2j, 2j+1); the NEOX type (qwen2, qwen3) rotates halves
+    # llama.cpp's LLAMA rope type rotates adjacent channels (2j, 2j+1); the NEOX type (qwen2, qwen3, …) rotates halves
     # (j, j + d/2) as transformers does, so only the former needs the q/k rows permuted.
     adjacent_rope: bool
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, per head; OLMoE over all heads): written when present
     # llama.cpp's llama graph multiplies its RoPE frequencies by a `rope_freqs` tensor (llama3 scaling); the other
     # graphs pass none, so there only a uniform (linear) frequency scale can be written
     frequency_factors: bool = False
-    # MoE graphs: every layer MoE with a softmax router whose top-k renormalisation is fixed in the graph
+    # MoE graphs with a softmax router: every layer MoE, the top-k renormalisation fixed in the graph. Sigmoid-router
+    # graphs (`sigmoid_router`) read renormalisation, scaling, groups and the dense prefix from keys instead.
     moe_renormalised: bool | None = None
+    sigmoid_router: bool = False  # DeepSeek-V3-style: σ scores, a selection-only bias, shared experts, dense prefix
     gated_shared_expert: bool = False  # Qwen2-MoE: shared expert × σ(g·x), always present
     output_required: bool = False  # the graph has no tied-embedding fallback
+    ffn_norm: str = "ffn_norm"  # GLM-4.5's graph calls the pre-MLP norm `post_attention_norm`
+    multi_head_only: bool = False  # the graph sizes k/v (and OLMoE's k norm) for as many heads as queries
 
 
 TEACHER_LAYOUTS = {
@@ -244,6 +346,12 @@ TEACHER_LAYOUTS = {
     "qwen3_moe": TeacherLayout("qwen3moe", adjacent_rope=False, qk_norm=True, moe_renormalised=True),
     "qwen2_moe": TeacherLayout("qwen2moe", adjacent_rope=False, moe_renormalised=False, gated_shared_expert=True,
                                output_required=True),
+    "olmoe": TeacherLayout("olmoe", adjacent_rope=False, qk_norm=True, moe_renormalised=False, output_required=True,
+                           multi_head_only=True),
+    "dots1": TeacherLayout("dots1", adjacent_rope=False, qk_norm=True, sigmoid_router=True, output_required=True,
+                           multi_head_only=True),
+    "glm4_moe": TeacherLayout("glm4moe", adjacent_rope=False, qk_norm=True, sigmoid_router=True,
+                              ffn_norm="post_attention_norm"),
 }
 
 
@@ -261,6 +369,10 @@ def teacher_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.ndar
     """
     layout = TEACHER_LAYOUTS[config.model_type]
     moe = _check_teacher_moe(config, layout)
+    if layout.multi_head_only and config.num_key_value_heads != config.num_attention_heads:
+        raise SurgeryError(f"GGUF export: llama.cpp's {layout.arch} sizes keys and values for one head per query head "
+                           f"(as its family's own checkpoints are), and this model has {config.num_key_value_heads} "
+                           f"key/value heads for {config.num_attention_heads} query heads")
     if getattr(config, "mlp_bias", False):
         raise SurgeryError("GGUF export of Llama-family models with MLP biases is not supported (llama.cpp's graphs "
                            "for these families have none)")
@@ -278,17 +390,21 @@ def teacher_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.ndar
         src, dst = f"model.layers.{i}", f"blk.{i}"
         a = f"{src}.self_attn"
         out[f"{dst}.attn_norm.weight"] = take(f"{src}.input_layernorm.weight")
-        out[f"{dst}.ffn_norm.weight"] = take(f"{src}.post_attention_layernorm.weight")
+        out[f"{dst}.{layout.ffn_norm}.weight"] = take(f"{src}.post_attention_layernorm.weight")
         for proj, name, count in (("q", "attn_q", heads), ("k", "attn_k", kv_heads), ("v", "attn_v", None),
                                   ("o", "attn_output", None)):
             for part in ("weight", "bias"):
                 tensor = ledger.take_optional(f"{a}.{proj}_proj.{part}")
                 if tensor is not None:
                     out[f"{dst}.{name}.{part}"] = permute(_np(tensor), count) if count else _np(tensor)
-        if layout.qk_norm:
-            out[f"{dst}.attn_q_norm.weight"] = take(f"{a}.q_norm.weight")
-            out[f"{dst}.attn_k_norm.weight"] = take(f"{a}.k_norm.weight")
-        if moe is not None:
+        for norm in ("q_norm", "k_norm") if layout.qk_norm else ():
+            tensor = ledger.take_optional(f"{a}.{norm}.weight")  # GLM-4.5 has them only with use_qk_norm
+            if tensor is not None:
+                out[f"{dst}.attn_{norm}.weight"] = _np(tensor)
+        if moe is not None and moe.sparse[i] and layout.sigmoid_router:
+            out.update(_sigmoid_moe_tensors(take, f"{src}.mlp", dst, moe.expert_width))
+            continue
+        if moe is not None and moe.sparse[i]:
             out.update(_teacher_moe_tensors(take, f"{src}.mlp", dst, moe.expert_width, layout.gated_shared_expert))
             continue
         for proj, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
@@ -302,9 +418,14 @@ def _check_teacher_moe(config, layout: TeacherLayout):
     from ling_surgery.surgery.architectures import source_moe
 
     moe = source_moe(config)
-    if moe is None or layout.moe_renormalised is None:
+    if moe is None:
         return None
     arch = layout.arch
+    if layout.sigmoid_router:
+        if not moe.engine_loadable:
+            raise SurgeryError(f"GGUF export: llama.cpp's {arch} builds dense MLPs only before the first MoE layer, and "
+                               f"this {config.model_type} model has dense MLP layers after it")
+        return moe
     if not all(moe.sparse):
         raise SurgeryError(f"GGUF export: llama.cpp's {arch} makes every layer MoE, and this {config.model_type} model "
                            "has dense MLP layers (mlp_only_layers / decoder_sparse_step)")
@@ -341,6 +462,8 @@ def rotate_half_to_adjacent(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def teacher_keys(config) -> list[Key]:
+    from ling_surgery.surgery.architectures import rotary_dim
+
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return [
         Key("block_count", "uint32", config.num_hidden_layers),
@@ -352,7 +475,7 @@ def teacher_keys(config) -> list[Key]:
         Key("attention.layer_norm_rms_epsilon", "float32", float(config.rms_norm_eps)),
         Key("attention.key_length", "uint32", d),
         Key("attention.value_length", "uint32", d),
-        Key("rope.dimension_count", "uint32", d),
+        Key("rope.dimension_count", "uint32", rotary_dim(config)),  # GLM-4.5 rotates the first half of each head
         Key("vocab_size", "uint32", config.vocab_size),
     ] + _teacher_moe_keys(config)
 
@@ -365,6 +488,9 @@ def _teacher_moe_keys(config) -> list[Key]:
         return []
     keys = [Key("expert_count", "uint32", moe.num_experts), Key("expert_used_count", "uint32", moe.top_k),
             Key("expert_feed_forward_length", "uint32", moe.expert_width)]
+    if TEACHER_LAYOUTS[config.model_type].sigmoid_router:
+        return keys + _sigmoid_router_keys(moe.shared_width // moe.expert_width, moe.leading_dense, moe.scaling,
+                                           moe.renormalise, moe.n_group, moe.topk_group)
     if moe.shared_width:
         keys.append(Key("expert_shared_feed_forward_length", "uint32", moe.shared_width))
     return keys
@@ -411,7 +537,7 @@ def rope_keys(frequencies: RopeFrequencies) -> list[Key]:
     return keys
 
 
-LAYOUTS = {"bailingmoe3": (bailingmoe3_keys, bailingmoe3_tensors)}
+LAYOUTS = {"bailingmoe3": (bailingmoe3_keys, bailingmoe3_tensors), "deepseek2": (deepseek2_keys, deepseek2_tensors)}
 LAYOUTS.update({layout.arch: (teacher_keys, teacher_tensors) for layout in TEACHER_LAYOUTS.values()})
 
 
@@ -613,14 +739,15 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", name: str
     qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     file_types = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}  # llama.cpp LLAMA_FTYPE_*
-    planned = {}
+    planned, fallback = {}, []
     output_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     for tensor_name, array in tensors.items():
         kind = _file_type(tensor_name, array, dtype, output_name)
-        block = gguf.GGML_QUANT_SIZES[qtypes[kind]][0]
-        if array.shape[-1] % block:
-            raise SurgeryError(f"--dtype {dtype} cannot hold {tensor_name}: its rows have {array.shape[-1]} values and "
-                               f"{dtype} packs blocks of {block}; use --dtype f16 or f32")
+        if array.shape[-1] % gguf.GGML_QUANT_SIZES[qtypes[kind]][0]:
+            # rows that do not fill whole quantization blocks (an MLA head's dn = d − dr of, say, 34) go in f16, as
+            # llama.cpp's own quantizer does with such tensors
+            kind = "f16"
+            fallback.append(tensor_name)
         planned[tensor_name] = kind
     path = Path(path)
     tmp = Path(tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)[1])
@@ -663,7 +790,8 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f32", name: str
     counts: dict[str, int] = {}
     for kind in planned.values():
         counts[kind] = counts.get(kind, 0) + 1
-    return {"arch": arch, "tensors": len(tensors), "types": counts, "bytes": path.stat().st_size, "path": str(path)}
+    return {"arch": arch, "tensors": len(tensors), "types": counts, "bytes": path.stat().st_size, "path": str(path),
+            "f16_fallback": fallback}
 
 
 def export_gguf(model: str, output: str | Path, dtype: str = "f32") -> dict:

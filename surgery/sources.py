@@ -265,11 +265,12 @@ class SourceShape:
     q_lora_rank: int = 0
     rotary_dim: int = 0  # channels of each head RoPE rotates (partial rotary: fewer than head_dim); 0: unknown
     qk_norm: bool = False  # RMSNorms on q and k (the family has them and, for GLM-4.5, use_qk_norm is on)
+    unscaled_rope_dims: int = 0  # llama3 RoPE: the leading rotary dims its scaling leaves as they are; 0: not llama3
 
     @classmethod
     def from_config(cls, config) -> "SourceShape":
         """From a transformers config object or a raw config.json mapping."""
-        from ling_surgery.surgery.architectures import ARCHITECTURES, rotary_dim, source_moe
+        from ling_surgery.surgery.architectures import ARCHITECTURES, llama3_unscaled_dims, rotary_dim, source_moe
 
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         heads = get("num_attention_heads")
@@ -297,6 +298,7 @@ class SourceShape:
             rotary_dim=rotary_dim(config),
             qk_norm=get("model_type") in ARCHITECTURES and ARCHITECTURES[get("model_type")].qk_norm is not None
             and get("use_qk_norm", True) is not False,
+            unscaled_rope_dims=llama3_unscaled_dims({"rope_theta": get("rope_theta", 10000.0), **rope}, rotary_dim(config)),
         )
 
     @classmethod

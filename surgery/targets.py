@@ -257,3 +257,17 @@ def serving_config(config_dict: dict, config) -> dict:
     if config.rope_parameters:
         out["rope_theta"] = config.rope_parameters.get("rope_theta", out.get("rope_theta"))
     return out
+
+
+def serving_tensor_names(config) -> dict[str, str]:
+    """Checkpoint names the serving engines read where transformers' save writes others: tensor → official name.
+
+    transformers' bailing_hybrid conversion saves every layer's output projection as `attention.dense`; the official
+    Ling 3.0 layout (what vLLM's BailingMoeV3 builds, and llama.cpp's converter maps) names the KDA layers' one
+    `attention.o_proj` and only the MLA layers' `attention.dense`. vLLM loads by name and would leave the KDA output
+    projections uninitialised; transformers loads both spellings (its `.attention.` → `.self_attn.` rename).
+    """
+    if config.model_type != "bailing_hybrid":
+        return {}
+    return {f"model.layers.{i}.attention.dense.weight": f"model.layers.{i}.attention.o_proj.weight"
+            for i, kind in enumerate(config.layer_types) if kind == "linear_attention"}

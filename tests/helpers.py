@@ -220,16 +220,16 @@ def gguf_ready_teacher(tok, model_type: str = "llama", **overrides):
     return build(model_type, vocab_size=len(tok), **{**specials, **GGUF_READY_SHAPE, **overrides})
 
 
-def gguf_ready_student(tok, plan: dict | None = None, teacher=None):
-    """The bailing_hybrid upgrade of `teacher` (default: `gguf_ready_teacher(tok)`; layers 1 and 3 MLA unless `plan`
-    says otherwise), moved off the init so every transform is exercised."""
+def gguf_ready_student(tok, plan: dict | None = None, teacher=None, target: str = "hybrid-linear"):
+    """The upgrade of `teacher` (default: `gguf_ready_teacher(tok)`; bailing_hybrid with layers 1 and 3 MLA unless
+    `plan` or `target` say otherwise), moved off the init so every transform is exercised."""
     from ling_surgery.surgery.architectures import get_arch
     from ling_surgery.surgery.config import Recipe
     from ling_surgery.surgery.init_maps import build_student, init_student_state
     from ling_surgery.surgery.targets import layer_plan, target_config
 
     teacher = teacher if teacher is not None else gguf_ready_teacher(tok)
-    recipe = Recipe.model_validate({"plan": plan or GGUF_READY_PLAN})
+    recipe = Recipe.model_validate({"target": target, "plan": plan or GGUF_READY_PLAN})
     config = target_config(teacher.config, layer_plan(recipe, 4), recipe)
     arch = get_arch(teacher.config.model_type)
     stats = None

@@ -106,7 +106,7 @@ PUBLISHED = {
                                    rope_theta=130000.0, tie_word_embeddings=True)),
 }
 # (layer group, latent rank, RoPE dims) each derives to
-EXPECTED = {"Llama-3.1-8B": (8, 512, 64), "Llama-3.2-1B": (8, 256, 32), "Mistral-7B-v0.3": (8, 512, 64),
+EXPECTED = {"Llama-3.1-8B": (8, 512, 58), "Llama-3.2-1B": (8, 256, 30), "Mistral-7B-v0.3": (8, 512, 64),
             "Qwen2.5-7B": (7, 256, 64), "Qwen2.5-0.5B": (6, 64, 32), "Qwen3-0.6B": (7, 512, 64), "Qwen3-8B": (6, 512, 64),
             "SmolLM2-360M": (8, 160, 32), "SmolLM2-1.7B": (6, 512, 32)}
 
@@ -180,3 +180,20 @@ def test_tiny_sources_convert_with_defaults_and_reload_exactly(case, tmp_path):
     assert written.plan.full_attention_count == layers // group and written.plan.mla.kv_lora_rank == config["kv_lora_rank"]
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())  # the measures that chose the layers
     assert placement and (tmp_path / "run" / "recipe.yaml").read_text().count("placement: measured") == 1
+
+
+@pytest.mark.parametrize("name, unscaled", [("Llama-3.1-8B", 58), ("Llama-3.2-1B", 30)])
+def test_llama3_sources_keep_only_the_rope_dims_their_scaling_leaves_unscaled(name, unscaled):
+    """Pair j of a 128- (64-) wide Llama-3 head keeps its frequency while 2π·500000^(2j/R) < 8192 / 4: j ≤ 28 (14).
+    Those are the RoPE dims llama.cpp's bailingmoe3 reproduces (it reads no per-frequency factors)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", **PUBLISHED[name][1])
+    shape = SourceShape.from_config(config)
+    assert shape.unscaled_rope_dims == unscaled
+    recipe, derived = resolve_defaults(Recipe(), shape)
+    assert recipe.plan.mla.qk_rope_head_dim == unscaled
+    reason = next(d.reason for d in derived if d.key == "plan.mla.qk_rope_head_dim")
+    assert f"capped at the {unscaled} RoPE dims the source's llama3 scaling leaves unscaled" in reason
+    explicit = Recipe.model_validate({"plan": {"mla": {"qk_rope_head_dim": 64}}})
+    assert resolve_defaults(explicit, shape)[0].plan.mla.qk_rope_head_dim == 64  # an explicit value still wins

@@ -90,3 +90,77 @@ def test_failure_before_commit_leaves_nothing(student, tmp_path):
     with pytest.raises(RuntimeError):
         save_model(student, char_tokenizer(), tmp_path / "out", {}, before_commit=boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def vllm_loads(config: dict) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors vLLM's BailingMoeV3ForCausalLM loads, with the shapes its parameters take, derived from
+    config.json the way it builds the model (vllm/model_executor/models/bailing_moe_v3.py at 1310e2a): KDA or MLA by
+    its layer rule, dense or MoE by `first_k_dense_replace`, KDA heads of `head_dim`, the shared expert
+    `moe_shared_expert_intermediate_size × num_shared_experts` wide, the MLA gate head-wise, no biases (`use_bias`).
+    Names are the checkpoint's (vLLM maps `.attention.` to `.self_attn.` and stacks q/k/v/b and gate/up itself); vLLM
+    skips a checkpoint tensor it has no parameter for, and a parameter no tensor fills is left uninitialised."""
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    group = config["layer_group_size"]
+    shapes = {"model.word_embeddings.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (config["vocab_size"], hidden)}
+    assert config["gated_attention_proj_granularity_type"] == "head_wise" and config["no_kda_lora"]
+    assert not config["use_bias"] and config.get("q_lora_rank") is None
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        if not ((i + 1) % group == 0 or i >= layers // group * group):  # KDA
+            d, k = config["head_dim"], config["short_conv_kernel_size"]
+            for name in ("q_proj", "k_proj", "v_proj", "f_proj", "g_proj"):
+                shapes[f"{p}.attention.{name}.weight"] = (heads * d, hidden)
+            for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+                shapes[f"{p}.attention.{name}.weight"] = (heads * d, 1, k)
+            shapes.update({f"{p}.attention.b_proj.weight": (heads, hidden), f"{p}.attention.A_log": (heads,),
+                           f"{p}.attention.dt_bias": (heads * d,), f"{p}.attention.o_norm.weight": (d,),
+                           f"{p}.attention.o_proj.weight": (hidden, heads * d)})
+        else:  # MLA
+            dn, dr, dv, r = (config[k] for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
+            shapes.update({f"{p}.attention.q_proj.weight": (heads * (dn + dr), hidden),
+                           f"{p}.attention.kv_a_proj_with_mqa.weight": (r + dr, hidden),
+                           f"{p}.attention.kv_a_layernorm.weight": (r,),
+                           f"{p}.attention.kv_b_proj.weight": (heads * (dn + dv), r),
+                           f"{p}.attention.g_proj.weight": (heads, hidden),
+                           f"{p}.attention.dense.weight": (hidden, heads * dv)})
+        if config["num_experts"] is not None and i >= config["first_k_dense_replace"]:
+            experts, width = config["num_experts"], config["moe_intermediate_size"]
+            shared = config["moe_shared_expert_intermediate_size"] * config["num_shared_experts"]
+            shapes.update({f"{p}.mlp.gate.weight": (experts, hidden), f"{p}.mlp.gate.expert_bias": (experts,)})
+            for e in range(experts):
+                shapes.update({f"{p}.mlp.experts.{e}.gate_proj.weight": (width, hidden),
+                               f"{p}.mlp.experts.{e}.up_proj.weight": (width, hidden),
+                               f"{p}.mlp.experts.{e}.down_proj.weight": (hidden, width)})
+            mlp, width = f"{p}.mlp.shared_experts", shared
+        else:
+            mlp, width = f"{p}.mlp", config["intermediate_size"]
+        shapes.update({f"{mlp}.gate_proj.weight": (width, hidden), f"{mlp}.up_proj.weight": (width, hidden),
+                       f"{mlp}.down_proj.weight": (hidden, width)})
+    return shapes
+
+
+@pytest.mark.parametrize("source", ["llama", "glm4_moe", "qwen2_moe"])
+def test_exported_folder_is_what_vllm_loads(source, tmp_path):
+    """Every tensor vLLM's loader reads is in the saved folder under its name and shape, and nothing else is; the
+    routing vLLM hard-codes (sigmoid, renormalised, grouped) is what config.json says; transformers reloads the same
+    folder bit-exactly. (vLLM itself cannot run KDA on a CPU; research/vllm-cpu.md.)"""
+    from helpers import family_tokenizer, gguf_ready_student, gguf_ready_teacher
+    from safetensors import safe_open
+
+    tok = family_tokenizer("qwen2")
+    torch.manual_seed(0)
+    model = gguf_ready_student(tok, teacher=gguf_ready_teacher(tok, source))
+    out = save_model(model, tok, tmp_path / "out", {})
+    config = json.loads((out / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    expected = vllm_loads(config)
+    assert saved.keys() - expected.keys() == set() and expected.keys() - saved.keys() == set()
+    assert {n: s for n, s in saved.items() if expected[n] != s} == {}
+    assert config["score_function"] == "sigmoid" and config["norm_topk_prob"]  # vLLM: sigmoid, renormalize=True
+    assert [config["layer_group_size"], config["num_hidden_layers"]] == [2, 4]
+    assert config["rope_parameters"] == model.config.rope_parameters and config.get("rope_scaling") is None
+    check = verify_export(out, model, torch.randint(3, 100, (1, 40)))
+    assert check["bit_exact"] and check["greedy_cache_matches"]

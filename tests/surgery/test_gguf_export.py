@@ -133,9 +133,13 @@ def test_bad_exports_are_one_line_errors(tmp_path):
     config = target_config(teacher.config, layer_plan(narrow, 4), narrow)
     model = build_student(init_student_state(teacher.state_dict(), get_arch("llama"), teacher.config, config, None,
                                              narrow.stages[0]), config)
-    with pytest.raises(SurgeryError, match=r"--dtype q8_0 cannot hold blk.1.attn_k_b.weight: its rows have 16 values"):
-        write_gguf(model, tok, tmp_path / "d.gguf", "q8_0")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))  # nothing half-written
+    # rows of 16 values (dn = 64 − 48) fill no q8_0 block: those tensors go in f16, as llama.cpp's quantizer does
+    summary = write_gguf(model, tok, tmp_path / "d.gguf", "q8_0")
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "d.gguf").tensors}
+    assert summary["f16_fallback"] == ["blk.1.attn_k_b.weight", "blk.3.attn_k_b.weight"]
+    assert types["blk.1.attn_k_b.weight"] == GGMLQuantizationType.F16
+    assert types["blk.1.attn_v_b.weight"] == GGMLQuantizationType.Q8_0
 
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -206,6 +210,9 @@ FAMILIES = {
     "qwen3_moe": ("qwen3_moe", "qwen2", {}),
     "qwen2_moe": ("qwen2_moe", "qwen2", {}),  # gated shared expert; its upgrade pads the shared width 48 to 2 × 32
     "mixtral": ("mixtral", "mistral", {}),
+    "olmoe": ("olmoe", "gpt2", {"num_key_value_heads": 2}),  # llama.cpp's olmoe and dots1: multi-head only
+    "dots1": ("dots1", "qwen2", {"num_key_value_heads": 2}),  # sigmoid router, 2 shared experts, a dense first layer, scaling 2
+    "glm4_moe": ("glm4_moe", "gpt2", {"attention_bias": True, "use_qk_norm": True}),  # + 2 groups, 1 used
 }
 EXPECTED_TOKENIZER = {  # tokenizer.ggml.model, .pre, .add_bos_token
     "gpt2": ("gpt2", "gpt-2", False), "smollm": ("gpt2", "smollm", False), "llama3": ("gpt2", "llama-bpe", True),
@@ -308,14 +315,15 @@ def test_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path):
     assert "bailingmoe3.rope.scaling.type" not in _fields(reader) and len(reader.tensors) == 3 + 5 * 4 + 13 * 2 + 7 * 2
 
 
-# MoE sources llama.cpp has no teacher graph for here, whose upgrades it runs: sigmoid routers with a selection bias,
-# leading dense layers, group-limited choice (glm4_moe: 2 groups, 1 used) and scaling; an MLA source (deepseek_v3).
-UPGRADE_ONLY = {
-    "glm4_moe": ("glm4_moe", "gpt2", {}),
-    "deepseek_v3": ("deepseek_v3", "smollm", dict(kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
-                                                  v_head_dim=64, num_key_value_heads=2, head_dim=32)),
-}
-RUNS = [(family, role) for family in FAMILIES for role in ("teacher", "student")] + [(f, "student") for f in UPGRADE_ONLY]
+DEEPSEEK_MLA = dict(kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, num_key_value_heads=2,
+                    head_dim=32)  # transformers reads the RoPE width from head_dim
+FAMILIES.update({
+    "deepseek_v3": ("deepseek_v3", "smollm", DEEPSEEK_MLA),  # MLA copied into the upgrade; sigmoid MoE, dense first
+    "deepseek_v3 rotate-half": ("deepseek_v3", "smollm", {**DEEPSEEK_MLA, "rope_interleave": False}),
+    "deepseek_v3 q-LoRA": ("deepseek_v3", "smollm", {**DEEPSEEK_MLA, "q_lora_rank": 64}),  # teacher only
+})
+RUNS = [(family, role) for family in FAMILIES for role in ("teacher", "student") if (family, role) !=
+        ("deepseek_v3 q-LoRA", "student")] + [("smollm", "all-MLA student")]
 
 
 def test_moe_files_carry_router_keys_and_stacked_experts(tmp_path):
@@ -354,6 +362,7 @@ def test_moe_layouts_llama_cpp_cannot_run_are_refused(tmp_path):
         (gguf_ready_teacher(tok, "qwen2_moe", norm_topk_prob=True), "never renormalises the top-k routing weights"),
         (gguf_ready_teacher(tok, "qwen3_moe", mlp_only_layers=[2]), "makes every layer MoE"),
         (gguf_ready_teacher(tok, "qwen2_moe", shared_expert_intermediate_size=0), "needs a shared expert"),
+        (gguf_ready_teacher(tok, "olmoe"), "sizes keys and values for one head per query head"),
     ]
     student = gguf_ready_student(tok, teacher=gguf_ready_teacher(tok, "qwen3_moe"))
     student.config.mlp_layer_types = ["sparse", "dense", "sparse", "sparse"]
@@ -365,7 +374,7 @@ def test_moe_layouts_llama_cpp_cannot_run_are_refused(tmp_path):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("family, role", RUNS, ids=[f"{f}-{r}" for f, r in RUNS])
+@pytest.mark.parametrize("family, role", RUNS, ids=[f"{f}-{r}".replace(" ", "_") for f, r in RUNS])
 def test_every_family_runs_in_llama_cpp_as_in_transformers(tmp_path, family, role):
     """Tokenisation of a multilingual/code/number string identical (BOS as the tokenizer adds it); logits of the whole
     prompt and token by token within 2% of the logit scale (MoE: except where a router's choice is a near-tie) with
@@ -374,12 +383,15 @@ def test_every_family_runs_in_llama_cpp_as_in_transformers(tmp_path, family, rol
     from llama_cpp import Llama
 
     torch.manual_seed(0)
-    model_type, tokenizer_family, overrides = {**FAMILIES, **UPGRADE_ONLY}[family]
+    model_type, tokenizer_family, overrides = FAMILIES[family]
     tok = family_tokenizer(tokenizer_family)
     model = gguf_ready_teacher(tok, model_type, **overrides)
     if role == "student":
         plan = {**GGUF_READY_PLAN, "mla": {"kv_lora_rank": 64, "qk_rope_head_dim": 8}} if family == "llama3" else None
         model = gguf_ready_student(tok, plan, model)
+    elif role == "all-MLA student":  # the all-mla target: a deepseek_v3 model, every layer MLA
+        model = gguf_ready_student(tok, {"mla": {"kv_lora_rank": 64, "qk_rope_head_dim": 32}}, model, "all-mla")
+        assert model.config.model_type == "deepseek_v3"
     with torch.no_grad():
         model.lm_head.weight.mul_(8)  # clear margins between logits, so argmax ties cannot flip on rounding
     path = tmp_path / f"{family}-{role}.gguf"
