@@ -356,7 +356,7 @@ TEACHER_LAYOUTS = {
 
 
 def teacher_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.ndarray]:
-    """GGUF tensors of a dense Llama-family model (llama, mistral, qwen2, qwen3), biases included where present.
+    """GGUF tensors of a source family under its own llama.cpp graph (`TEACHER_LAYOUTS`), biases included where present.
 
     | GGUF                          | transformers                       | transform                                   |
     |-------------------------------|------------------------------------|---------------------------------------------|
@@ -365,7 +365,8 @@ def teacher_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.ndar
     | blk.i.attn_q/k (+ .bias)      | self_attn.q_proj / k_proj          | rotate-half → adjacent pairs (LLAMA rope)   |
     | blk.i.attn_v/output (+ .bias) | self_attn.v_proj / o_proj          | –                                           |
     | blk.i.attn_q_norm / k_norm    | self_attn.q_norm / k_norm (Qwen3)  | –                                           |
-    | blk.i.ffn_gate/up/down        | mlp.gate_proj / up_proj / down_proj| –                                           |
+    | blk.i.ffn_gate/up/down        | mlp.gate_proj / up_proj / down_proj| – (dense layers)                            |
+    | blk.i.ffn_*_exps, ffn_gate_inp| mlp.experts, mlp.gate (MoE layers) | `_teacher_moe_tensors`, `_sigmoid_moe_tensors`|
     """
     layout = TEACHER_LAYOUTS[config.model_type]
     moe = _check_teacher_moe(config, layout)
@@ -394,7 +395,8 @@ def teacher_tensors(state: dict[str, torch.Tensor], config) -> dict[str, np.ndar
         for proj, name, count in (("q", "attn_q", heads), ("k", "attn_k", kv_heads), ("v", "attn_v", None),
                                   ("o", "attn_output", None)):
             for part in ("weight", "bias"):
-                tensor = ledger.take_optional(f"{a}.{proj}_proj.{part}")
+                name_in = f"{a}.{proj}_proj.{part}"
+                tensor = ledger.take(name_in) if part == "weight" else ledger.take_optional(name_in)
                 if tensor is not None:
                     out[f"{dst}.{name}.{part}"] = permute(_np(tensor), count) if count else _np(tensor)
         for norm in ("q_norm", "k_norm") if layout.qk_norm else ():

@@ -16,6 +16,7 @@ from ling_surgery.surgery.chat_template import add_thinking_modes
 from ling_surgery.surgery.config import ALIGN_STAGES, RLStage, load_recipe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import RecipeError, SurgeryError
+from ling_surgery.surgery.export import save_model
 from ling_surgery.surgery.lpo import segment_mean, sentence_ends, sentence_ids
 from ling_surgery.surgery.rewards import correctness, format, length, length_by_accuracy
 from ling_surgery.surgery.run import run
@@ -26,8 +27,7 @@ def upgraded(tmp_path_factory):
     """A tiny upgraded (bailing_hybrid) model whose ChatML tokenizer has ling-surgery's thinking modes."""
     root = tmp_path_factory.mktemp("rl")
     tok = add_thinking_modes(bpe_tokenizer())
-    gguf_ready_student(tok).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_model(gguf_ready_student(tok), tok, root / "model", {})  # as `convert` writes it (Ling's tensor names)
     return root / "model"
 
 

@@ -16,6 +16,7 @@ from ling_surgery.surgery.chat_template import THINK_OPEN, THINK_PREFILL, add_th
 from ling_surgery.surgery.config import ALIGN_STAGES, SFTStage, load_recipe
 from ling_surgery.surgery.context import RunContext
 from ling_surgery.surgery.errors import SurgeryError
+from ling_surgery.surgery.export import save_model
 from ling_surgery.surgery.run import run
 from ling_surgery.surgery.sft_data import chitchat_conversations, conversations, reasoning_gym_conversations
 
@@ -38,8 +39,7 @@ def upgraded(tmp_path_factory):
     """A tiny upgraded (bailing_hybrid) model with a ChatML tokenizer, saved as a model folder, and SFT data."""
     root = tmp_path_factory.mktemp("sft")
     tok = bpe_tokenizer()
-    gguf_ready_student(tok).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_model(gguf_ready_student(tok), tok, root / "model", {})  # as `convert` writes it (Ling's tensor names)
     return root / "model", write_conversations(root / "chat.jsonl")
 
 
